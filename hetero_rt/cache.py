@@ -1,0 +1,40 @@
+"""The latent KV cache of MLA: per layer and position, exactly kv_lora_rank + qk_rope_head_dim
+values (c_kv after kv_norm, k_pe after RoPE). Preallocated once for the requested context.
+
+Legend: L layers, S_max context length, C kv_lora_rank, R qk_rope_head_dim.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelArgs
+from .errors import ContextOverflowError
+
+
+class LatentCache:
+    def __init__(self, args: ModelArgs, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if max_len <= 0:
+            raise ContextOverflowError(f"context length must be positive, got {max_len}")
+        self.max_len = max_len
+        self.data = torch.zeros(args.num_hidden_layers, max_len, args.latent_cache_width,
+                                dtype=dtype, device=device)             # (L, S_max, C+R)
+
+    def reserve(self, start: int, n_tokens: int) -> None:
+        """Raise unless positions [start, start + n_tokens) fit the preallocated context."""
+        if start + n_tokens > self.max_len:
+            raise ContextOverflowError(
+                f"request needs {start + n_tokens} positions but the KV cache holds {self.max_len}; "
+                f"pass a larger context (load(..., context=N) or --context N) or shorten the prompt "
+                f"/ max_new_tokens")
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+
+
+def bytes_per_token(args: ModelArgs, dtype_bytes: int = 2) -> dict[str, int]:
+    """KV-cache bytes per token: MLA's latent cache vs standard multi-head attention storing full K
+    (qk_head_dim) and V (v_head_dim) for every head, over all layers."""
+    mla = args.num_hidden_layers * args.latent_cache_width * dtype_bytes
+    mha = args.num_hidden_layers * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * dtype_bytes
+    return {"mla": mla, "mha": mha}

@@ -1,0 +1,109 @@
+"""Build the Transformer on the meta device and assign every weight from a safetensors checkpoint.
+
+Contract: every parameter of the model is filled from exactly one checkpoint tensor (routed experts:
+E tensors each, stacked into one (E, ...) block per layer) with its shape checked; every checkpoint
+tensor is either used or deliberately ignored (MTP layers, fp8 scales): anything else is an error,
+so a checkpoint that does not match its config.json never runs silently wrong.
+Weights whose stored dtype equals the requested dtype stay zero-copy views of the memory map.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+
+from ..config import ModelArgs
+from ..errors import CheckpointError
+from ..model.transformer import ExpertsFactory, Transformer
+from .names import EXPERT_NAMES, expert_hf_name, hf_name, is_ignored
+from .safetensors import SafetensorsCheckpoint
+
+_STACKED = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w[123])$")
+# Small tensors kept in fp32 whatever the model dtype: routing precision decides which experts run.
+_FP32 = re.compile(r"ffn\.gate\.bias$")
+
+
+def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(args, make_experts)
+
+
+def load_weights(model: Transformer, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+    used: set[str] = set()
+    for name, param in list(model.named_parameters()):
+        want = torch.float32 if _FP32.search(name) else dtype
+        m = _STACKED.match(name)
+        if m:
+            tensor = _load_stacked(ckpt, int(m.group(1)), m.group(2), tuple(param.shape), want, used)
+        else:
+            src = hf_name(name)
+            _require(ckpt, src, name)
+            tensor = ckpt.load(src, tuple(param.shape), want)
+            used.add(src)
+        _assign(model, name, tensor.to(device))
+    if model.args.tie_word_embeddings and "lm_head.weight" in ckpt:
+        used.add("lm_head.weight")  # a duplicate of the embedding some tied checkpoints still carry
+    _check_unused(ckpt, used, model.args.num_hidden_layers, model.args.num_nextn_predict_layers)
+
+
+def _load_stacked(ckpt, layer: int, which: str, shape: tuple[int, ...], dtype, used: set[str]) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)                                # (E, I, D) or (E, D, I)
+    for e in range(shape[0]):
+        src = expert_hf_name(layer, e, which)
+        _require(ckpt, src, f"layers.{layer}.ffn.experts.{which}[{e}]")
+        _fill(out[e], ckpt, src)
+        used.add(src)
+    return out
+
+
+def _fill(out: torch.Tensor, ckpt: SafetensorsCheckpoint, src: str) -> None:
+    """Copy one expert matrix into its slot of the stacked block. Plain dtypes are read from the file
+    straight into the slot (no pass through the memory map), so stacking does not also leave the
+    source pages resident in this process: peak RSS stays about one copy of the experts."""
+    info = ckpt.info(src)
+    stored = ckpt.load(src, tuple(out.shape), out.dtype if info.dtype == "F8_E4M3" else None)  # checks
+    if info.dtype == "F8_E4M3":
+        out.copy_(stored)                                                # dequantized temporary
+    elif stored.dtype == out.dtype:
+        _pread(info.file, info.offset, out)
+    else:
+        tmp = torch.empty(out.shape, dtype=stored.dtype)
+        _pread(info.file, info.offset, tmp)
+        out.copy_(tmp)
+
+
+def _pread(file, offset: int, out: torch.Tensor) -> None:
+    buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
+    with open(file, "rb") as f:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(f.fileno(), [buf[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{file}: unexpected end of file reading at byte {offset + done}")
+            done += n
+
+
+def _require(ckpt: SafetensorsCheckpoint, src: str, ours: str) -> None:
+    if src not in ckpt:
+        raise CheckpointError(f"checkpoint has no tensor '{src}' (needed for {ours}); the checkpoint does "
+                              f"not match its config.json or is incomplete")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _check_unused(ckpt: SafetensorsCheckpoint, used: set[str], n_layers: int, n_mtp: int) -> None:
+    extra = sorted(n for n in ckpt.names() if n not in used and not is_ignored(n, n_layers, n_mtp))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+        raise CheckpointError(f"checkpoint has tensors the config does not account for: {shown}; "
+                              f"check that config.json belongs to these weights")
+
+
+__all__ = ["build_model", "load_weights", "EXPERT_NAMES"]

@@ -1,0 +1,67 @@
+"""One table between Hugging Face DeepSeek tensor names and ours (the model's parameter names).
+
+HF:   model.layers.{i}.self_attn.kv_b_proj.weight     ours: layers.{i}.attn.wkv_b
+HF:   model.layers.{i}.mlp.experts.{e}.up_proj.weight ours: layers.{i}.ffn.experts.w3[e]  (stacked)
+Layers num_hidden_layers .. + num_nextn_predict_layers - 1 are multi-token-prediction (MTP) modules:
+recognised and skipped.
+"""
+from __future__ import annotations
+
+import re
+
+# Per-layer suffixes: HF name (after "model.layers.{i}.") -> our name (after "layers.{i}.").
+LAYER_NAMES: dict[str, str] = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn.wq",
+    "self_attn.q_a_proj.weight": "attn.wq_a",
+    "self_attn.q_a_layernorm.weight": "attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.wq_b",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn.wkv_a",
+    "self_attn.kv_a_layernorm.weight": "attn.kv_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn.wkv_b",
+    "self_attn.o_proj.weight": "attn.wo",
+    "mlp.gate_proj.weight": "ffn.w1",
+    "mlp.up_proj.weight": "ffn.w3",
+    "mlp.down_proj.weight": "ffn.w2",
+    "mlp.gate.weight": "ffn.gate.weight",
+    "mlp.gate.e_score_correction_bias": "ffn.gate.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1",
+    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3",
+    "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2",
+}
+EXPERT_NAMES: dict[str, str] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+GLOBAL_NAMES: dict[str, str] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head",
+}
+_OURS_TO_HF_LAYER = {v: k for k, v in LAYER_NAMES.items()}
+_OURS_TO_HF_GLOBAL = {v: k for k, v in GLOBAL_NAMES.items()}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+# Tensors some checkpoints carry that hold nothing we need.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|_scale_inv)$")
+
+
+def hf_name(ours: str) -> str:
+    """Our parameter name -> the HF tensor name (not for stacked experts; see expert_hf_name)."""
+    m = _OUR_LAYER.match(ours)
+    if m:
+        return f"model.layers.{m.group(1)}.{_OURS_TO_HF_LAYER[m.group(2)]}"
+    return _OURS_TO_HF_GLOBAL[ours]
+
+
+def expert_hf_name(layer: int, expert: int, ours: str) -> str:
+    """('w1' | 'w3' | 'w2') of expert e in layer i -> its HF tensor name."""
+    proj = {v: k for k, v in EXPERT_NAMES.items()}[ours]
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def is_ignored(name: str, n_layers: int, n_mtp: int) -> bool:
+    """Tensors recognised and deliberately not loaded: the n_mtp multi-token-prediction layers that
+    follow the n_layers main layers, fp8 scales (consumed with their weight), rope buffers."""
+    if _IGNORED.search(name):
+        return True
+    m = _LAYER.match(name)
+    return bool(m) and n_layers <= int(m.group(1)) < n_layers + n_mtp

@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1) with decoupled RoPE and YaRN.
+
+Legend: T new tokens, S positions attended (cache length after this step), H heads,
+N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, D hidden size.
+
+Per token the cache keeps only [c_kv (C) | k_pe (R)]: c_kv after kv_norm, k_pe after RoPE.
+Two mathematically equal paths read it:
+  naive    : expand K = [W_UK c_kv | k_pe] and V = W_UV c_kv for every cached position (prefill).
+  absorbed : fold W_UK into the query (q_nope W_UK -> C wide) and apply W_UV after attention,
+             scoring directly against c_kv (decode; no per-position expansion).
+The module writes this step's latents into the cache slice it is given and reads [0, start+T).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelArgs, yarn_mscale
+from .layers import RMSNorm, linear
+
+
+class Rope:
+    """cos/sin tables for the R rotary dims, YaRN-corrected when the config asks for it."""
+
+    def __init__(self, args: ModelArgs, max_len: int, device: torch.device | str = "cpu"):
+        inv_freq, attn_factor = rope_inv_freq(args)
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_len, R/2)
+        self.cos = (freqs.cos() * attn_factor).to(device)
+        self.sin = (freqs.sin() * attn_factor).to(device)
+        self.interleave = args.rope_interleave
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x (T, ..., R) for absolute positions start..start+T-1; computed in fp32."""
+        T = x.shape[0]
+        shape = (T,) + (1,) * (x.dim() - 2) + (-1,)
+        cos = self.cos[start:start + T].view(shape)
+        sin = self.sin[start:start + T].view(shape)
+        xf = x.float()
+        if self.interleave:  # pairs (x0, x1), (x2, x3), ... as in the DeepSeek reference
+            a, b = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        else:  # rotate-half layout
+            a, b = xf.chunk(2, dim=-1)
+            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        return out.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (R/2,) and the cos/sin magnitude factor, as DeepSeek's YaRN defines them."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    y = args.rope_scaling
+    if y is None:
+        return inv_freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(y.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp  # 1 -> keep the original frequency (extrapolate), 0 -> interpolate by factor
+    inv_freq = inv_freq / y.factor * (1 - keep) + inv_freq * keep
+    factor = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim) if y.mscale_all_dim \
+        else yarn_mscale(y.factor)
+    return inv_freq, factor
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, H = args.hidden_size, args.num_attention_heads
+        self.H, self.N, self.R, self.V, self.C = (H, args.qk_nope_head_dim, args.qk_rope_head_dim,
+                                                  args.v_head_dim, args.kv_lora_rank)
+        self.q_lora_rank = args.q_lora_rank
+        if args.q_lora_rank is None:
+            self.wq = nn.Parameter(torch.empty(H * (self.N + self.R), D))
+        else:
+            self.wq_a = nn.Parameter(torch.empty(args.q_lora_rank, D))
+            self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.wq_b = nn.Parameter(torch.empty(H * (self.N + self.R), args.q_lora_rank))
+        self.wkv_a = nn.Parameter(torch.empty(self.C + self.R, D))
+        self.kv_norm = RMSNorm(self.C, args.rms_norm_eps)
+        self.wkv_b = nn.Parameter(torch.empty(H * (self.N + self.V), self.C))
+        self.wo = nn.Parameter(torch.empty(D, H * self.V))
+        self.softmax_scale = args.softmax_scale
+
+    def forward(self, x: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor,
+                absorbed: bool) -> torch.Tensor:
+        """x (T, D); cache (S_max, C+R) for this layer; returns (T, D)."""
+        T = x.shape[0]
+        q_nope, q_pe = self.query(x, start, rope)                        # (T, H, N), (T, H, R)
+        kv = linear(x, self.wkv_a)                                       # (T, C+R)
+        cache[start:start + T, :self.C] = self.kv_norm(kv[:, :self.C])
+        cache[start:start + T, self.C:] = rope.apply(kv[:, None, self.C:], start)[:, 0]
+        c_kv, k_pe = cache[:start + T, :self.C], cache[:start + T, self.C:]  # (S, C), (S, R)
+        mask = causal_mask(T, start, x.device)                           # (T, S)
+        attend = self.attend_absorbed if absorbed else self.attend_naive
+        o = attend(q_nope, q_pe, c_kv, k_pe, mask)                       # (T, H, V)
+        return linear(o.reshape(T, -1), self.wo)
+
+    def query(self, x: torch.Tensor, start: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_lora_rank is None:
+            q = linear(x, self.wq)
+        else:
+            q = linear(self.q_norm(linear(x, self.wq_a)), self.wq_b)
+        q = q.view(x.shape[0], self.H, self.N + self.R)
+        return q[..., :self.N], rope.apply(q[..., self.N:], start)
+
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        kv = linear(c_kv, self.wkv_b).view(-1, self.H, self.N + self.V)  # (S, H, N+V)
+        k_nope, v = kv[..., :self.N], kv[..., self.N:]
+        scores = (torch.einsum("thn,shn->hts", q_nope, k_nope)
+                  + torch.einsum("thr,sr->hts", q_pe, k_pe))             # (H, T, S)
+        p = softmax(scores, mask, self.softmax_scale)
+        return torch.einsum("hts,shv->thv", p, v)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        w = self.wkv_b.view(self.H, self.N + self.V, self.C)
+        w_uk, w_uv = w[:, :self.N], w[:, self.N:]                        # (H, N, C), (H, V, C)
+        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)               # (T, H, C)
+        scores = (torch.einsum("thc,sc->hts", q_lat, c_kv)
+                  + torch.einsum("thr,sr->hts", q_pe, k_pe))             # (H, T, S)
+        p = softmax(scores, mask, self.softmax_scale)
+        o_lat = torch.einsum("hts,sc->thc", p, c_kv)                     # (T, H, C)
+        return torch.einsum("thc,hvc->thv", o_lat, w_uv)
+
+
+def causal_mask(T: int, start: int, device) -> torch.Tensor:
+    """(T, start+T) bool: query t (absolute start+t) sees keys s <= start+t."""
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(start + T, device=device)[None, :]
+    return k <= q
+
+
+def softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    s = scores.float() * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return F.softmax(s, dim=-1).to(scores.dtype)

@@ -1,0 +1,64 @@
+"""Block and Transformer: embedding, n_layers x (MLA + dense FFN or MoE), final norm, lm_head.
+
+Legend: T tokens, D hidden size, L layers, Vocab vocabulary size.
+The model knows nothing of devices, files or threads: weights are assigned by the loader, the
+routed-experts backend is handed in by `make_experts`, the latent cache is passed to forward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelArgs
+from ..experts import TorchExperts
+from .layers import MLP, RMSNorm
+from .mla import MLA, Rope
+from .moe import MoE
+
+ExpertsFactory = Callable[[int], nn.Module]
+
+
+def torch_experts(args: ModelArgs) -> ExpertsFactory:
+    return lambda layer: TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, make_experts: ExpertsFactory):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn = MoE(args, make_experts(layer)) if args.is_moe_layer(layer) \
+            else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, h: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor, absorbed: bool):
+        h = h + self.attn(self.attn_norm(h), start, rope, cache, absorbed)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, make_experts: ExpertsFactory | None = None):
+        super().__init__()
+        self.args = args
+        make_experts = make_experts or torch_experts(args)
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i, make_experts) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.head = None if args.tie_word_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.hidden_size))
+
+    def forward(self, tokens: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor,
+                absorbed: bool | None = None) -> torch.Tensor:
+        """tokens (T,) at absolute positions start..start+T-1; cache (L, S_max, C+R) is read and
+        written in place. absorbed=None picks naive MLA for prefill (T > 1), absorbed for decode.
+        Returns fp32 logits (T, Vocab)."""
+        if absorbed is None:
+            absorbed = tokens.shape[0] == 1
+        h = self.embed(tokens)                                           # (T, D)
+        for i, block in enumerate(self.layers):
+            h = block(h, start, rope, cache[i], absorbed)
+        h = self.norm(h)
+        head = self.embed.weight if self.head is None else self.head
+        return F.linear(h, head).float()                                 # (T, Vocab)

@@ -1,0 +1,110 @@
+"""Runtime: a loaded model with its latent cache and tokenizer, and the public calls on it.
+
+Contract: `logits(ids)` is one full forward of the ids from position 0 (independent of earlier
+calls); `generate(...)` prefills then decodes with the cache. Input is validated here, before
+any compute, so bad requests fail fast with a message saying what to change.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..cache import LatentCache
+from ..config import ModelArgs
+from ..errors import InputError
+from ..model.mla import Rope
+from ..model.transformer import Transformer
+from .generate import GenerationResult, generate_ids
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+
+class Runtime:
+    def __init__(self, model: Transformer, args: ModelArgs, tokenizer: Tokenizer | None, context: int,
+                 dtype: torch.dtype, device: torch.device | str, source: Path):
+        self.model, self.args, self.tokenizer = model, args, tokenizer
+        self.context, self.dtype, self.device, self.source = context, dtype, torch.device(device), source
+        self.cache = LatentCache(args, context, dtype, self.device)
+        self.rope = Rope(args, context, self.device)
+
+    # ---- public API ----
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int], absorbed: bool | None = None) -> np.ndarray:
+        """fp32 logits (T, vocab) of one forward over token_ids from position 0."""
+        ids = self.check_ids(token_ids, new_tokens=0)
+        out = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), 0, self.rope,
+                         self.cache.data, absorbed)
+        return out.cpu().numpy()
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Forward tokens at positions start.. against the cache; (T, vocab) fp32 logits on the CPU."""
+        self.cache.reserve(start, tokens.shape[0])
+        return self.model(tokens.to(self.device), start, self.rope, self.cache.data).cpu()
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                 stream: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate up to max_new_tokens after the prompt (text, or token ids). `stream` receives text
+        pieces as they become final. Returns ids, text, stop reason and timings."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        ids = self.check_ids(self.encode(prompt, chat), new_tokens=max_new_tokens)
+        decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
+        pieces: list[str] = []
+
+        def on_token(token: int) -> None:
+            if decoder is not None:
+                piece = decoder.push(token)
+                pieces.append(piece)
+                if stream is not None and piece:
+                    stream(piece)
+
+        res = generate_ids(self.step, ids, max_new_tokens, sampler, self.eos_ids(), on_token)
+        if decoder is not None:
+            tail = decoder.flush()
+            pieces.append(tail)
+            if stream is not None and tail:
+                stream(tail)
+        res.text = "".join(pieces)
+        return res
+
+    # ---- helpers ----
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.args.eos_token_ids)
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.eos_ids)
+        return tuple(sorted(ids))
+
+    def encode(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            if chat:
+                raise InputError("chat=True needs a text prompt, not token ids")
+            return list(prompt)
+        if self.tokenizer is None:
+            raise InputError(f"{self.source} has no tokenizer.json, so text prompts cannot be encoded; "
+                             f"pass token ids instead")
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(text)
+        return self.tokenizer.encode(prompt)
+
+    def check_ids(self, token_ids: Sequence[int], new_tokens: int) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise InputError("empty prompt: at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.args.vocab_size})")
+        self.cache.reserve(0, len(ids) + new_tokens)
+        return ids
+
+
+def print_stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
