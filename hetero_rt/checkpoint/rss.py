@@ -1,0 +1,96 @@
+"""Measure the peak resident memory of loading a safetensors checkpoint, to check the memory rule:
+loading never holds a second copy of the checkpoint in RAM (peak RSS ~ 1x checkpoint + interpreter).
+
+The measurement runs in a fresh Python process (peak RSS is a per-process high-water mark), which
+opens the checkpoint, load()s every tensor in its stored dtype, keeps them all alive and reads every
+byte (so every page is faulted in), then reports its peak RSS: VmHWM from /proc/self/status on Linux.
+Not getrusage().ru_maxrss: Linux carries the parent's high-water mark into ru_maxrss across
+fork/exec, so a child of a process that had just written a 1 GiB checkpoint would report the
+parent's peak, not its own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .safetensors import INDEX_FILE
+
+# Run in the child process. argv[1]: checkpoint directory. Prints one JSON line.
+_CHILD = r"""
+import json, resource, sys
+import torch
+from hetero_rt.checkpoint.safetensors import DTYPES, SafetensorsCheckpoint
+
+def peak_rss():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except OSError:  # not Linux: ru_maxrss (bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+baseline = peak_rss()
+ckpt = SafetensorsCheckpoint(sys.argv[1])
+tensors = [ckpt.load(n, ckpt.info(n).shape, DTYPES[ckpt.info(n).dtype]) for n in ckpt.names()]
+total, chunk = 0.0, 1 << 20
+for t in tensors:
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        total += flat[i:i + chunk].float().sum().item()
+peak = peak_rss()
+print(json.dumps({"checkpoint_bytes": ckpt.total_bytes(), "peak_rss_bytes": peak,
+                  "baseline_rss_bytes": baseline, "checksum": total}))
+"""
+
+
+@dataclass(frozen=True)
+class LoadRSS:
+    checkpoint_bytes: int       # tensor data in the checkpoint
+    peak_rss_bytes: int         # high-water RSS of the loading process
+    baseline_rss_bytes: int     # RSS after importing torch and hetero_rt, before opening
+
+    @property
+    def ratio(self) -> float:
+        return self.peak_rss_bytes / self.checkpoint_bytes
+
+    def report(self) -> str:
+        gib = 1 << 30
+        extra = (self.peak_rss_bytes - self.baseline_rss_bytes) / self.checkpoint_bytes
+        return (f"checkpoint {self.checkpoint_bytes} B ({self.checkpoint_bytes / gib:.3f} GiB), "
+                f"peak RSS {self.peak_rss_bytes} B ({self.peak_rss_bytes / gib:.3f} GiB), "
+                f"ratio {self.ratio:.3f}; baseline {self.baseline_rss_bytes / gib:.3f} GiB, "
+                f"(peak - baseline) / checkpoint = {extra:.3f}")
+
+
+def measure_load_peak_rss(directory: str | Path) -> LoadRSS:
+    """Load every tensor of the checkpoint in a fresh process and return its peak RSS."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(directory)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS measurement of {directory} failed (exit {proc.returncode}):\n{proc.stderr}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return LoadRSS(data["checkpoint_bytes"], data["peak_rss_bytes"], data["baseline_rss_bytes"])
+
+
+def write_synthetic_checkpoint(directory: str | Path, size_bytes: int, n_tensors: int = 8, n_shards: int = 2,
+                               cols: int = 8192, seed: int = 0) -> int:
+    """Write ~size_bytes of random bf16 weights as n_tensors (rows, cols) tensors in n_shards shards
+    plus model.safetensors.index.json. Returns the bytes of tensor data written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = max(1, math.ceil(size_bytes / (n_tensors * cols * 2)))
+    gen = torch.Generator().manual_seed(seed)
+    per_shard = math.ceil(n_tensors / n_shards)
+    weight_map: dict[str, str] = {}
+    for s in range(n_shards):
+        file = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        names = [f"layers.{i}.weight" for i in range(s * per_shard, min((s + 1) * per_shard, n_tensors))]
+        save_file({n: torch.randn(rows, cols, generator=gen, dtype=torch.bfloat16) for n in names}, directory / file)
+        weight_map.update({n: file for n in names})
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return n_tensors * rows * cols * 2
