@@ -1,0 +1,62 @@
+"""Next-token choice from logits: greedy, or temperature + top-k + top-p (nucleus) sampling with an
+explicit, seeded torch.Generator, so that the same seed gives the same text. No global RNG is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0 -> greedy (argmax)
+    top_k: int = 0             # 0 -> no top-k filter
+    top_p: float = 1.0         # 1 -> no nucleus filter
+    seed: int | None = None    # None -> a fresh random seed
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits (Vocab,) -> token id."""
+        p = self.params
+        if p.temperature == 0:
+            return int(logits.argmax())
+        probs = filtered_probs(logits.float() / p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Softmax of the scaled logits restricted to the top-k tokens, then to the smallest set of the
+    most probable remaining tokens whose (renormalised) mass reaches top_p; at least one token."""
+    probs = scaled.softmax(-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = torch.ones_like(sorted_p, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    if top_p < 1:  # on the distribution renormalised after top-k, as transformers does
+        renorm = sorted_p * keep / (sorted_p * keep).sum()
+        mass_before = renorm.cumsum(0) - renorm         # mass of strictly more probable tokens
+        keep &= mass_before < top_p
+    keep[0] = True
+    out = torch.zeros_like(probs)
+    out[order[keep]] = sorted_p[keep]
+    return out / out.sum()
