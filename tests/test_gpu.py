@@ -1,4 +1,5 @@
-"""The same model on a CUDA device gives the CPU's logits (skipped where no GPU is present)."""
+"""The same model on a CUDA device gives transformers' logits and the CPU's tokens (skipped where
+no GPU is present)."""
 import numpy as np
 import pytest
 import torch
@@ -11,16 +12,16 @@ IDS = [3, 17, 42, 5, 88, 61, 0, 23]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["v2_lite", "v3_yarn"])
-def test_cuda_logits_match_transformers(variant, tmp_path):
+def test_cuda_matches_transformers_and_cpu(variant, tmp_path):
     hf = build_hf_model(variant)
     path = save_hf_model(hf, variant, tmp_path)
-    rt = hetero_rt.load(path, dtype="float32", device="cuda")
-    assert rt.model.embed.weight.device.type == "cuda" and rt.cache.data.device.type == "cuda"
+    gpu = hetero_rt.load(path, dtype="float32", device="cuda")
+    assert gpu.model.embed.weight.device.type == "cuda" and gpu.cache.data.device.type == "cuda"
     ref = hf_logits(hf, IDS).numpy()
-    # TF32 may be enabled on the GPU: allow a looser bound than the CPU's 1e-4
-    assert np.abs(rt.logits(IDS) - ref).max() <= 2e-3 * np.abs(ref).max()
-    res = rt.generate(IDS, max_new_tokens=6)
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([IDS]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)[0, len(IDS):].tolist()
-    assert res.new_ids == want
+    assert np.abs(gpu.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
+    # decode with the cache on the GPU, against the full forward
+    steps = [gpu.step(torch.tensor(IDS[:3]), 0).numpy()] + \
+            [gpu.step(torch.tensor([t]), i).numpy() for i, t in enumerate(IDS[3:], start=3)]
+    assert np.abs(np.concatenate(steps) - ref).max() <= 1e-4 * np.abs(ref).max()
+    cpu = hetero_rt.load(path, dtype="float32")
+    assert gpu.generate(IDS, max_new_tokens=8).new_ids == cpu.generate(IDS, max_new_tokens=8).new_ids
