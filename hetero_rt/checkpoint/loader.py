@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,10 +31,12 @@ def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> 
         return Transformer(args, make_experts)
 
 
-def load_weights(model: Transformer, ckpt: SafetensorsCheckpoint, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+def load_weights(model: Transformer, ckpt: SafetensorsCheckpoint,
+                 where: Callable[[str], tuple[torch.device, torch.dtype]]) -> None:
+    """where(our parameter name) -> (device, dtype) it is placed on (placement.apply.param_placement)."""
     used: set[str] = set()
     for name, param in list(model.named_parameters()):
+        device, dtype = where(name)
         want = torch.float32 if _FP32.search(name) else dtype
         m = _STACKED.match(name)
         if m:

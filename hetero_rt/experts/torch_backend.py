@@ -19,6 +19,13 @@ class TorchExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj (E, D, I)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Runs where the weights live; hidden states cross devices here and only here."""
+        home, dtype = x.device, x.dtype
+        dev = self.w1.device
+        x, ids, weights = x.to(dev, self.w1.dtype), ids.to(dev), weights.to(dev)
+        return self.compute(x, ids, weights).to(home, dtype)
+
+    def compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (T, D) accumulate in fp32
         flat_ids = ids.flatten()                                         # (T*K,)
         order = flat_ids.argsort()
@@ -35,4 +42,4 @@ class TorchExperts(nn.Module):
             out = F.linear(h, self.w2[e]).float() * w_sorted[pos:pos + n, None]
             y.index_add_(0, tok, out)
             pos += n
-        return y.to(x.dtype)
+        return y

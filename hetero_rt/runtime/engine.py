@@ -18,6 +18,7 @@ from ..config import ModelArgs
 from ..errors import InputError
 from ..model.mla import Rope
 from ..model.transformer import Transformer
+from ..placement.memory import PREFILL_CHUNK
 from .generate import GenerationResult, generate_ids
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -25,26 +26,30 @@ from .tokenizer import Tokenizer
 
 class Runtime:
     def __init__(self, model: Transformer, args: ModelArgs, tokenizer: Tokenizer | None, context: int,
-                 dtype: torch.dtype, device: torch.device | str, source: Path):
-        self.model, self.args, self.tokenizer = model, args, tokenizer
+                 dtype: torch.dtype, device: torch.device | str, source: Path, plan=None):
+        self.model, self.args, self.tokenizer, self.plan = model, args, tokenizer, plan
         self.context, self.dtype, self.device, self.source = context, dtype, torch.device(device), source
         self.cache = LatentCache(args, context, dtype, self.device)
         self.rope = Rope(args, context, self.device)
+        self.prefill_chunk = PREFILL_CHUNK
 
     # ---- public API ----
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int], absorbed: bool | None = None) -> np.ndarray:
         """fp32 logits (T, vocab) of one forward over token_ids from position 0."""
         ids = self.check_ids(token_ids, new_tokens=0)
-        out = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), 0, self.rope,
-                         self.cache.data, absorbed)
-        return out.cpu().numpy()
+        return self.step(torch.tensor(ids, dtype=torch.long), 0, absorbed).numpy()
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Forward tokens at positions start.. against the cache; (T, vocab) fp32 logits on the CPU."""
+    def step(self, tokens: torch.Tensor, start: int, absorbed: bool | None = None) -> torch.Tensor:
+        """Forward tokens at positions start.. against the cache, in chunks of at most prefill_chunk
+        tokens (bounding attention's working memory); (T, vocab) fp32 logits on the CPU."""
         self.cache.reserve(start, tokens.shape[0])
-        return self.model(tokens.to(self.device), start, self.rope, self.cache.data).cpu()
+        out = []
+        for off in range(0, tokens.shape[0], self.prefill_chunk):
+            chunk = tokens[off:off + self.prefill_chunk].to(self.device)
+            out.append(self.model(chunk, start + off, self.rope, self.cache.data, absorbed).cpu())
+        return torch.cat(out)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,

@@ -1,0 +1,167 @@
+"""resolve(args, rules) -> Plan: where every module of the model lives and what runs it, computed
+from the config and the rule file alone (no weights), so it can be printed and tested before loading.
+
+Modules are named by their Hugging Face paths (`model.layers.12.mlp.experts`) and have a kind:
+embedding, attention (MLA with its norms), gate, shared_experts, routed_experts, dense_mlp, norm,
+lm_head. Precedence: `defaults`, then every matching rule in file order, field by field; the last
+rule that sets a field wins.
+
+Constraint of the current runtime: every module except the routed experts runs on one main device
+with one dtype (hidden states cross devices only inside the routed-experts backend); routed experts
+may live on that device or the CPU, layer by layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import ModelArgs
+from .schema import CPU_ONLY_BACKENDS, PlacementError, Place, RuleSet
+
+
+@dataclass(frozen=True)
+class Module:
+    path: str
+    kind: str
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    module: Module
+    device: str
+    dtype: str | None          # None: the main dtype (dense) or the stored/main dtype (experts)
+    backend: str | None        # routed experts only
+    threads: int | None        # routed experts on the CPU only
+    lines: tuple[int, ...]     # lines of the rules that set a field (for messages and `plan`)
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str
+    placements: tuple[Placement, ...]
+    written_devices: tuple[str, ...]  # devices as the rules wrote them, before any CPU fallback
+    cpu_fallback: bool = False
+
+    @property
+    def main(self) -> Placement:
+        return next(p for p in self.placements if p.module.kind != "routed_experts")
+
+    def experts(self, layer: int) -> Placement:
+        return next(p for p in self.placements if p.module.kind == "routed_experts" and p.module.layer == layer)
+
+    def format(self) -> str:
+        rows = [f"placement from {self.source}" + ("  [cpu fallback: every device mapped to cpu]"
+                                                  if self.cpu_fallback else "")]
+        groups: dict[tuple, list[str]] = {}
+        for p, written in zip(self.placements, self.written_devices):
+            key = (p.module.kind, written, p.device, p.dtype, p.backend, p.threads)
+            groups.setdefault(key, []).append(p.module.path)
+        for (kind, written, dev, dtype, backend, threads), paths in groups.items():
+            shown = written if written == dev else f"{written} -> {dev}"
+            extra = "".join(f" {k}={v}" for k, v in (("dtype", dtype), ("backend", backend), ("threads", threads))
+                            if v is not None)
+            rows.append(f"  {kind:15s} {shown:12s}{extra}  ({len(paths)} module{'s' * (len(paths) > 1)}, "
+                        f"e.g. {paths[0]})")
+        return "\n".join(rows)
+
+
+def model_modules(args: ModelArgs) -> list[Module]:
+    mods = [Module("model.embed_tokens", "embedding")]
+    for i in range(args.num_hidden_layers):
+        pre = f"model.layers.{i}"
+        mods += [Module(f"{pre}.input_layernorm", "norm", i), Module(f"{pre}.self_attn", "attention", i),
+                 Module(f"{pre}.post_attention_layernorm", "norm", i)]
+        if args.is_moe_layer(i):
+            mods += [Module(f"{pre}.mlp.gate", "gate", i), Module(f"{pre}.mlp.experts", "routed_experts", i)]
+            if args.n_shared_experts:
+                mods.append(Module(f"{pre}.mlp.shared_experts", "shared_experts", i))
+        else:
+            mods.append(Module(f"{pre}.mlp", "dense_mlp", i))
+    mods.append(Module("model.norm", "norm"))
+    if not args.tie_word_embeddings:
+        mods.append(Module("lm_head", "lm_head"))
+    return mods
+
+
+def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False,
+            cuda_available: bool | None = None) -> Plan:
+    modules = model_modules(args)
+    used = [False] * len(rules.rules)
+    placements = []
+    for m in modules:
+        place, lines = rules.defaults or Place(), []
+        if rules.defaults is not None:
+            lines.append(rules.defaults.line)
+        for i, rule in enumerate(rules.rules):
+            if rule.matches(m.path, m.kind):
+                used[i] = True
+                place = _merge(place, rule.place)
+                lines.append(rule.line)
+        placements.append(_finish(rules.source, m, place, tuple(lines)))
+    for rule, hit in zip(rules.rules, used):
+        if not hit:
+            raise PlacementError(f"{rules.source}:{rule.line}: rule matches no module of this model "
+                                 f"({args.model_type}, {args.num_hidden_layers} layers); module paths look like "
+                                 f"'model.layers.3.mlp.experts' (see `hetero-rt plan`)")
+    _check_single_main(rules.source, placements)
+    return _apply_fallback(rules.source, placements, cpu_fallback, cuda_available)
+
+
+def _merge(base: Place, over: Place) -> Place:
+    fields = {k: getattr(over, k) for k in ("device", "dtype", "backend", "threads") if getattr(over, k) is not None}
+    return replace(base, **fields)
+
+
+def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Placement:
+    where = f"{source}:{lines[-1]}" if lines else source
+    if place.device is None:
+        raise PlacementError(f"{source}: no rule places module {m.path} (kind {m.kind}); add a rule for kind "
+                             f"{m.kind!r} or a 'defaults: {{device: ...}}'")
+    backend, threads = place.backend, place.threads
+    if m.kind == "routed_experts":
+        backend = backend or "torch"
+        if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
+            raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
+                                 f"on {place.device!r}")
+    elif backend is not None or threads is not None:
+        field = "backend" if backend is not None else "threads"
+        raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "
+                             f"take a backend and threads")
+    return Placement(m, place.device, place.dtype, backend, threads, lines)
+
+
+def _check_single_main(source: str, placements: list[Placement]) -> None:
+    main = [p for p in placements if p.module.kind != "routed_experts"]
+    first = main[0]
+    for p in main[1:]:
+        for field in ("device", "dtype"):
+            if getattr(p, field) != getattr(first, field):
+                raise PlacementError(
+                    f"{source}: {p.module.path} gets {field} {getattr(p, field)!r} but {first.module.path} gets "
+                    f"{getattr(first, field)!r}; every module except routed_experts runs on one device with one "
+                    f"dtype (rule lines {list(p.lines)} vs {list(first.lines)})")
+
+
+def _apply_fallback(source: str, placements: list[Placement], cpu_fallback: bool,
+                    cuda_available: bool | None) -> Plan:
+    written = tuple(p.device for p in placements)
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    wants_cuda = any(d.startswith("cuda") for d in written)
+    if wants_cuda and not cpu_fallback:
+        missing = [d for d in sorted(set(written)) if d.startswith("cuda") and not _cuda_device_exists(d)] \
+            if cuda_available else sorted({d for d in written if d.startswith("cuda")})
+        if missing:
+            raise PlacementError(f"{source}: the rules place modules on {', '.join(missing)} but no such CUDA "
+                                 f"device is available; run with --cpu-fallback (API: cpu_fallback=True) to map "
+                                 f"every device to the CPU, or edit the rules")
+    if cpu_fallback:
+        placements = [replace(p, device="cpu") for p in placements]
+    return Plan(source, tuple(placements), written, cpu_fallback and wants_cuda)
+
+
+def _cuda_device_exists(device: str) -> bool:
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return index < torch.cuda.device_count()
