@@ -46,14 +46,16 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     return Runtime(model, args, tokenizer, context, main_dtype, plan.main.device, path, plan)
 
 
-def make_plan(args: ModelArgs, rules: str | Path | None, device: str | None, cpu_fallback: bool) -> Plan:
+def make_plan(args: ModelArgs, rules: str | Path | None, device: str | None, cpu_fallback: bool,
+              check_devices: bool = True) -> Plan:
+    """check_devices=False plans for the GPU the rules name without checking this machine has one."""
     if rules is None:
         ruleset = RuleSet(f"<device={device or 'cpu'}>", Place(device=device or "cpu"))
     elif device is not None:
         raise HeteroRTError("pass either placement rules or device, not both: devices come from the rules")
     else:
         ruleset = load_rules(rules)
-    return resolve(args, ruleset, cpu_fallback)
+    return resolve(args, ruleset, cpu_fallback, check_devices)
 
 
 def _checkpoint_dir(path: str | Path) -> Path:

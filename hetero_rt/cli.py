@@ -30,6 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(run)
     run.set_defaults(func=cmd_run)
 
+    plan = sub.add_parser("plan", help="show where every module goes and whether it fits, from metadata only")
+    plan.add_argument("--model", required=True, type=Path,
+                      help="checkpoint directory (config.json + *.safetensors headers, or tensor_shapes.json.gz)")
+    plan.add_argument("--rules", default=None, help="placement YAML (default: everything on the CPU)")
+    plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB")
+    plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB")
+    plan.add_argument("--context", type=int, default=4096, help="KV-cache positions to plan for")
+    plan.add_argument("--dtype", default=None, help="dtype of the dense part when the rules set none")
+    plan.add_argument("--write-rules", type=Path, default=None,
+                      help="write a placement that fits --gpu-mem to this YAML file")
+    plan.add_argument("--expert-backend", default="torch", help="backend written for CPU experts")
+    plan.set_defaults(func=cmd_plan)
+
     demo = sub.add_parser("demo", help="build (once) a synthetic DeepSeek-V3-style checkpoint and run it")
     demo.add_argument("--cache-dir", type=Path, default=None,
                       help="where the synthetic checkpoint is kept (default $HETERO_RT_CACHE or ~/.cache/hetero_rt)")
@@ -48,7 +61,10 @@ def _generation_args(p: argparse.ArgumentParser, default_n: int = 64) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--context", type=int, default=None, help="KV-cache positions to preallocate")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: from the checkpoint)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (whole model, until placement rules)")
+    p.add_argument("--device", default=None, help="cpu | cuda: the whole model, when no --rules are given")
+    p.add_argument("--rules", default=None, help="placement YAML (see placement_rules/ and docs/placement_rules.md)")
+    p.add_argument("--cpu-fallback", action="store_true",
+                   help="map every device in the rules to the CPU (machines without a GPU)")
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -64,12 +80,43 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return _generate(ns, path)
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from .api import make_plan
+    from .config import ModelArgs
+    from .placement.memory import parse_bytes, plan_memory, read_tensor_meta
+    from .placement.write import write_rules
+
+    args = ModelArgs.from_config_file(ns.model / "config.json")
+    tensors = read_tensor_meta(ns.model)
+    dtype = ns.dtype or ("float32" if tensors.get("model.embed_tokens.weight", ("BF16",))[0] == "F32"
+                         else "bfloat16")
+    if ns.write_rules is not None:
+        if ns.gpu_mem is None:
+            raise HeteroRTError("--write-rules needs --gpu-mem (the budget the placement must fit)")
+        text = write_rules(args, tensors, parse_bytes(ns.gpu_mem, "--gpu-mem"), ns.context, dtype,
+                           ns.expert_backend)
+        ns.write_rules.write_text(text)
+        print(f"wrote {ns.write_rules}", file=sys.stderr)
+        ns.rules = ns.write_rules
+    plan = make_plan(args, ns.rules, None, cpu_fallback=False, check_devices=False)
+    budgets = {}
+    if ns.gpu_mem:
+        budgets.update({d: parse_bytes(ns.gpu_mem, "--gpu-mem") for d in set(plan.written_devices)
+                        if d.startswith("cuda")})
+    if ns.host_mem:
+        budgets["cpu"] = parse_bytes(ns.host_mem, "--host-mem")
+    mem = plan_memory(args, plan, tensors, ns.context, plan.main.dtype or dtype, budgets)
+    print(plan.format())
+    print(mem.format())
+    return 0 if not mem.over() else 1
+
+
 def _generate(ns: argparse.Namespace, path: Path) -> int:
     from .api import load
     from .runtime.engine import print_stream
 
     t0 = time.perf_counter()
-    rt = load(path, context=ns.context, dtype=ns.dtype, device=ns.device)
+    rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                       top_p=ns.top_p, seed=ns.seed, chat=ns.chat, stream=print_stream)

@@ -13,7 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def real(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}_config.json").read_text())
+    return json.loads((FIXTURES / (f"{name}/config.json" if name == "deepseek_v3" else f"{name}_config.json")).read_text())
 
 
 def test_deepseek_v3_real_config():

@@ -85,8 +85,9 @@ def model_modules(args: ModelArgs) -> list[Module]:
     return mods
 
 
-def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False,
-            cuda_available: bool | None = None) -> Plan:
+def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False, check_devices: bool = True) -> Plan:
+    """check_devices=False plans for the devices the rules name without asking whether this machine
+    has them (`hetero-rt plan` for a GPU elsewhere)."""
     modules = model_modules(args)
     used = [False] * len(rules.rules)
     placements = []
@@ -106,7 +107,7 @@ def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False,
                                  f"({args.model_type}, {args.num_hidden_layers} layers); module paths look like "
                                  f"'model.layers.3.mlp.experts' (see `hetero-rt plan`)")
     _check_single_main(rules.source, placements)
-    return _apply_fallback(rules.source, placements, cpu_fallback, cuda_available)
+    return _apply_fallback(rules.source, placements, cpu_fallback, check_devices)
 
 
 def _merge(base: Place, over: Place) -> Place:
@@ -144,15 +145,11 @@ def _check_single_main(source: str, placements: list[Placement]) -> None:
                     f"dtype (rule lines {list(p.lines)} vs {list(first.lines)})")
 
 
-def _apply_fallback(source: str, placements: list[Placement], cpu_fallback: bool,
-                    cuda_available: bool | None) -> Plan:
+def _apply_fallback(source: str, placements: list[Placement], cpu_fallback: bool, check_devices: bool) -> Plan:
     written = tuple(p.device for p in placements)
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
     wants_cuda = any(d.startswith("cuda") for d in written)
-    if wants_cuda and not cpu_fallback:
-        missing = [d for d in sorted(set(written)) if d.startswith("cuda") and not _cuda_device_exists(d)] \
-            if cuda_available else sorted({d for d in written if d.startswith("cuda")})
+    if wants_cuda and not cpu_fallback and check_devices:
+        missing = [d for d in sorted(set(written)) if d.startswith("cuda") and not _cuda_device_exists(d)]
         if missing:
             raise PlacementError(f"{source}: the rules place modules on {', '.join(missing)} but no such CUDA "
                                  f"device is available; run with --cpu-fallback (API: cpu_fallback=True) to map "
@@ -163,5 +160,7 @@ def _apply_fallback(source: str, placements: list[Placement], cpu_fallback: bool
 
 
 def _cuda_device_exists(device: str) -> bool:
+    if not torch.cuda.is_available():
+        return False
     index = int(device.split(":")[1]) if ":" in device else 0
     return index < torch.cuda.device_count()

@@ -1,0 +1,175 @@
+"""Placement rules: validation errors with line numbers, precedence, CPU fallback, and the
+memory planner against hand-computed sizes (real DeepSeek-V3 shapes) and loaded tensor bytes."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hetero_rt
+from hetero_rt.config import ModelArgs
+from hetero_rt.placement.memory import fmt_bytes, parse_bytes, plan_memory, read_tensor_meta
+from hetero_rt.placement.plan import resolve
+from hetero_rt.placement.schema import PlacementError, load_rules, parse_rules
+from hetero_rt.placement.write import write_rules
+from hf_models import build_hf_model, hf_logits, save_hf_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+V3 = FIXTURES / "deepseek_v3"
+IDS = [4, 8, 15, 16, 23, 42, 7, 1]
+
+
+@pytest.fixture(scope="module")
+def v3_args():
+    return ModelArgs.from_config_file(V3 / "config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = build_hf_model("v3", seed=5)
+    return hf, save_hf_model(hf, "v3", tmp_path_factory.mktemp("tiny"))
+
+
+def rules_error(text: str, args: ModelArgs, **kw) -> str:
+    with pytest.raises(PlacementError) as e:
+        resolve(args, parse_rules(text, "r.yaml"), **kw)
+    return str(e.value)
+
+
+GOOD = "defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n    place: {device: cpu, backend: torch}\n"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("rules:\n  - match: {kind: gate}\n    place: {devic: cpu}\n", "r.yaml:3: unknown key 'devic' in place"),
+    ("rules:\n  - match: {kind: gate}\n    place: {device: tpu}\n", "r.yaml:3: unknown device 'tpu'"),
+    ("rules:\n  - match: {kind: routed_experts}\n    place: {backend: onnx}\n", "r.yaml:3: unknown backend 'onnx'"),
+    ("rules:\n  - match: {kind: experts}\n    place: {device: cpu}\n", "r.yaml:2: unknown kind 'experts'"),
+    ("rules:\n  - match: {name: 'model.layers.(3'}\n    place: {device: cpu}\n", "r.yaml:2: invalid regex"),
+    ("rules:\n  - match: {kind: gate}\n    place: {backend: numba}\n", "r.yaml:3: backend 'numba' cannot run kind 'gate'"),
+    ("rules:\n  - match: {kind: routed_experts}\n    place: {device: cuda, backend: numba}\n",
+     "r.yaml:3: backend 'numba' runs on the CPU"),
+    ("rules:\n  - match: {kind: gate}\n    place: {threads: 0}\n", "r.yaml:3: threads must be a positive integer"),
+    ("rules:\n  - match: {kind: gate}\n    place: {dtype: int4}\n", "r.yaml:3: unknown dtype 'int4'"),
+    ("defaults: {device: cpu}\nrule:\n  - {}\n", "r.yaml:2: unknown key 'rule' in the placement file"),
+    ("rules:\n  - match: {}\n    place: {device: cpu}\n", "r.yaml:2: match is empty"),
+    ("rules:\n  - place: {device: cpu}\n", "r.yaml:2: rule has no 'match:'"),
+    ("rules: [\n", "r.yaml:2: not valid YAML"),
+    ("", "r.yaml: empty placement file"),
+])
+def test_schema_errors(text, needle, v3_args):
+    assert needle in rules_error(text, v3_args)
+
+
+def test_resolution_errors(v3_args):
+    assert "r.yaml:5: rule matches no module of this model" in rules_error(
+        GOOD + "  - match: {name: 'model\\.layers\\.99\\..*'}\n    place: {device: cpu}\n", v3_args)
+    assert "no rule places module model.embed_tokens (kind embedding)" in rules_error(
+        "rules:\n  - match: {kind: routed_experts}\n    place: {device: cpu}\n", v3_args)
+    msg = rules_error(GOOD + "  - match: {name: 'model\\.layers\\.3\\.mlp\\.gate'}\n    place: {backend: torch}\n",
+                      v3_args)
+    assert "r.yaml:5: backend cannot be set for model.layers.3.mlp.gate (kind gate)" in msg
+    msg = rules_error(GOOD + "  - match: {kind: attention}\n    place: {device: cuda}\n", v3_args,
+                      check_devices=False)
+    assert "every module except routed_experts runs on one device" in msg
+
+
+def test_precedence_is_last_match_field_by_field(v3_args):
+    text = ("defaults: {device: cuda, dtype: bfloat16}\nrules:\n"
+            "  - match: {kind: routed_experts}\n    place: {device: cpu, backend: numba, threads: 8}\n"
+            "  - match: {name: 'model\\.layers\\.(5|6)\\.mlp\\.experts'}\n    place: {threads: 2}\n"
+            "  - match: {name: 'model\\.layers\\.6\\.mlp\\.experts'}\n    place: {device: cuda, backend: torch}\n")
+    plan = resolve(v3_args, parse_rules(text, "p.yaml"), check_devices=False)
+    p4, p5, p6 = plan.experts(4), plan.experts(5), plan.experts(6)
+    assert (p4.device, p4.backend, p4.threads) == ("cpu", "numba", 8)
+    assert (p5.device, p5.backend, p5.threads, p5.lines) == ("cpu", "numba", 2, (1, 3, 5))
+    assert (p6.device, p6.backend, p6.threads) == ("cuda", "torch", 2)
+    assert plan.main.device == "cuda" and plan.main.dtype == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_needs_cpu_fallback(tiny, tmp_path, capsys):
+    hf, path = tiny
+    rules = tmp_path / "gpu.yaml"
+    rules.write_text("defaults: {device: cuda}\nrules:\n  - match: {kind: routed_experts}\n    place: {device: cpu}\n")
+    with pytest.raises(PlacementError, match="no such CUDA device is available; run with --cpu-fallback"):
+        hetero_rt.load(path, rules)
+    rt = hetero_rt.load(path, rules, cpu_fallback=True, dtype="float32")
+    err = capsys.readouterr().err
+    assert err.count("cpu_fallback") == 1
+    assert rt.plan.cpu_fallback and set(rt.plan.written_devices) == {"cuda", "cpu"}
+    assert "cuda -> cpu" in rt.plan.format()
+    ref = hf_logits(hf, IDS).numpy()
+    assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_planner_bytes_equal_loaded_bytes(tiny):
+    _, path = tiny
+    rt = hetero_rt.load(path, dtype="float32")
+    loaded = {}
+    for name, p in rt.model.named_parameters():
+        kind = kind_of(name)
+        loaded[kind] = loaded.get(kind, 0) + p.numel() * p.element_size()
+    mem = plan_memory(rt.args, rt.plan, read_tensor_meta(path), 64, "float32")
+    assert mem.devices["cpu"].weights == loaded
+    assert mem.devices["cpu"].kv_cache == rt.args.num_hidden_layers * 64 * (32 + 8) * 4
+
+
+def kind_of(name: str) -> str:
+    rules = [(r"^embed\.", "embedding"), (r"^head$", "lm_head"), (r"norm\.weight$", "norm"),
+             (r"\.attn\.", "attention"), (r"\.ffn\.gate\.", "gate"), (r"\.ffn\.experts\.", "routed_experts"),
+             (r"\.ffn\.shared_experts\.", "shared_experts"), (r"\.ffn\.w[123]$", "dense_mlp")]
+    if name.endswith("q_norm.weight") or name.endswith("kv_norm.weight"):
+        return "attention"
+    return next(kind for pattern, kind in rules if re.search(pattern, name))
+
+
+def test_planner_deepseek_v3_hand_computed(v3_args):
+    D, V, L, MOE, E, I = 7168, 129280, 61, 58, 256, 2048
+    rules = parse_rules("defaults: {device: cuda, dtype: bfloat16}\nrules:\n"
+                        "  - match: {kind: routed_experts}\n    place: {device: cpu}\n", "v3.yaml")
+    plan = resolve(v3_args, rules, check_devices=False)
+    mem = plan_memory(v3_args, plan, read_tensor_meta(V3), 4096, "bfloat16",
+                      {"cuda": parse_bytes("24GiB"), "cpu": parse_bytes("2TiB")})
+    gpu, cpu = mem.devices["cuda"].weights, mem.devices["cpu"].weights
+    attention = (1536 * D + 1536 + 128 * 192 * 1536 + 576 * D + 512 + 128 * 256 * 512 + D * 128 * 128) * 2
+    assert gpu["attention"] == L * attention
+    assert gpu["embedding"] == gpu["lm_head"] == V * D * 2
+    assert gpu["norm"] == (2 * L + 1) * D * 2
+    assert gpu["dense_mlp"] == 3 * 3 * 18432 * D * 2
+    assert gpu["gate"] == MOE * (E * D * 2 + E * 4)              # bias stays fp32
+    assert gpu["shared_experts"] == MOE * 3 * I * D * 2
+    assert cpu["routed_experts"] == MOE * E * 3 * I * D * 2 == 1_307_817_541_632
+    assert mem.devices["cuda"].kv_cache == L * 4096 * 576 * 2
+    assert mem.over()["cuda"] > 0 and "DOES NOT FIT" in mem.verdict()
+
+
+def test_write_rules_fits_the_budget(v3_args):
+    tensors = read_tensor_meta(V3)
+    text = write_rules(v3_args, tensors, parse_bytes("80GiB"), 4096, "bfloat16")
+    plan = resolve(v3_args, parse_rules(text, "w.yaml"), check_devices=False)
+    mem = plan_memory(v3_args, plan, tensors, 4096, "bfloat16", {"cuda": parse_bytes("80GiB")})
+    assert not mem.over()
+    on_gpu = [p.module.layer for p in plan.placements if p.module.kind == "routed_experts" and p.device == "cuda"]
+    per_layer = 256 * 3 * 2048 * 7168 * 2
+    assert len(on_gpu) >= 1 and mem.devices["cuda"].total + per_layer > parse_bytes("80GiB")
+    with pytest.raises(hetero_rt.HeteroRTError, match="even with every routed expert on the CPU"):
+        write_rules(v3_args, tensors, parse_bytes("24GiB"), 4096, "bfloat16")
+
+
+def test_plan_cli_answers_from_metadata(capsys, tmp_path):
+    from hetero_rt.cli import main
+    rc = main(["plan", "--model", str(V3), "--gpu-mem", "80GiB", "--write-rules", str(tmp_path / "out.yaml")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "verdict: fits" in out and "routed_experts" in out
+    load_rules(tmp_path / "out.yaml")
+    assert main(["plan", "--model", str(V3), "--rules", str(tmp_path / "out.yaml"), "--gpu-mem", "40GiB"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_sizes():
+    assert parse_bytes("24GiB") == 24 * 2 ** 30 and parse_bytes("1.5 GB") == 1_500_000_000
+    assert fmt_bytes(3 * 2 ** 30) == "3.00 GiB"
+    with pytest.raises(hetero_rt.HeteroRTError, match="cannot read '24 parsecs'"):
+        parse_bytes("24 parsecs")
