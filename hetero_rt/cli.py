@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show where every module goes and whether it fits, from metadata only")
     plan.add_argument("--model", required=True, type=Path,
-                      help="checkpoint directory (config.json + *.safetensors headers, or tensor_shapes.json.gz)")
+                      help="checkpoint directory: config.json plus *.safetensors (only headers are read), "
+                           "tensor_shapes.json.gz, or nothing (shapes derived from config.json, bf16)")
     plan.add_argument("--rules", default=None, help="placement YAML (default: everything on the CPU)")
     plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB")
     plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB")
@@ -87,7 +88,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from .placement.write import write_rules
 
     args = ModelArgs.from_config_file(ns.model / "config.json")
-    tensors = read_tensor_meta(ns.model)
+    tensors = read_tensor_meta(ns.model, args)
     dtype = ns.dtype or ("float32" if tensors.get("model.embed_tokens.weight", ("BF16",))[0] == "F32"
                          else "bfloat16")
     if ns.write_rules is not None:

@@ -173,3 +173,42 @@ def test_sizes():
     assert fmt_bytes(3 * 2 ** 30) == "3.00 GiB"
     with pytest.raises(hetero_rt.HeteroRTError, match="cannot read '24 parsecs'"):
         parse_bytes("24 parsecs")
+
+
+SHIPPED = sorted((Path(__file__).parent.parent / "placement_rules").glob("*.yaml"))
+REAL_CONFIGS = {"deepseek-v3": V3 / "config.json", "deepseek-v2-lite": FIXTURES / "deepseek_v2_lite_config.json",
+                "kimi-k2": FIXTURES / "kimi_k2_config.json"}
+
+
+def test_every_shipped_file_has_a_header_and_fits_its_model(tmp_path):
+    assert {p.name for p in SHIPPED} >= {"cpu-only.yaml", "all-gpu.yaml", "deepseek-v2-lite-8gb.yaml",
+                                         "kimi-k2-24gb.yaml"}
+    for path in SHIPPED:
+        assert path.read_text().startswith(f"# {path.name} — "), path
+        model = next((m for m in REAL_CONFIGS if path.name.startswith(m)), None)
+        if model is None:
+            continue
+        args = ModelArgs.from_config_file(REAL_CONFIGS[model])
+        gpu = parse_bytes(re.search(r"-(\d+)gb\.yaml$", path.name).group(1) + "GiB")
+        plan = resolve(args, load_rules(path), check_devices=False)
+        meta = read_tensor_meta(REAL_CONFIGS[model].parent if model == "deepseek-v3" else tmp_path, args)
+        mem = plan_memory(args, plan, meta, 2048, "bfloat16", {"cuda": gpu})
+        assert not mem.over(), (path.name, mem.format())
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    hf = build_hf_model("v3", seed=6, num_hidden_layers=5)
+    return hf, save_hf_model(hf, "v3", tmp_path_factory.mktemp("five"))
+
+
+@pytest.mark.parametrize("rules", SHIPPED, ids=lambda p: p.name)
+def test_shipped_rules_give_the_default_logits(rules, five_layers):
+    hf, path = five_layers
+    default = hetero_rt.load(path, dtype="float32").logits(IDS)
+    rt = hetero_rt.load(path, rules, dtype="float32", cpu_fallback=True)
+    got = rt.logits(IDS) if rt.plan.main.dtype is None else None
+    if got is None:  # the file asks for bf16: compare with the default placement in bf16
+        default = hetero_rt.load(path, dtype="bfloat16").logits(IDS)
+        got = rt.logits(IDS)
+    assert np.abs(got - default).max() <= 1e-5 * np.abs(default).max()
