@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from ..config import ModelArgs
+
 # Per-layer suffixes: HF name (after "model.layers.{i}.") -> our name (after "layers.{i}.").
 LAYER_NAMES: dict[str, str] = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -65,3 +67,39 @@ def is_ignored(name: str, n_layers: int, n_mtp: int) -> bool:
         return True
     m = _LAYER.match(name)
     return bool(m) and n_layers <= int(m.group(1)) < n_layers + n_mtp
+
+
+def hf_tensor_shapes(args: ModelArgs, dtype: str = "BF16") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) of every tensor a HF checkpoint of this config holds, in
+    layer order (MTP layers excluded). Used to plan before a download and to write synthetic checkpoints."""
+    D, H, C, R = args.hidden_size, args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
+    qk, v, moe = args.qk_head_dim, args.v_head_dim, args.moe_intermediate_size
+    t = {"model.embed_tokens.weight": (args.vocab_size, D), "model.norm.weight": (D,)}
+    if not args.tie_word_embeddings:
+        t["lm_head.weight"] = (args.vocab_size, D)
+    ffn = lambda inter: {"gate_proj": (inter, D), "up_proj": (inter, D), "down_proj": (D, inter)}  # noqa: E731
+    for i in range(args.num_hidden_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = t[p + "post_attention_layernorm.weight"] = (D,)
+        if args.q_lora_rank is None:
+            t[p + "self_attn.q_proj.weight"] = (H * qk, D)
+        else:
+            t[p + "self_attn.q_a_proj.weight"] = (args.q_lora_rank, D)
+            t[p + "self_attn.q_a_layernorm.weight"] = (args.q_lora_rank,)
+            t[p + "self_attn.q_b_proj.weight"] = (H * qk, args.q_lora_rank)
+        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = (C + R, D)
+        t[p + "self_attn.kv_a_layernorm.weight"] = (C,)
+        t[p + "self_attn.kv_b_proj.weight"] = (H * (args.qk_nope_head_dim + v), C)
+        t[p + "self_attn.o_proj.weight"] = (D, H * v)
+        if not args.is_moe_layer(i):
+            t.update({p + f"mlp.{k}.weight": s for k, s in ffn(args.intermediate_size).items()})
+            continue
+        t[p + "mlp.gate.weight"] = (args.n_routed_experts, D)
+        if args.has_correction_bias:
+            t[p + "mlp.gate.e_score_correction_bias"] = (args.n_routed_experts,)
+        for e in range(args.n_routed_experts):
+            t.update({p + f"mlp.experts.{e}.{k}.weight": s for k, s in ffn(moe).items()})
+        if args.n_shared_experts:
+            t.update({p + f"mlp.shared_experts.{k}.weight": s
+                      for k, s in ffn(moe * args.n_shared_experts).items()})
+    return {n: ("F32" if n.endswith("correction_bias") else dtype, tuple(s)) for n, s in t.items()}

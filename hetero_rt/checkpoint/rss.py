@@ -49,6 +49,20 @@ print(json.dumps({"checkpoint_bytes": ckpt.total_bytes(), "peak_rss_bytes": peak
 """
 
 
+# Run in the child process: hetero_rt.load() of a whole model plus one forward. argv[1]: directory,
+# argv[2]: placement rules or "".
+_CHILD_MODEL = _CHILD[:_CHILD.index("baseline = ")] + r"""
+import hetero_rt
+from hetero_rt.checkpoint.safetensors import SafetensorsCheckpoint
+
+baseline = peak_rss()
+rt = hetero_rt.load(sys.argv[1], sys.argv[2] or None, cpu_fallback=True)
+rt.logits([1, 2, 3, 4])
+print(json.dumps({"checkpoint_bytes": SafetensorsCheckpoint(sys.argv[1]).total_bytes(),
+                  "peak_rss_bytes": peak_rss(), "baseline_rss_bytes": baseline}))
+"""
+
+
 @dataclass(frozen=True)
 class LoadRSS:
     checkpoint_bytes: int       # tensor data in the checkpoint
@@ -70,7 +84,17 @@ class LoadRSS:
 
 def measure_load_peak_rss(directory: str | Path) -> LoadRSS:
     """Load every tensor of the checkpoint in a fresh process and return its peak RSS."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(directory)], capture_output=True, text=True)
+    return _run_child(_CHILD, [str(directory)], directory)
+
+
+def measure_model_load_peak_rss(directory: str | Path, rules: str | Path | None = None) -> LoadRSS:
+    """hetero_rt.load() the model (with `rules`, CPU fallback) and run one forward in a fresh
+    process; return its peak RSS."""
+    return _run_child(_CHILD_MODEL, [str(directory), str(rules or "")], directory)
+
+
+def _run_child(code: str, argv: list[str], directory) -> LoadRSS:
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS measurement of {directory} failed (exit {proc.returncode}):\n{proc.stderr}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.names import hf_tensor_shapes
 from ..config import ModelArgs
 from ..errors import CheckpointError, HeteroRTError
 from .plan import Plan
@@ -96,7 +97,7 @@ def read_tensor_meta(path: Path, args: ModelArgs | None = None) -> dict[str, tup
     for a directory holding only config.json (planning before a download), derived from `args`."""
     shapes = path / SHAPES_FILE
     if args is not None and not shapes.is_file() and not any(path.glob("*.safetensors")):
-        return shapes_from_config(args)
+        return hf_tensor_shapes(args)
     if shapes.is_file():
         try:
             data = json.loads(gzip.decompress(shapes.read_bytes()))
@@ -106,41 +107,6 @@ def read_tensor_meta(path: Path, args: ModelArgs | None = None) -> dict[str, tup
     from ..checkpoint.safetensors import SafetensorsCheckpoint
     with SafetensorsCheckpoint(path) as ckpt:
         return {n: (ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names()}
-
-
-def shapes_from_config(args: ModelArgs, dtype: str = "BF16") -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The HF tensor names and shapes a checkpoint of this config holds (MTP layers excluded)."""
-    D, H, C, R = args.hidden_size, args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
-    qk, v, moe = args.qk_head_dim, args.v_head_dim, args.moe_intermediate_size
-    t = {"model.embed_tokens.weight": (args.vocab_size, D), "model.norm.weight": (D,)}
-    if not args.tie_word_embeddings:
-        t["lm_head.weight"] = (args.vocab_size, D)
-    ffn = lambda inter: {"gate_proj": (inter, D), "up_proj": (inter, D), "down_proj": (D, inter)}  # noqa: E731
-    for i in range(args.num_hidden_layers):
-        p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = t[p + "post_attention_layernorm.weight"] = (D,)
-        if args.q_lora_rank is None:
-            t[p + "self_attn.q_proj.weight"] = (H * qk, D)
-        else:
-            t[p + "self_attn.q_a_proj.weight"] = (args.q_lora_rank, D)
-            t[p + "self_attn.q_a_layernorm.weight"] = (args.q_lora_rank,)
-            t[p + "self_attn.q_b_proj.weight"] = (H * qk, args.q_lora_rank)
-        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = (C + R, D)
-        t[p + "self_attn.kv_a_layernorm.weight"] = (C,)
-        t[p + "self_attn.kv_b_proj.weight"] = (H * (args.qk_nope_head_dim + v), C)
-        t[p + "self_attn.o_proj.weight"] = (D, H * v)
-        if not args.is_moe_layer(i):
-            t.update({p + f"mlp.{k}.weight": s for k, s in ffn(args.intermediate_size).items()})
-            continue
-        t[p + "mlp.gate.weight"] = (args.n_routed_experts, D)
-        if args.has_correction_bias:
-            t[p + "mlp.gate.e_score_correction_bias"] = (args.n_routed_experts,)
-        for e in range(args.n_routed_experts):
-            t.update({p + f"mlp.experts.{e}.{k}.weight": s for k, s in ffn(moe).items()})
-        if args.n_shared_experts:
-            t.update({p + f"mlp.shared_experts.{k}.weight": s
-                      for k, s in ffn(moe * args.n_shared_experts).items()})
-    return {n: ("F32" if n.endswith("correction_bias") else dtype, tuple(s)) for n, s in t.items()}
 
 
 def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple[int, ...]]], context: int,

@@ -1,0 +1,147 @@
+"""Synthetic DeepSeek-V3-architecture checkpoints in the real Hugging Face format (config.json,
+sharded safetensors with model.safetensors.index.json, tokenizer.json, tokenizer_config.json),
+written without transformers, for the demo, benchmarks and tests.
+
+Weights are random but well scaled (linear weights std 1/sqrt(fan_in), norms ~1, a non-zero
+correction bias) so that activations stay O(1) and routing is far from uniform. Tensors are
+generated and written one shard at a time: writing never holds more than about one shard in RAM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import ModelArgs
+from .names import hf_tensor_shapes
+from .safetensors import INDEX_FILE, quantize_fp8_block
+from .tokenizer_builder import build_tokenizer
+
+DEMO_TAG = "demo-v3-1"
+_PRESETS = {
+    # ~420 MB in bf16: real DeepSeek-V3 structure (MLA with q_lora, YaRN, sigmoid noaux_tc routing in
+    # 8 groups, a dense first layer, 1 shared expert), scaled down.
+    "demo": dict(vocab_size=2048, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                 num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, n_routed_experts=64,
+                 num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1, q_lora_rank=384,
+                 kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                 max_position_embeddings=4096,
+                 rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                               "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                 num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=8,
+                 num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, q_lora_rank=48,
+                 kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                 max_position_embeddings=512, rope_scaling=None),
+}
+_COMMON = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], num_key_value_heads=None,
+               routed_scaling_factor=2.5, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
+               norm_topk_prob=True, hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False,
+               rope_theta=10000.0, bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=0,
+               torch_dtype="bfloat16")
+_TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def synthetic_config(preset: str = "demo", **overrides) -> dict:
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(_PRESETS)}")
+    cfg = {**_COMMON, **_PRESETS[preset], **overrides}
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    return cfg
+
+
+def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0, dtype: str = "bfloat16",
+                               shard_bytes: int = 256 << 20, tokenizer: bool = True) -> Path:
+    """Write the checkpoint into out_dir (replaced if present) and return it. dtype: bfloat16 |
+    float32 | fp8 (DeepSeek's e4m3 weights with 128x128 block scales; embeddings, norms, gate and
+    lm_head stay bf16). The directory appears only once complete (written as out_dir.tmp, renamed)."""
+    if dtype not in ("bfloat16", "float32", "fp8"):
+        raise ValueError(f"dtype must be bfloat16, float32 or fp8, got {dtype!r}")
+    out_dir = Path(out_dir)
+    config = dict(config, torch_dtype="float32" if dtype == "float32" else "bfloat16")
+    if dtype == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+    args = ModelArgs.from_dict(config, source="synthetic config")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_weights(tmp, args, seed, dtype, shard_bytes)
+        if tokenizer:
+            build_tokenizer(tmp, args.vocab_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The demo checkpoint in the cache ($HETERO_RT_CACHE or ~/.cache/hetero_rt), built on first use."""
+    root = Path(cache_dir or os.environ.get("HETERO_RT_CACHE") or Path.home() / ".cache" / "hetero_rt")
+    path = root / DEMO_TAG
+    if not (path / "config.json").is_file():
+        write_synthetic_checkpoint(path, synthetic_config("demo"), seed=0, dtype="bfloat16")
+    return path
+
+
+def _write_weights(out: Path, args: ModelArgs, seed: int, dtype: str, shard_bytes: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = hf_tensor_shapes(args)
+    pending: dict[str, torch.Tensor] = {}
+    files: list[list[str]] = []
+    size = 0
+    for name, (_, shape) in shapes.items():
+        for n, t in _make(name, shape, gen, dtype).items():
+            pending[n] = t
+            size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            files.append(_flush(out, pending, len(files)))
+            pending, size = {}, 0
+    if pending or not files:
+        files.append(_flush(out, pending, len(files)))
+    _name_shards(out, files)
+
+
+def _make(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: str) -> dict[str, torch.Tensor]:
+    if name.endswith("correction_bias"):
+        return {name: 0.1 * torch.randn(shape, generator=gen)}
+    if len(shape) == 1:  # norms
+        t = 1 + 0.1 * torch.randn(shape, generator=gen)
+    elif "embed_tokens" in name:
+        t = torch.randn(shape, generator=gen)
+    else:
+        t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    quantize = dtype == "fp8" and len(shape) == 2 and not any(k in name for k in ("embed", "lm_head", "mlp.gate."))
+    if quantize:
+        w, scale = quantize_fp8_block(t)
+        return {name: w, name + "_scale_inv": scale}
+    return {name: t.to(torch.bfloat16 if dtype == "fp8" else _TORCH[dtype])}
+
+
+def _flush(out: Path, tensors: dict[str, torch.Tensor], index: int) -> tuple[list[str], int]:
+    save_file(tensors, out / f"shard-{index}.safetensors", metadata={"format": "pt"})
+    return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _name_shards(out: Path, files: list[tuple[list[str], int]]) -> None:
+    """Single file: model.safetensors. Several: model-0000K-of-0000N.safetensors + the index."""
+    if len(files) == 1:
+        os.replace(out / "shard-0.safetensors", out / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for k, (names, nbytes) in enumerate(files):
+        final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(out / f"shard-{k}.safetensors", out / final)
+        total += nbytes
+        weight_map.update({n: final for n in names})
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=1))
