@@ -17,10 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from .safetensors import INDEX_FILE
 
 # Run in the child process. argv[1]: checkpoint directory. Prints one JSON line.
 _CHILD = r"""
@@ -101,20 +97,17 @@ def _run_child(code: str, argv: list[str], directory) -> LoadRSS:
     return LoadRSS(data["checkpoint_bytes"], data["peak_rss_bytes"], data["baseline_rss_bytes"])
 
 
-def write_synthetic_checkpoint(directory: str | Path, size_bytes: int, n_tensors: int = 8, n_shards: int = 2,
-                               cols: int = 8192, seed: int = 0) -> int:
-    """Write ~size_bytes of random bf16 weights as n_tensors (rows, cols) tensors in n_shards shards
-    plus model.safetensors.index.json. Returns the bytes of tensor data written."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = max(1, math.ceil(size_bytes / (n_tensors * cols * 2)))
-    gen = torch.Generator().manual_seed(seed)
-    per_shard = math.ceil(n_tensors / n_shards)
-    weight_map: dict[str, str] = {}
-    for s in range(n_shards):
-        file = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        names = [f"layers.{i}.weight" for i in range(s * per_shard, min((s + 1) * per_shard, n_tensors))]
-        save_file({n: torch.randn(rows, cols, generator=gen, dtype=torch.bfloat16) for n in names}, directory / file)
-        weight_map.update({n: file for n in names})
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    return n_tensors * rows * cols * 2
+def write_sized_checkpoint(directory: str | Path, size_bytes: int, seed: int = 0) -> Path:
+    """A synthetic DeepSeek-V3-architecture checkpoint (demo shapes, bf16) with enough MoE layers to
+    hold at least size_bytes of weights."""
+    from ..config import ModelArgs
+    from .names import hf_tensor_shapes
+    from .synthetic import synthetic_config, write_synthetic_checkpoint
+
+    layers = 2
+    while True:
+        cfg = synthetic_config("demo", num_hidden_layers=layers)
+        shapes = hf_tensor_shapes(ModelArgs.from_dict(cfg)).values()
+        if sum(2 * math.prod(s) for _, s in shapes) >= size_bytes:
+            return write_synthetic_checkpoint(directory, cfg, seed=seed, dtype="bfloat16")
+        layers += 1
