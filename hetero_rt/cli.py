@@ -9,6 +9,12 @@ from pathlib import Path
 
 from .errors import HeteroRTError
 
+DEMO_PROMPT = ("The router reads every token and picks the experts that answer it. Each expert is a small "
+               "feed forward layer, and the host memory holds all of them while the device runs the "
+               "attention and the shared experts. When the prompt is long the prefill is compute bound, and "
+               "when the answer is written one token at a time the decode is bound by how fast the weights "
+               "of the chosen experts can be read.")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -47,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build (once) a synthetic DeepSeek-V3-style checkpoint and run it")
     demo.add_argument("--cache-dir", type=Path, default=None,
                       help="where the synthetic checkpoint is kept (default $HETERO_RT_CACHE or ~/.cache/hetero_rt)")
-    demo.add_argument("--prompt", default="The quick brown fox")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
     _generation_args(demo, default_n=32)
     demo.set_defaults(func=cmd_demo)
     return p
@@ -119,6 +125,9 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
     t0 = time.perf_counter()
     rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    rt.logits(list(range(min(8, rt.args.vocab_size))))  # warm-up (allocator, BLAS/cuBLAS init) outside timings
+    print(f"[hetero-rt] warm-up forward {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                       top_p=ns.top_p, seed=ns.seed, chat=ns.chat, stream=print_stream)
     print()
