@@ -182,7 +182,7 @@ REAL_CONFIGS = {"deepseek-v3": V3 / "config.json", "deepseek-v2-lite": FIXTURES 
 
 def test_every_shipped_file_has_a_header_and_fits_its_model(tmp_path):
     assert {p.name for p in SHIPPED} >= {"cpu-only.yaml", "all-gpu.yaml", "deepseek-v2-lite-8gb.yaml",
-                                         "kimi-k2-24gb.yaml"}
+                                         "kimi-k2-24gb.yaml", "deepseek-v3-24gb.yaml"}
     for path in SHIPPED:
         assert path.read_text().startswith(f"# {path.name} — "), path
         model = next((m for m in REAL_CONFIGS if path.name.startswith(m)), None)
@@ -198,17 +198,64 @@ def test_every_shipped_file_has_a_header_and_fits_its_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def five_layers(tmp_path_factory):
-    hf = build_hf_model("v3", seed=6, num_hidden_layers=5)
-    return hf, save_hf_model(hf, "v3", tmp_path_factory.mktemp("five"))
+    """A 5-layer DeepSeek-V3-style FP8 checkpoint (as released): every shipped file applies to it."""
+    from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
+    cfg = synthetic_config("tiny", num_hidden_layers=5, hidden_size=256, moe_intermediate_size=128,
+                           intermediate_size=384)
+    return write_synthetic_checkpoint(tmp_path_factory.mktemp("five") / "ckpt", cfg, seed=6, dtype="fp8")
 
 
 @pytest.mark.parametrize("rules", SHIPPED, ids=lambda p: p.name)
 def test_shipped_rules_give_the_default_logits(rules, five_layers):
-    hf, path = five_layers
-    default = hetero_rt.load(path, dtype="float32").logits(IDS)
-    rt = hetero_rt.load(path, rules, dtype="float32", cpu_fallback=True)
-    got = rt.logits(IDS) if rt.plan.main.dtype is None else None
-    if got is None:  # the file asks for bf16: compare with the default placement in bf16
-        default = hetero_rt.load(path, dtype="bfloat16").logits(IDS)
-        got = rt.logits(IDS)
+    """Placement changes where weights live, never the result: each shipped file (with CPU fallback)
+    gives the logits of the default placement in the same dtype."""
+    rt = hetero_rt.load(five_layers, rules, dtype="float32", cpu_fallback=True)
+    default = hetero_rt.load(five_layers, dtype=rt.dtype).logits(IDS)
+    got = rt.logits(IDS)
     assert np.abs(got - default).max() <= 1e-5 * np.abs(default).max()
+
+
+FP8_RULES = ("defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n    place: {device: cpu}\n"
+             "  - match: {kind: attention}\n    place: {format: float8_e4m3}\n"
+             "  - match: {kind: shared_experts}\n    place: {format: float8_e4m3}\n"
+             "  - match: {kind: dense_mlp}\n    place: {format: float8_e4m3}\n")
+
+
+def test_fp8_weight_format_equals_dequantize_at_load(tmp_path):
+    """Weights kept in block FP8 and expanded per matmul give the logits of the same FP8 checkpoint
+    dequantized once at load; the stored parameters really are FP8."""
+    from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
+    cfg = synthetic_config("tiny", hidden_size=256, moe_intermediate_size=160, intermediate_size=384)
+    ckpt = write_synthetic_checkpoint(tmp_path / "fp8", cfg, seed=4, dtype="fp8")
+    (tmp_path / "r.yaml").write_text(FP8_RULES)
+    kept = hetero_rt.load(ckpt, tmp_path / "r.yaml", dtype="float32")
+    wq = kept.model.layers[1].attn.wq_b
+    assert wq.dtype == torch.float8_e4m3fn and wq.scale_inv.shape == (1, 1)
+    assert kept.model.layers[0].ffn.w1.dtype == torch.float8_e4m3fn
+    assert kept.model.layers[1].ffn.shared_experts.w2.dtype == torch.float8_e4m3fn
+    assert kept.model.layers[1].attn.kv_norm.weight.dtype == torch.float32   # 1-D weights stay in dtype
+    ref = hetero_rt.load(ckpt, dtype="float32").logits(IDS)
+    got = kept.logits(IDS)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(kept.logits(IDS, absorbed=True) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_fp8_format_quantizes_a_bf16_checkpoint(tiny, tmp_path):
+    hf, path = tiny
+    (tmp_path / "r.yaml").write_text(FP8_RULES)
+    rt = hetero_rt.load(path, tmp_path / "r.yaml", dtype="float32")
+    assert rt.model.layers[1].attn.wo.dtype == torch.float8_e4m3fn
+    ref = hf_logits(hf, IDS).numpy()
+    assert np.corrcoef(rt.logits(IDS).ravel(), ref.ravel())[0, 1] > 0.95
+
+
+def test_fp8_format_planned_bytes(v3_args):
+    plan = resolve(v3_args, parse_rules(FP8_RULES.replace("defaults: {device: cpu}", "defaults: {device: cuda}"),
+                                        "f.yaml"), check_devices=False)
+    mem = plan_memory(v3_args, plan, read_tensor_meta(V3), 4096, "bfloat16")
+    D = 7168
+    o_proj = D * 16384 + 4 * 56 * 128
+    assert mem.devices["cuda"].weights["shared_experts"] == 58 * 3 * (2048 * D + 4 * 16 * 56)
+    assert mem.devices["cuda"].weights["attention"] % 61 == 0 and mem.devices["cuda"].weights["attention"] > 61 * o_proj
+    with pytest.raises(PlacementError, match="format 'float8_e4m3' is not available for routed_experts"):
+        parse_rules("rules:\n  - match: {kind: routed_experts}\n    place: {format: float8_e4m3}\n", "x.yaml")

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..model.transformer import ExpertsFactory, Transformer
+from ..quant import fp8
 from .names import EXPERT_NAMES, expert_hf_name, hf_name, is_ignored
 from .safetensors import SafetensorsCheckpoint
 
@@ -32,21 +33,26 @@ def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> 
 
 
 def load_weights(model: Transformer, ckpt: SafetensorsCheckpoint,
-                 where: Callable[[str], tuple[torch.device, torch.dtype]]) -> None:
-    """where(our parameter name) -> (device, dtype) it is placed on (placement.apply.param_placement)."""
+                 where: Callable[[str], tuple[torch.device, torch.dtype, str | None]]) -> None:
+    """where(our parameter name) -> (device, dtype, format) it is placed with
+    (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights block-FP8."""
     used: set[str] = set()
     for name, param in list(model.named_parameters()):
-        device, dtype = where(name)
+        device, dtype, fmt = where(name)
         want = torch.float32 if _FP32.search(name) else dtype
         m = _STACKED.match(name)
+        scale = None
         if m:
             tensor = _load_stacked(ckpt, int(m.group(1)), m.group(2), tuple(param.shape), want, used)
         else:
             src = hf_name(name)
             _require(ckpt, src, name)
-            tensor = ckpt.load(src, tuple(param.shape), want)
+            if fmt == "float8_e4m3" and param.dim() == 2:
+                tensor, scale = _load_fp8(ckpt, src, tuple(param.shape))
+            else:
+                tensor = ckpt.load(src, tuple(param.shape), want)
             used.add(src)
-        _assign(model, name, tensor.to(device))
+        _assign(model, name, tensor.to(device), None if scale is None else scale.to(device))
     if model.args.tie_word_embeddings and "lm_head.weight" in ckpt:
         used.add("lm_head.weight")  # a duplicate of the embedding some tied checkpoints still carry
     _check_unused(ckpt, used, model.args.num_hidden_layers, model.args.num_nextn_predict_layers)
@@ -95,10 +101,28 @@ def _require(ckpt: SafetensorsCheckpoint, src: str, ours: str) -> None:
                               f"not match its config.json or is incomplete")
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _load_fp8(ckpt: SafetensorsCheckpoint, src: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight as block FP8: as stored when the checkpoint is FP8, else quantized now."""
+    info = ckpt.info(src)
+    if info.dtype == "F8_E4M3" and src + "_scale_inv" in ckpt:
+        if info.shape != shape:
+            raise CheckpointError(f"{info.file}: tensor '{src}' has shape {list(info.shape)}, expected {list(shape)}")
+        w, scale = ckpt.raw(src), ckpt.raw(src + "_scale_inv").float()
+        try:
+            fp8.check_scale_shape(w, scale)
+        except ValueError as e:
+            raise CheckpointError(f"{info.file}: tensor '{src}': {e}") from None
+        return w, scale
+    return fp8.quantize(ckpt.load(src, shape, torch.float32))
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, scale_inv: torch.Tensor | None = None) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+    param = nn.Parameter(tensor, requires_grad=False)
+    if scale_inv is not None:
+        param.scale_inv = scale_inv  # block scales travel with the FP8 weight (quant.fp8.materialize)
+    setattr(owner, attr, param)
 
 
 def _check_unused(ckpt: SafetensorsCheckpoint, used: set[str], n_layers: int, n_mtp: int) -> None:

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..quant import fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 # safetensors dtype string -> torch dtype. Read-only: no mutable module state.
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
@@ -160,42 +160,13 @@ class SafetensorsCheckpoint:
 
 def dequantize_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """w (O, I) fp8 times scale_inv (R, C), each scale covering a b x b block (edge blocks partial).
-
-    Works one block-row at a time, so the fp32 temporary is b x I, never a full fp32 copy.
-    """
-    _check_scale_shape(w, scale_inv, block)
-    out_features, in_features = w.shape
-    out = torch.empty((out_features, in_features), dtype=dtype, device=w.device)  # (O, I)
-    for r in range(scale_inv.shape[0]):
-        rows = slice(r * block, min((r + 1) * block, out_features))
-        s = scale_inv[r].to(w.device, torch.float32).repeat_interleave(block)[:in_features]  # (I,)
-        out[rows] = (w[rows].float() * s).to(dtype)
-    return out
+    """w (O, I) fp8 times scale_inv (R, C), each scale covering a b x b block (edge blocks partial)."""
+    return fp8.dequantize(w, scale_inv, dtype, block)
 
 
 def quantize_fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of dequantize_fp8_block, as DeepSeek stores it: scale_inv = amax/448 per block, fp32 (R, C)."""
-    if w.dim() != 2:
-        raise ValueError(f"quantize_fp8_block expects a 2-D weight (O, I), got shape {tuple(w.shape)}")
-    out_features, in_features = w.shape
-    rb, cb = math.ceil(out_features / block), math.ceil(in_features / block)
-    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32)
-    padded[:out_features, :in_features] = w.float()
-    blocks = padded.view(rb, block, cb, block)                                   # (R, b, C, b)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)          # (R, C)
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.view(rb * block, cb * block)[:out_features, :in_features]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale
-
-
-def _check_scale_shape(w: torch.Tensor, scale_inv: torch.Tensor, block: int) -> None:
-    if w.dim() != 2:
-        raise ValueError(f"fp8 block dequantization expects a 2-D weight (O, I), got shape {tuple(w.shape)}")
-    expected = (math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight shape {tuple(w.shape)}: "
-                         f"expected {expected} for {block}x{block} blocks")
+    return fp8.quantize(w, block)
 
 
 # -- opening: directory, index, headers ---------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Small building blocks shared by attention and MoE: RMSNorm and the SwiGLU feed-forward.
 
 Legend: T tokens, D hidden size, I intermediate size.
-Weights may be any float dtype; norms compute in fp32 and return the input dtype.
+Weights may be any float dtype or block FP8; norms compute in fp32 and return the input dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..quant.fp8 import materialize
 
 
 class RMSNorm(nn.Module):
@@ -23,8 +25,8 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T with w [out, in] in the model's weight dtype."""
-    return F.linear(x, w)
+    """y = x @ w.T with w (out, in); a block-FP8 weight is expanded to x's dtype for the product."""
+    return F.linear(x, materialize(w, x.dtype))
 
 
 class MLP(nn.Module):

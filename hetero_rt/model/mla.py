@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs, yarn_mscale
+from ..quant.fp8 import materialize
 from .layers import RMSNorm, linear
 
 
@@ -120,7 +121,7 @@ class MLA(nn.Module):
         return torch.einsum("hts,shv->thv", p, v)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        w = self.wkv_b.view(self.H, self.N + self.V, self.C)
+        w = materialize(self.wkv_b, q_nope.dtype).view(self.H, self.N + self.V, self.C)
         w_uk, w_uv = w[:, :self.N], w[:, self.N:]                        # (H, N, C), (H, V, C)
         q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)               # (T, H, C)
         scores = (torch.einsum("thc,sc->hts", q_lat, c_kv)

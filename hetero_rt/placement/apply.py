@@ -17,7 +17,7 @@ from .plan import Plan
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.ffn\.experts\.")
 
-Where = Callable[[str], tuple[torch.device, torch.dtype]]
+Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
 
 
 def experts_factory(plan: Plan, args: ModelArgs) -> Callable[[int], nn.Module]:
@@ -31,12 +31,23 @@ def experts_factory(plan: Plan, args: ModelArgs) -> Callable[[int], nn.Module]:
 
 
 def param_placement(plan: Plan, main_dtype: torch.dtype) -> Where:
+    """where(our parameter name) -> (device, dtype, weight format or None)."""
     main = torch.device(plan.main.device)
+    formats = {_our_prefix(p.module.path): p.format for p in plan.placements if p.format}
 
-    def where(name: str) -> tuple[torch.device, torch.dtype]:
+    def where(name: str) -> tuple[torch.device, torch.dtype, str | None]:
         m = _EXPERT_PARAM.match(name)
         if m is None:
-            return main, main_dtype
+            fmt = next((f for prefix, f in formats.items() if name.startswith(prefix)), None)
+            return main, main_dtype, fmt
         p = plan.experts(int(m.group(1)))
-        return torch.device(p.device), TORCH_DTYPES[p.dtype] if p.dtype else main_dtype
+        return torch.device(p.device), TORCH_DTYPES[p.dtype] if p.dtype else main_dtype, None
     return where
+
+
+def _our_prefix(hf_path: str) -> str:
+    """HF module path -> the prefix of our parameter names for it (only kinds that take a format)."""
+    for hf, ours in ((".self_attn", ".attn."), (".mlp.shared_experts", ".ffn.shared_experts."), (".mlp", ".ffn.")):
+        if hf_path.endswith(hf):
+            return hf_path[len("model."):-len(hf)] + ours
+    return {"model.embed_tokens": "embed.", "lm_head": "head"}.get(hf_path, hf_path + ".")

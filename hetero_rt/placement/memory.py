@@ -10,7 +10,8 @@ Accounting (documented in docs/placement_rules.md):
 - working buffers on the main device, for a prefill chunk of C tokens against S = context positions:
   fp32 attention scores and probabilities 2 x heads x C x S x 4, the naive path's expanded K/V
   S x heads x (qk_nope + v) x dtype bytes, the logits C x vocab x 4, and hidden states
-  C x max(intermediate, heads x qk_head_dim) x 4 x 4.
+  C x max(intermediate, heads x qk_head_dim) x 4 x 4; with FP8-stored weights, the largest one's
+  dense copy plus the fp32 temporaries of dequantizing 1024 rows at a time.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
     owner = {p.module.path: p for p in plan.placements}
     devices: dict[str, DeviceMemory] = {}
     expert_layers: dict[int, int] = {}
+    expand = 0  # largest transient dense copy of an FP8 weight during its matmul
     for name, (dtype, shape) in tensors.items():
         if name.endswith("_scale_inv"):
             continue
@@ -122,13 +124,16 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
+        if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
+            nbytes = math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
+            expand = max(expand, math.prod(shape) * DTYPE_BYTES[placed] + 8 * 1024 * shape[1])
         mem = devices.setdefault(p.device, DeviceMemory())
         mem.weights[p.module.kind] = mem.weights.get(p.module.kind, 0) + nbytes
         if p.module.kind == "routed_experts":
             expert_layers[p.module.layer] = expert_layers.get(p.module.layer, 0) + nbytes
     main = devices.setdefault(plan.main.device, DeviceMemory())
     main.kv_cache = kv_cache_bytes(args, context, main_dtype)
-    main.working = working_bytes(args, context, main_dtype)
+    main.working = working_bytes(args, context, main_dtype) + expand
     return MemoryPlan(devices, budgets or {}, context, expert_layers)
 
 

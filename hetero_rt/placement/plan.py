@@ -31,7 +31,8 @@ class Module:
 class Placement:
     module: Module
     device: str
-    dtype: str | None          # None: the main dtype (dense) or the stored/main dtype (experts)
+    dtype: str | None          # compute dtype; None: float32 for fp32 checkpoints, else bfloat16
+    format: str | None         # storage of 2-D weights: None/"dtype" (in dtype) or "float8_e4m3"
     backend: str | None        # routed experts only
     threads: int | None        # routed experts on the CPU only
     lines: tuple[int, ...]     # lines of the rules that set a field (for messages and `plan`)
@@ -56,12 +57,12 @@ class Plan:
                                                   if self.cpu_fallback else "")]
         groups: dict[tuple, list[str]] = {}
         for p, written in zip(self.placements, self.written_devices):
-            key = (p.module.kind, written, p.device, p.dtype, p.backend, p.threads)
+            key = (p.module.kind, written, p.device, p.dtype, p.format, p.backend, p.threads)
             groups.setdefault(key, []).append(p.module.path)
-        for (kind, written, dev, dtype, backend, threads), paths in groups.items():
+        for (kind, written, dev, dtype, fmt, backend, threads), paths in groups.items():
             shown = written if written == dev else f"{written} -> {dev}"
-            extra = "".join(f" {k}={v}" for k, v in (("dtype", dtype), ("backend", backend), ("threads", threads))
-                            if v is not None)
+            extra = "".join(f" {k}={v}" for k, v in (("dtype", dtype), ("format", fmt), ("backend", backend),
+                                                      ("threads", threads)) if v is not None)
             rows.append(f"  {kind:15s} {shown:12s}{extra}  ({len(paths)} module{'s' * (len(paths) > 1)}, "
                         f"e.g. {paths[0]})")
         return "\n".join(rows)
@@ -111,7 +112,8 @@ def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False, check_d
 
 
 def _merge(base: Place, over: Place) -> Place:
-    fields = {k: getattr(over, k) for k in ("device", "dtype", "backend", "threads") if getattr(over, k) is not None}
+    fields = {k: getattr(over, k) for k in ("device", "dtype", "format", "backend", "threads")
+              if getattr(over, k) is not None}
     return replace(base, **fields)
 
 
@@ -126,11 +128,14 @@ def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Pla
         if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
             raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
                                  f"on {place.device!r}")
+        if place.format not in (None, "dtype"):
+            raise PlacementError(f"{where}: {m.path}: format {place.format!r} is not available for routed_experts")
     elif backend is not None or threads is not None:
         field = "backend" if backend is not None else "threads"
         raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "
                              f"take a backend and threads")
-    return Placement(m, place.device, place.dtype, backend, threads, lines)
+    fmt = None if place.format == "dtype" else place.format
+    return Placement(m, place.device, place.dtype, fmt, backend, threads, lines)
 
 
 def _check_single_main(source: str, placements: list[Placement]) -> None:

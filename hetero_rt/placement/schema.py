@@ -25,7 +25,8 @@ from ..errors import HeteroRTError
 KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "dense_mlp", "norm", "lm_head")
 BACKENDS = {"routed_experts": ("torch", "numba")}
 DTYPES = ("float32", "bfloat16", "float16")
-PLACE_KEYS = ("device", "dtype", "backend", "threads")
+FORMATS = ("dtype", "float8_e4m3")   # how 2-D weights are stored: in `dtype`, or FP8 with 128x128 block scales
+PLACE_KEYS = ("device", "dtype", "format", "backend", "threads")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 CPU_ONLY_BACKENDS = ("numba",)
 
@@ -39,6 +40,7 @@ class Place:
     """Fields a rule may set; None means 'not set by this rule'."""
     device: str | None = None
     dtype: str | None = None
+    format: str | None = None
     backend: str | None = None
     threads: int | None = None
     line: int = 0
@@ -158,6 +160,12 @@ class _Parser:
         elif key == "dtype":
             if value not in DTYPES:
                 raise self.fail(node, f"unknown dtype {value!r}; expected one of {', '.join(DTYPES)}")
+        elif key == "format":
+            if value not in FORMATS:
+                raise self.fail(node, f"unknown format {value!r}; expected one of {', '.join(FORMATS)}")
+            if value != "dtype" and kind == "routed_experts":
+                raise self.fail(node, f"format {value!r} is not available for routed_experts; the expert kernels "
+                                      f"take the checkpoint's formats")
         elif key == "backend":
             allowed = sorted({b for bs in BACKENDS.values() for b in bs})
             if value not in allowed:
