@@ -33,7 +33,8 @@ def write_rules(args: ModelArgs, tensors: dict, gpu_budget: int, context: int, d
     text = HEADER.format(model=args.model_type, layers=args.num_hidden_layers, experts=args.n_routed_experts,
                          budget=fmt_bytes(gpu_budget), context=context, gpu=gpu, n_gpu=len(chosen))
     text += _yaml(args, dtype, expert_backend, gpu, cpu_threads, chosen)
-    assert not _plan(args, text, tensors, context, dtype, gpu, gpu_budget).over()
+    if _plan(args, text, tensors, context, dtype, gpu, gpu_budget).over():  # a bug, not a user error
+        raise HeteroRTError("internal error: the written placement does not fit its own budget")
     return text
 
 

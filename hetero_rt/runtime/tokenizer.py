@@ -75,25 +75,28 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """push(id) returns the text that became final: the decode of all ids so far minus what was
-    already emitted, held back while it ends in an incomplete UTF-8 character."""
+    """push(id) returns the text that became final, held back while it ends in an incomplete UTF-8
+    character. Decodes only a short window of recent ids (the incremental scheme of vLLM and HF's
+    streamers): `prefix` ids give context for decoders that treat a leading space specially."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0    # ids[prefix:read] were already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith(REPLACEMENT):
-            return ""
-        return self._take(text)
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        return self._take(self.tokenizer.decode(self.ids))
+        return self._advance(final=True)
 
-    def _take(self, text: str) -> str:
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+    def _advance(self, final: bool) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or (text.endswith(REPLACEMENT) and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
