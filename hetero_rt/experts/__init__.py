@@ -6,5 +6,6 @@ computing sum_k weights[t, k] * FFN_{ids[t, k]}(x[t]) with FFN(x) = w2(silu(w1 x
 Backends: `torch` (reference, stacked weights); `numba` (CPU kernels) comes with its issue.
 """
 from .torch_backend import TorchExperts
+from .numba_backend import NumbaExperts  # noqa: F401  (CPU kernels, hetero_rt.kernels.moe)
 
 __all__ = ["TorchExperts"]

@@ -1,0 +1,155 @@
+"""Routed-experts SwiGLU kernels: y[t] = sum_k w[t,k] * W2_e (silu(W1_e x[t]) * W3_e x[t]), e = ids[t,k].
+
+One algorithm serves decode and prefill; only the row-tile height changes (the wrapper picks it):
+  1. route: slots (t, k) sorted by expert, so each active expert sees its tokens as one group;
+  2. gate+up, parallel over (active expert, tile of I rows): each tile of W1 and W3 is decoded
+     CHUNK columns at a time into an L1 buffer and multiplied with every token of the group, so a
+     weight is read from memory once per call however many tokens use it; h = silu(g) * u;
+  3. down, parallel over tiles of D rows (each task owns its rows of y: no races), looping over
+     the active experts: the same tiled product of W2 rows with the group's h rows, scaled by w.
+Decode (few tokens per expert) uses short tiles for many parallel tasks; prefill uses tall tiles so
+each decoded weight chunk and each activation chunk are reused from cache many times.
+
+All kernels are @njit(nogil=True, cache=True); the parallel ones use prange.
+Legend: T tokens, K experts per token, S = T*K slots, U active experts, D hidden, I expert inter,
+E experts, RT rows per tile, RB bytes per stored row, n tokens of one expert.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .dequant import CHUNK, decode_chunk
+
+
+@njit(nogil=True, cache=True)
+def route(ids, weights, n_experts):
+    """ids, weights (T, K) -> slots sorted by expert (stable):
+    active (U,) expert ids, offsets (U+1,), slot_token (S,) int64, slot_weight (S,) fp32."""
+    t_count, k_count = ids.shape
+    counts = np.zeros(n_experts, np.int64)
+    for t in range(t_count):
+        for k in range(k_count):
+            counts[ids[t, k]] += 1
+    start = np.zeros(n_experts + 1, np.int64)
+    for e in range(n_experts):
+        start[e + 1] = start[e] + counts[e]
+    fill = start[:-1].copy()
+    slot_token = np.empty(t_count * k_count, np.int64)
+    slot_weight = np.empty(t_count * k_count, np.float32)
+    for t in range(t_count):
+        for k in range(k_count):
+            e = ids[t, k]
+            slot_token[fill[e]] = t
+            slot_weight[fill[e]] = weights[t, k]
+            fill[e] += 1
+    n_active = 0
+    for e in range(n_experts):
+        n_active += counts[e] > 0
+    active = np.empty(n_active, np.int64)
+    offsets = np.zeros(n_active + 1, np.int64)
+    u = 0
+    for e in range(n_experts):
+        if counts[e] > 0:
+            active[u] = e
+            offsets[u + 1] = start[e + 1]
+            u += 1
+    return active, offsets, slot_token, slot_weight
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
+    """acc[r, j] = dot(w[r0 + r, :cols], x[x_rows[j], :cols]) for r < rows, j < len(x_rows).
+    w (R, RB) uint8 stored rows; x (N, cols) fp32; acc (>= rows, n); buf (RT, CHUNK) fp32 scratch."""
+    n = x_rows.shape[0]
+    acc[:rows, :n] = 0.0
+    for c0 in range(0, cols, CHUNK):
+        nc = min(CHUNK, cols - c0)
+        for r in range(rows):
+            decode_chunk(fmt, w[r0 + r], c0, nc, buf[r], lut)
+        for j in range(n):
+            xr = x[x_rows[j], c0:c0 + nc]
+            r = 0
+            while r + 4 <= rows:  # 4 rows per pass: each x load feeds four FMAs
+                b0, b1, b2, b3 = buf[r], buf[r + 1], buf[r + 2], buf[r + 3]
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for k in range(nc):
+                    xv = xr[k]
+                    s0 += b0[k] * xv
+                    s1 += b1[k] * xv
+                    s2 += b2[k] * xv
+                    s3 += b3[k] * xv
+                acc[r, j] += s0
+                acc[r + 1, j] += s1
+                acc[r + 2, j] += s2
+                acc[r + 3, j] += s3
+                r += 4
+            while r < rows:
+                b0 = buf[r]
+                s0 = np.float32(0.0)
+                for k in range(nc):
+                    s0 += b0[k] * xr[k]
+                acc[r, j] += s0
+                r += 1
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def gate_up(fmt, w1, w3, x, active, offsets, slot_token, h, rt, lut):
+    """h[s] = silu(W1_e x[t]) * W3_e x[t] for every slot s = (t, e); x (T, D), h (S, I)."""
+    inter = w1.shape[1]
+    dim = x.shape[1]
+    tiles = (inter + rt - 1) // rt
+    for task in prange(active.shape[0] * tiles):
+        u, tile = task // tiles, task % tiles
+        e = active[u]
+        r0 = tile * rt
+        rows = min(rt, inter - r0)
+        toks = slot_token[offsets[u]:offsets[u + 1]]
+        n = toks.shape[0]
+        buf = np.empty((rt, CHUNK), np.float32)
+        g = np.empty((rt, n), np.float32)
+        up = np.empty((rt, n), np.float32)
+        tile_matmul(fmt, w1[e], r0, rows, x, toks, dim, g, buf, lut)
+        tile_matmul(fmt, w3[e], r0, rows, x, toks, dim, up, buf, lut)
+        for j in range(n):
+            s = offsets[u] + j
+            for r in range(rows):
+                gv = g[r, j]
+                h[s, r0 + r] = gv / (np.float32(1.0) + np.exp(-gv)) * up[r, j]
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def down(fmt, w2, h, active, offsets, slot_token, slot_weight, y, rt, lut):
+    """y[t] += w * W2_e h[s] for every slot s = (t, e) with weight w; h (S, I), y (T, D) zeroed."""
+    dim = w2.shape[1]
+    inter = h.shape[1]
+    tiles = (dim + rt - 1) // rt
+    max_n = 0
+    for u in range(active.shape[0]):
+        max_n = max(max_n, offsets[u + 1] - offsets[u])
+    for tile in prange(tiles):
+        r0 = tile * rt
+        rows = min(rt, dim - r0)
+        buf = np.empty((rt, CHUNK), np.float32)
+        acc = np.empty((rt, max_n), np.float32)
+        for u in range(active.shape[0]):
+            slots = np.arange(offsets[u], offsets[u + 1])
+            tile_matmul(fmt, w2[active[u]], r0, rows, h, slots, inter, acc, buf, lut)
+            for j in range(slots.shape[0]):
+                s = slots[j]
+                t = slot_token[s]
+                wt = slot_weight[s]
+                for r in range(rows):
+                    y[t, r0 + r] += wt * acc[r, j]
+
+
+@njit(nogil=True, cache=True)
+def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut):
+    """x (T, D) fp32, ids (T, K) int64, weights (T, K) fp32, w1/w3 (E, I, RB13) and w2 (E, D, RB2)
+    uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend)."""
+    active, offsets, slot_token, slot_weight = route(ids, weights, w1.shape[0])
+    h = np.empty((slot_token.shape[0], w1.shape[1]), np.float32)        # (S, I)
+    gate_up(fmt13, w1, w3, x, active, offsets, slot_token, h, rt_up, lut)
+    y = np.zeros(x.shape, np.float32)                                    # (T, D)
+    down(fmt2, w2, h, active, offsets, slot_token, slot_weight, y, rt_down, lut)
+    return y

@@ -1,0 +1,179 @@
+"""Weight formats read in place by the numba expert kernels: fp32, bf16, fp16 and the GGUF block
+formats Q8_0, Q4_0, Q4_K, Q5_K, Q6_K with ggml's byte layouts.
+
+Every format is stored as raw bytes: a weight (R, C) is a uint8 array (R, C // block * block_bytes),
+each row a run of blocks (fp formats: block of 1 element). `gguf.quants.dequantize` is the reference
+for the block formats; gguf's numpy quantizers cover Q8_0/Q4_0 but not the K-quants, so simple
+reference quantizers for Q4_K/Q5_K/Q6_K live here (plain min/max fits, not llama.cpp's search).
+
+Layouts (bytes per block; d, dmin fp16; q unsigned unless noted):
+  Q8_0  32 elts, 34 B : d, int8 q[32]                            x = d * q
+  Q4_0  32 elts, 18 B : d, nibbles qs[16] (lo: elts 0-15, hi: 16-31)   x = d * (q - 8)
+  Q4_K 256 elts, 144 B: d, dmin, scales[12] (8 x 6-bit sc, m), qs[128]  x = d*sc_j*q - dmin*m_j
+  Q5_K 256 elts, 176 B: d, dmin, scales[12], qh[32] (bit j = 5th bit of sub-block j), qs[128]
+  Q6_K 256 elts, 210 B: ql[128], qh[64], int8 scales[16] (per 16 elts), d   x = d*sc*(q - 32)
+Legend: R rows, C columns, NB blocks per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    code: int          # the kernels' switch value
+    block: int         # elements per block
+    block_bytes: int   # bytes per block
+
+    def row_bytes(self, cols: int) -> int:
+        self.check_cols(cols)
+        return cols // self.block * self.block_bytes
+
+    def cols(self, row_bytes: int) -> int:
+        if row_bytes % self.block_bytes:
+            raise ValueError(f"{self.name}: {row_bytes} bytes per row is not a whole number of "
+                             f"{self.block_bytes}-byte blocks")
+        return row_bytes // self.block_bytes * self.block
+
+    def check_cols(self, cols: int) -> None:
+        if cols % self.block:
+            raise ValueError(f"{self.name}: rows of {cols} elements are not a multiple of the "
+                             f"format's block of {self.block}")
+
+
+FORMATS = {f.name: f for f in [
+    Format("fp32", 0, 1, 4), Format("bf16", 1, 1, 2), Format("fp16", 2, 1, 2),
+    Format("q8_0", 3, 32, 34), Format("q4_0", 4, 32, 18),
+    Format("q4_k", 5, QK_K, 144), Format("q5_k", 6, QK_K, 176), Format("q6_k", 7, QK_K, 210)]}
+QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight format {name!r}; expected one of {sorted(FORMATS)}") from None
+
+
+def fp16_table() -> np.ndarray:
+    """(65536,) fp32: value of every fp16 bit pattern (numba has no fp16 type on the CPU)."""
+    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+# --- quantize: float (R, C) -> uint8 (R, row_bytes) -------------------------------------------
+
+def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
+    f = get_format(fmt)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize expects a 2-D weight (R, C), got shape {w.shape}")
+    f.check_cols(w.shape[1])
+    if fmt == "fp32":
+        return w.view(np.uint8)
+    if fmt == "fp16":
+        return w.astype(np.float16).view(np.uint8)
+    if fmt in ("bf16", "q8_0", "q4_0"):
+        import gguf
+        qt = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+              "q4_0": gguf.GGMLQuantizationType.Q4_0}[fmt]
+        return np.ascontiguousarray(gguf.quants.quantize(w, qt)).view(np.uint8)
+    blocks = w.reshape(-1, QK_K)
+    out = {"q4_k": _quantize_q4_k, "q5_k": _quantize_q5_k, "q6_k": _quantize_q6_k}[fmt](blocks)
+    return out.reshape(w.shape[0], -1)
+
+
+def dequantize(raw: np.ndarray, fmt: str) -> np.ndarray:
+    """uint8 (R, row_bytes) -> fp32 (R, C); gguf's numpy dequantizers for the block formats."""
+    f = get_format(fmt)
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    if fmt == "fp32":
+        return raw.view(np.float32).copy()
+    if fmt == "fp16":
+        return raw.view(np.float16).astype(np.float32)
+    if fmt == "bf16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    import gguf
+    qt = getattr(gguf.GGMLQuantizationType, fmt.upper())
+    rows = raw.shape[0]
+    return gguf.quants.dequantize(raw, qt).reshape(rows, f.cols(raw.shape[1])).astype(np.float32)
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _safe_inv(v: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(v == 0, 0.0, 1.0 / np.where(v == 0, 1.0, v)).astype(np.float32)
+
+
+def _kquant_scales(blocks: np.ndarray, levels: int):
+    """Asymmetric fit per 32-element sub-block: x ~ d*sc*q - dmin*m, sc, m 6-bit, q in [0, levels]."""
+    nb = blocks.shape[0]
+    sub = blocks.reshape(nb, 8, 32)
+    lo = np.minimum(sub.min(axis=-1), 0.0)                   # (NB, 8) <= 0
+    hi = sub.max(axis=-1)
+    scale = (hi - lo) / levels                               # per sub-block step
+    mins = -lo                                               # subtracted offset >= 0
+    d = (scale.max(axis=-1) / 63).astype(np.float16).astype(np.float32)     # (NB,)
+    dmin = (mins.max(axis=-1) / 63).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.rint(scale * _safe_inv(d)[:, None]), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(mins * _safe_inv(dmin)[:, None]), 0, 63).astype(np.uint8)
+    step = d[:, None] * sc                                   # (NB, 8) effective scales
+    off = dmin[:, None] * m
+    q = np.clip(np.rint((sub + off[..., None]) * _safe_inv(step)[..., None]), 0, levels).astype(np.uint8)
+    return d, dmin, sc, m, q                                 # q (NB, 8, 32)
+
+
+def _pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Inverse of gguf Q4_K.get_scale_min: 8 six-bit scales and mins -> 12 bytes."""
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    return out
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """q (NB, 8, 32) in 0..15 -> (NB, 128): sub-block 2p in the low nibbles of bytes 32p..32p+31."""
+    pairs = q.reshape(q.shape[0], 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(q.shape[0], 128)
+
+
+def _quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = _kquant_scales(blocks, 15)
+    return np.concatenate([_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales(sc, m), _nibbles(q)], axis=1)
+
+
+def _quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = _kquant_scales(blocks, 31)
+    high = (q >> 4) & 1                                      # (NB, 8, 32): bit j of qh[l] for sub-block j
+    qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
+    for j in range(8):
+        qh |= high[:, j] << j
+    return np.concatenate([_fp16_bytes(d), _fp16_bytes(dmin), _pack_scales(sc, m), qh, _nibbles(q & 15)],
+                          axis=1)
+
+
+def _quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    nb = blocks.shape[0]
+    sub = blocks.reshape(nb, 16, 16)
+    amax = np.abs(sub).max(axis=-1)                          # (NB, 16)
+    scale = amax / 31
+    d = (scale.max(axis=-1) / 127).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.rint(scale * _safe_inv(d)[:, None]), -128, 127).astype(np.int8)
+    step = d[:, None] * sc
+    q = (np.clip(np.rint(sub * _safe_inv(step)[..., None]), -32, 31) + 32).astype(np.uint8)
+    q = q.reshape(nb, 2, 4, 32)                              # (NB, half, k, l): element 128h + 32k + l
+    ql = np.zeros((nb, 2, 64), dtype=np.uint8)
+    ql[:, :, 0:32] = (q[:, :, 0] & 15) | ((q[:, :, 2] & 15) << 4)
+    ql[:, :, 32:64] = (q[:, :, 1] & 15) | ((q[:, :, 3] & 15) << 4)
+    qh = np.zeros((nb, 2, 32), dtype=np.uint8)
+    for k in range(4):
+        qh |= (q[:, :, k] >> 4) << (2 * k)
+    return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), _fp16_bytes(d)], axis=1)

@@ -1,0 +1,61 @@
+"""Weight formats and the row-chunk decoder: hetero_rt.quant.ggml against the gguf package's numpy
+dequantizers (the reference), and hetero_rt.kernels.dequant.decode_chunk against both."""
+import numpy as np
+import pytest
+
+from hetero_rt.kernels.dequant import CHUNK, decode_chunk
+from hetero_rt.quant import ggml
+
+FORMATS = sorted(ggml.FORMATS)
+# quantization error bound relative to the weights' max |w|, per format (sanity, not a spec)
+MAX_ERR = {"fp32": 0, "bf16": 4e-3, "fp16": 5e-4, "q8_0": 1e-2, "q4_0": 0.15, "q4_k": 0.15,
+           "q5_k": 0.06, "q6_k": 0.04}
+
+
+def weights(rows, cols, seed=0):
+    return np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_roundtrip(fmt):
+    w = weights(6, 768)
+    raw = ggml.quantize(w, fmt)
+    f = ggml.get_format(fmt)
+    assert raw.dtype == np.uint8 and raw.shape == (6, f.row_bytes(768))
+    back = ggml.dequantize(raw, fmt)
+    assert back.shape == w.shape
+    assert np.abs(back - w).max() <= MAX_ERR[fmt] * np.abs(w).max()
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_kquant_uses_all_levels(fmt):
+    """The reference quantizers must exercise every bit of the layout (5th/6th bits, high scales)."""
+    w = weights(4, 512, seed=1)
+    back = ggml.dequantize(ggml.quantize(w, fmt), fmt)
+    assert np.corrcoef(back.ravel(), w.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cols", [256, 768, 320])
+def test_decode_chunk_matches_gguf(fmt, cols):
+    f = ggml.get_format(fmt)
+    if cols % f.block:
+        pytest.skip(f"{fmt} rows must be multiples of {f.block}")
+    raw = ggml.quantize(weights(3, cols, seed=2), fmt)
+    ref = ggml.dequantize(raw, fmt)                          # gguf's numpy dequantizer
+    lut = ggml.fp16_table()
+    buf = np.empty(CHUNK, np.float32)
+    for r in range(3):
+        for c0 in range(0, cols, CHUNK):
+            n = min(CHUNK, cols - c0)
+            decode_chunk(f.code, raw[r], c0, n, buf, lut)
+            np.testing.assert_array_equal(buf[:n], ref[r, c0:c0 + n])
+
+
+def test_format_errors_name_the_block():
+    with pytest.raises(ValueError, match="multiple of the format's block of 256"):
+        ggml.quantize(weights(2, 320), "q4_k")
+    with pytest.raises(ValueError, match="34-byte blocks"):
+        ggml.get_format("q8_0").cols(35)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        ggml.get_format("q3_k")
