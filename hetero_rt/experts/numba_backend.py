@@ -38,7 +38,8 @@ class NumbaExperts(nn.Module):
     def __init__(self, w1, w3, w2, fmt: str = "fp32", fmt_down: str | None = None,
                  threads: int | None = None):
         """w1, w3: (E, I, D) and w2: (E, D, I) for fp32/bf16/fp16 (torch tensors or numpy arrays:
-        float32, bfloat16 / uint16 bits, float16), or raw ggml block bytes for the quant formats:
+        float32, bfloat16 / uint16 bits, float16), or raw bytes as uint8 in any format (ggml block bytes
+        for the quant formats):
         uint8 w1, w3 (E, I, D // block * block_bytes) and w2 (E, D, I // block * block_bytes).
         `fmt` is the format of w1 and w3, `fmt_down` that of w2 (default: fmt)."""
         super().__init__()
@@ -146,6 +147,9 @@ def _as_bytes(w, fmt, name: str) -> np.ndarray:
     if not w.flags.c_contiguous:
         raise ValueError(f"numba experts: {name} {w.shape} must be C-contiguous (each expert one block)")
     expected = {"fp32": (np.float32,), "bf16": (np.int16, np.uint16), "fp16": (np.float16, np.int16, np.uint16)}
+    if w.dtype == np.uint8:  # raw bytes in any format: whole blocks per row
+        fmt.cols(w.shape[2])
+        return w
     if fmt.name in QUANT_FORMATS:
         if w.dtype != np.uint8:
             raise TypeError(f"numba experts: {name} in {fmt.name} must be raw uint8 block bytes, got {w.dtype}")

@@ -32,66 +32,79 @@ def _k_scale_min(row, base, j):
 
 @njit(fastmath=True, cache=True)
 def decode_chunk(fmt, row, c0, n, out, lut):
-    """row (RB,) uint8 -> out[:n] fp32 = weights c0 .. c0+n-1 of the row."""
+    """row (RB,) uint8 -> out[:n] fp32 = weights c0 .. c0+n-1 of the row.
+    Loops index slices from 0 (never c0 + k): numba then drops its negative-index wraparound and
+    LLVM vectorizes them."""
     if fmt == FP32:
-        src = row.view(np.float32)
+        src = row.view(np.float32)[c0:c0 + n]
         for k in range(n):
-            out[k] = src[c0 + k]
+            out[k] = src[k]
     elif fmt == BF16:
-        src16 = row.view(np.uint16)
+        src16 = row.view(np.uint16)[c0:c0 + n]
         outu = out.view(np.uint32)
         for k in range(n):
-            outu[k] = np.uint32(src16[c0 + k]) << 16
+            outu[k] = np.uint32(src16[k]) << 16
     elif fmt == FP16:
-        src16 = row.view(np.uint16)
+        src16 = row.view(np.uint16)[c0:c0 + n]
         for k in range(n):
-            out[k] = lut[src16[c0 + k]]
+            out[k] = lut[src16[k]]
     elif fmt == Q8_0:
         for b in range(n // 32):
-            base = (c0 // 32 + b) * 34
-            d = _f16(row, base, lut)
+            blk = row[(c0 // 32 + b) * 34:(c0 // 32 + b + 1) * 34]
+            o = out[b * 32:b * 32 + 32]
+            d = _f16(blk, 0, lut)
+            q = blk[2:34].view(np.int8)
             for k in range(32):
-                out[b * 32 + k] = d * np.float32(np.int8(row[base + 2 + k]))
+                o[k] = d * np.float32(q[k])
     elif fmt == Q4_0:
         for b in range(n // 32):
-            base = (c0 // 32 + b) * 18
-            d = _f16(row, base, lut)
+            blk = row[(c0 // 32 + b) * 18:(c0 // 32 + b + 1) * 18]
+            o = out[b * 32:b * 32 + 32]
+            d = _f16(blk, 0, lut)
+            qs = blk[2:18]
             for k in range(16):
-                q = row[base + 2 + k]
-                out[b * 32 + k] = d * np.float32(np.int32(q & 15) - 8)
-                out[b * 32 + 16 + k] = d * np.float32(np.int32(q >> 4) - 8)
+                o[k] = d * np.float32(np.int32(qs[k] & 15) - 8)
+                o[16 + k] = d * np.float32(np.int32(qs[k] >> 4) - 8)
     elif fmt == Q4_K or fmt == Q5_K:
+        size = 144 if fmt == Q4_K else 176
         for b in range(n // 256):
-            base = (c0 // 256 + b) * (144 if fmt == Q4_K else 176)
-            d = _f16(row, base, lut)
-            dmin = _f16(row, base + 2, lut)
-            qs = base + 16 if fmt == Q4_K else base + 48
+            blk = row[(c0 // 256 + b) * size:(c0 // 256 + b + 1) * size]
+            d = _f16(blk, 0, lut)
+            dmin = _f16(blk, 2, lut)
+            qh = blk[16:48]
             for j in range(8):
-                sc, mn = _k_scale_min(row, base + 4, j)
+                sc, mn = _k_scale_min(blk, 4, j)
                 dj = d * sc
                 mj = dmin * mn
-                shift = 4 * (j & 1)
-                src = qs + 32 * (j >> 1)
-                o = b * 256 + 32 * j
+                shift = np.uint8(4 * (j & 1))
+                start = (16 if fmt == Q4_K else 48) + 32 * (j >> 1)
+                qs = blk[start:start + 32]
+                o = out[b * 256 + 32 * j:b * 256 + 32 * j + 32]
                 if fmt == Q4_K:
                     for k in range(32):
-                        out[o + k] = dj * np.float32((row[src + k] >> shift) & 15) - mj
+                        o[k] = dj * np.float32((qs[k] >> shift) & np.uint8(15)) - mj
                 else:
+                    hb = np.uint8(j)
                     for k in range(32):
-                        q = ((row[src + k] >> shift) & 15) | (((row[base + 16 + k] >> j) & 1) << 4)
-                        out[o + k] = dj * np.float32(q) - mj
+                        q = ((qs[k] >> shift) & np.uint8(15)) | (((qh[k] >> hb) & np.uint8(1)) << np.uint8(4))
+                        o[k] = dj * np.float32(q) - mj
     elif fmt == Q6_K:
         for b in range(n // 256):
-            base = (c0 // 256 + b) * 210
-            d = _f16(row, base + 208, lut)
+            blk = row[(c0 // 256 + b) * 210:(c0 // 256 + b + 1) * 210]
+            d = _f16(blk, 208, lut)
+            scales = blk[192:208].view(np.int8)
             for h in range(2):
+                qh = blk[128 + h * 32:160 + h * 32]
                 for kk in range(4):
-                    ql = base + h * 64 + (kk & 1) * 32
-                    qh = base + 128 + h * 32
-                    lshift = 4 * (kk >> 1)
-                    o = b * 256 + h * 128 + kk * 32
-                    for half in range(2):
-                        s = d * np.float32(np.int8(row[base + 192 + (h * 128 + kk * 32 + half * 16) // 16]))
-                        for k in range(half * 16, half * 16 + 16):
-                            q = ((row[ql + k] >> lshift) & 15) | (((row[qh + k] >> (2 * kk)) & 3) << 4)
-                            out[o + k] = s * np.float32(np.int32(q) - 32)
+                    ql = blk[h * 64 + (kk & 1) * 32:h * 64 + (kk & 1) * 32 + 32]
+                    lshift = np.uint8(4 * (kk >> 1))
+                    hshift = np.uint8(2 * kk)
+                    o = out[b * 256 + h * 128 + kk * 32:b * 256 + h * 128 + kk * 32 + 32]
+                    s0 = d * np.float32(scales[h * 8 + kk * 2])
+                    s1 = d * np.float32(scales[h * 8 + kk * 2 + 1])
+                    for k in range(16):
+                        q = ((ql[k] >> lshift) & np.uint8(15)) | (((qh[k] >> hshift) & np.uint8(3)) << np.uint8(4))
+                        o[k] = s0 * np.float32(np.int32(q) - 32)
+                    for k in range(16, 32):
+                        q = ((ql[k] >> lshift) & np.uint8(15)) | (((qh[k] >> hshift) & np.uint8(3)) << np.uint8(4))
+                        o[k] = s1 * np.float32(np.int32(q) - 32)
