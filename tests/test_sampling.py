@@ -52,6 +52,27 @@ def test_nucleus_boundary():
     got = draws(logits, 4000, temperature=1.0, top_p=0.8)
     assert set(got.tolist()) == {0, 1}
     assert abs((got == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    # 0.5 + 0.3 reaches 0.8 exactly; fp32 rounding after a shift (same softmax) must not add token 2
+    for shift in torch.linspace(-20, 20, 101):
+        assert set(draws(logits + shift, 20, temperature=1.0, top_p=0.8).tolist()) <= {0, 1}
+    # just past the boundary token 2 is needed
+    assert 2 in set(draws(logits, 2000, temperature=1.0, top_p=0.81).tolist())
+
+
+def test_tiny_temperature_and_large_top_k():
+    logits = torch.randn(30, generator=torch.Generator().manual_seed(4)) * 10
+    assert set(draws(logits, 50, temperature=1e-30).tolist()) == {int(logits.argmax())}
+    full = torch.bincount(draws(logits / 10, 5000, temperature=1.0, top_k=1000), minlength=30).float() / 5000
+    assert torch.allclose(full, (logits / 10).softmax(0), atol=0.03)
+
+
+def test_global_rng_untouched_and_shape_checked():
+    state = torch.get_rng_state()
+    draws(torch.zeros(10), 20, temperature=1.0)
+    Sampler(SamplingParams(temperature=1.0))(torch.zeros(10))  # seed=None seeds its own generator
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(InputError, match="shape"):
+        Sampler(SamplingParams())(torch.zeros(2, 10))
 
 
 @pytest.mark.parametrize("kw,name", [({"temperature": -0.1}, "temperature"), ({"top_k": -1}, "top_k"),

@@ -9,6 +9,8 @@ import torch
 
 from ..errors import InputError
 
+_MASS_SLACK = 1e-5  # fp32 cumsum of a softmax is off by a few ulps of 1.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -37,10 +39,14 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits (Vocab,) -> token id."""
+        if logits.dim() != 1:  # argmax of a (T, Vocab) tensor would silently return a flat index
+            raise InputError(f"Sampler takes logits of shape (vocab,), got {tuple(logits.shape)}")
         p = self.params
         if p.temperature == 0:
             return int(logits.argmax())
-        probs = filtered_probs(logits.float() / p.temperature, p.top_k, p.top_p)
+        logits = logits.float()
+        # shifted so the max is 0: a tiny temperature cannot overflow to inf (and softmax to NaN)
+        probs = filtered_probs((logits - logits.max()) / p.temperature, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -55,7 +61,9 @@ def filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     if top_p < 1:  # on the distribution renormalised after top-k, as transformers does
         renorm = sorted_p * keep / (sorted_p * keep).sum()
         mass_before = renorm.cumsum(0) - renorm         # mass of strictly more probable tokens
-        keep &= mass_before < top_p
+        # A token is needed only while the mass before it is short of top_p; the slack keeps a set
+        # that reaches top_p exactly (0.5 + 0.3 for 0.8) from gaining a token on fp32 rounding.
+        keep &= mass_before < top_p - _MASS_SLACK
     keep[0] = True
     out = torch.zeros_like(probs)
     out[order[keep]] = sorted_p[keep]

@@ -17,6 +17,7 @@ class Tokenizer:
     def __init__(self, backend, bos_token: str | None, eos_tokens: list[str], add_bos: bool,
                  chat_template: str | None, extra_eos_ids: tuple[int, ...] = (), source: str = "<tokenizer>"):
         self.backend, self.add_bos, self.chat_template, self.source = backend, add_bos, chat_template, source
+        self._compiled = None  # the jinja2 template, compiled on first use
         self.bos_token = bos_token
         self.eos_token = eos_tokens[0] if eos_tokens else None
         self.bos_id = self.token_id(bos_token) if bos_token else None
@@ -62,10 +63,12 @@ class Tokenizer:
         if not self.chat_template:
             raise InputError(f"{self.source}: the checkpoint has no chat_template in tokenizer_config.json; "
                              f"run without --chat")
-        env = _jinja_env()
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+            if self._compiled is None:
+                self._compiled = _jinja_env().from_string(self.chat_template)
+            # tools/documents are None as transformers passes them: templates test `tools is not none`
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except Exception as e:  # a template error must name the template, not crash obscurely
             raise InputError(f"{self.source}: chat_template failed to render: {e}") from None
@@ -141,12 +144,22 @@ def _template(value: Any, path: Path) -> str | None:
 
 
 def _jinja_env():
+    """The environment transformers renders chat templates in (untrusted code from the Hub, so
+    sandboxed): loop controls, a tojson that keeps non-ASCII, raise_exception and strftime_now."""
+    from datetime import datetime
+
     from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
