@@ -21,6 +21,8 @@ from numba import njit, prange
 
 from .dequant import CHUNK, decode_chunk
 
+STREAM_MAX_TOKENS = 2  # up to this many tokens per expert, tile_matmul streams rows one by one
+
 
 @njit(nogil=True, cache=True)
 def route(ids, weights, n_experts):
@@ -63,6 +65,22 @@ def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
     w (R, RB) uint8 stored rows; x (N, cols) fp32; acc (>= rows, n); buf (RT, CHUNK) fp32 scratch."""
     n = x_rows.shape[0]
     acc[:rows, :n] = 0.0
+    if n <= STREAM_MAX_TOKENS:
+        # few tokens: walk each row start to end, one sequential stream the prefetcher follows
+        b0 = buf[0]
+        for r in range(rows):
+            wr = w[r0 + r]
+            for c0 in range(0, cols, CHUNK):
+                nc = min(CHUNK, cols - c0)
+                decode_chunk(fmt, wr, c0, nc, b0, lut)
+                for j in range(n):
+                    xr = x[x_rows[j], c0:c0 + nc]
+                    s0 = np.float32(0.0)
+                    for k in range(nc):
+                        s0 += b0[k] * xr[k]
+                    acc[r, j] += s0
+        return
+    # many tokens: decode a (rows x CHUNK) tile once, reuse it for every token
     for c0 in range(0, cols, CHUNK):
         nc = min(CHUNK, cols - c0)
         for r in range(rows):

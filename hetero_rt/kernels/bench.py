@@ -1,0 +1,194 @@
+"""Routed-expert kernel benchmark (scripts/bench_experts.py): every figure next to the ratios it is
+judged by, all measured in one run on one machine:
+  - memory read bandwidth: a numba parallel sum over a buffer far larger than the caches;
+  - torch fp32 matmul GFLOP/s on the prefill shape (torch's own BLAS, same thread count);
+  - the torch reference backend (TorchExperts, fp32) on the same routing.
+Decode reads k fresh experts per call (rotating through E experts, so no call finds the previous
+one's weights in cache); prefill routes T random tokens top-k over the E experts in memory.
+
+Legend: T tokens, K experts per token, E experts in memory, D hidden, I expert inter size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+import numba
+
+from ..experts.numba_backend import NumbaExperts, default_threads
+from ..experts.torch_backend import TorchExperts
+from ..quant.ggml import FORMATS
+
+SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
+
+
+@dataclass(frozen=True)
+class Row:
+    shape: str
+    backend: str
+    fmt: str
+    tokens: int
+    seconds: float
+    weight_bytes: int
+    flops: float
+
+    @property
+    def gbps(self) -> float:
+        return self.weight_bytes / self.seconds / 1e9
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def _parallel_sum(a):
+    """Sum of a float32 array read once in parallel (vectorized): a memory read-bandwidth probe."""
+    chunks = 256
+    step = (a.shape[0] + chunks - 1) // chunks
+    part = np.zeros(chunks, np.float32)
+    for c in prange(chunks):
+        seg = a[c * step:min(a.shape[0], (c + 1) * step)]
+        s = np.float32(0.0)
+        for i in range(seg.shape[0]):
+            s += seg[i]
+        part[c] = s
+    return part.sum()
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-repeats GB/s of a parallel read over nbytes (set the thread count before)."""
+    a = np.ones(nbytes // 4, np.float32)
+    _parallel_sum(a[:1024])
+    return nbytes / min(_timed(lambda: _parallel_sum(a)) for _ in range(repeats)) / 1e9
+
+
+def torch_matmul_gflops(tokens: int, dim: int, inter: int, repeats: int = 3) -> float:
+    x, w = torch.randn(tokens, dim), torch.randn(inter, dim)
+    torch.nn.functional.linear(x, w)
+    return 2 * tokens * dim * inter / min(_timed(lambda: torch.nn.functional.linear(x, w))
+                                          for _ in range(repeats)) / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make_experts(fmt: str, n_experts: int, dim: int, inter: int, threads: int, distinct: int = 2) -> NumbaExperts:
+    """E experts in fmt: `distinct` are quantized from random weights and copied (as separate memory)
+    to fill E; the kernels' speed does not depend on the values, only on the bytes."""
+    te = TorchExperts(distinct, dim, inter)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (te.w1, te.w3, te.w2):
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    small = NumbaExperts.from_torch(te, fmt=fmt, threads=threads)
+    reps = -(-n_experts // distinct)
+    big = [np.ascontiguousarray(np.tile(w, (reps, 1, 1))[:n_experts]) for w in (small.w1, small.w3, small.w2)]
+    return NumbaExperts(*big, fmt=small.fmt13.name, fmt_down=small.fmt2.name, threads=threads)
+
+
+def routing(tokens: int, k: int, n_experts: int, step: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Decode (tokens == 1): experts step*k .. step*k+k-1 mod E, so consecutive calls read fresh
+    weights; prefill: random distinct top-k per token."""
+    if tokens == 1:
+        ids = (np.arange(k) + step * k) % n_experts
+        return ids[None].astype(np.int64), np.full((1, k), 1.0 / k, np.float32)
+    ids = np.argsort(rng.random((tokens, n_experts)), axis=1)[:, :k].astype(np.int64)
+    return np.ascontiguousarray(ids), rng.random((tokens, k)).astype(np.float32)
+
+
+def bytes_read(ids: np.ndarray, per_expert: int) -> int:
+    return len(np.unique(ids)) * per_expert
+
+
+def time_backend(call, tokens: int, k: int, dim: int, n_experts: int, repeats: int, rng) -> tuple[float, np.ndarray]:
+    """Best time over repeats and the ids of the best call."""
+    best, best_ids = float("inf"), None
+    for step in range(repeats):
+        ids, w = routing(tokens, k, n_experts, step, rng)
+        x = rng.standard_normal((tokens, dim)).astype(np.float32)
+        t = _timed(lambda: call(x, ids, w))
+        if t < best:
+            best, best_ids = t, ids
+    return best, best_ids
+
+
+def bench_shape(name: str, n_experts: int, formats: list[str], token_counts: list[int], threads: int,
+                log) -> list[Row]:
+    dim, inter, k = SHAPES[name]
+    rng = np.random.default_rng(0)
+    rows: list[Row] = []
+    flops = lambda t: 6.0 * t * k * dim * inter
+    for fmt in formats:
+        ne = make_experts(fmt, n_experts, dim, inter, threads)
+        compile_s = ne.warmup()
+        per_expert = ne.weight_bytes()
+        log(f"{name} {fmt}: {n_experts} experts, {ne.weight_bytes(n_experts) / 2**30:.2f} GiB, "
+            f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
+        for tokens in token_counts:
+            repeats = 8 if tokens == 1 else 1
+            t, ids = time_backend(ne.run, tokens, k, dim, n_experts, repeats, rng)
+            rows.append(Row(name, "numba", fmt, tokens, t, bytes_read(ids, per_expert), flops(tokens)))
+            log(_fmt_row(rows[-1]))
+        del ne
+    te = make_torch(n_experts, dim, inter)
+    per_expert = 3 * dim * inter * 4
+    call = lambda x, ids, w: te(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w))
+    with torch.no_grad():
+        call(np.zeros((1, dim), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32))
+        for tokens in token_counts:
+            t, ids = time_backend(call, tokens, k, dim, n_experts, 6 if tokens == 1 else 1, rng)
+            rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens)))
+            log(_fmt_row(rows[-1]))
+    return rows
+
+
+def make_torch(n_experts: int, dim: int, inter: int) -> TorchExperts:
+    te = TorchExperts(n_experts, dim, inter)
+    with torch.no_grad():
+        for p in (te.w1, te.w3, te.w2):
+            p.normal_(0, p.shape[-1] ** -0.5)
+    return te
+
+
+def _fmt_row(r: Row) -> str:
+    return (f"  {r.shape:8s} {r.backend:6s} {r.fmt:5s} T={r.tokens:<4d} {r.seconds * 1e3:9.2f} ms "
+            f"{r.gbps:7.2f} GB/s {r.gflops:8.1f} GFLOP/s")
+
+
+def run(shapes: list[str], formats: list[str], token_counts: list[int], experts: dict[str, int],
+        threads: int | None = None, log=print) -> str:
+    """Run the benchmark; returns a markdown report."""
+    threads = threads or default_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"unknown format {f!r}; expected some of {sorted(FORMATS)}")
+    bw = read_bandwidth()
+    log(f"memory read bandwidth (numba parallel sum, 1 GiB, {threads} threads): {bw:.2f} GB/s")
+    big_t = max(token_counts)
+    mm = {s: torch_matmul_gflops(big_t, SHAPES[s][0], SHAPES[s][1]) for s in shapes}
+    for s in shapes:
+        log(f"torch fp32 matmul ({big_t} x {SHAPES[s][0]}) @ ({SHAPES[s][0]} x {SHAPES[s][1]}): {mm[s]:.1f} GFLOP/s")
+    rows = [r for s in shapes for r in bench_shape(s, experts[s], formats, token_counts, threads, log)]
+    return report(rows, bw, mm, big_t, threads, experts)
+
+
+def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads: int,
+           experts: dict[str, int]) -> str:
+    out = [f"read bandwidth {bw:.2f} GB/s; threads {threads}; torch fp32 matmul at {big_t} tokens: "
+           + ", ".join(f"{s} {g:.1f} GFLOP/s" for s, g in mm.items()), "",
+           "| shape (E in memory) | backend | format | tokens | time ms | GB/s | % of read BW | GFLOP/s | x torch matmul |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.shape} ({experts[r.shape]}) | {r.backend} | {r.fmt} | {r.tokens} | {r.seconds * 1e3:.2f} | "
+                   f"{r.gbps:.2f} | {100 * r.gbps / bw:.0f}% | {r.gflops:.1f} | {r.gflops / mm[r.shape]:.2f} |")
+    return "\n".join(out)
