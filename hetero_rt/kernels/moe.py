@@ -85,30 +85,53 @@ def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
         nc = min(CHUNK, cols - c0)
         for r in range(rows):
             decode_chunk(fmt, w[r0 + r], c0, nc, buf[r], lut)
-        for j in range(n):
-            xr = x[x_rows[j], c0:c0 + nc]
+        j = 0
+        while j + 2 <= n:  # 4 rows x 2 tokens per pass: 6 loads feed 8 FMAs
+            xa = x[x_rows[j], c0:c0 + nc]
+            xb = x[x_rows[j + 1], c0:c0 + nc]
             r = 0
-            while r + 4 <= rows:  # 4 rows per pass: each x load feeds four FMAs
+            while r + 4 <= rows:
                 b0, b1, b2, b3 = buf[r], buf[r + 1], buf[r + 2], buf[r + 3]
-                s0 = s1 = s2 = s3 = np.float32(0.0)
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                c0_ = c1 = c2 = c3 = np.float32(0.0)
                 for k in range(nc):
-                    xv = xr[k]
-                    s0 += b0[k] * xv
-                    s1 += b1[k] * xv
-                    s2 += b2[k] * xv
-                    s3 += b3[k] * xv
-                acc[r, j] += s0
-                acc[r + 1, j] += s1
-                acc[r + 2, j] += s2
-                acc[r + 3, j] += s3
+                    va = xa[k]
+                    vb = xb[k]
+                    a0 += b0[k] * va
+                    a1 += b1[k] * va
+                    a2 += b2[k] * va
+                    a3 += b3[k] * va
+                    c0_ += b0[k] * vb
+                    c1 += b1[k] * vb
+                    c2 += b2[k] * vb
+                    c3 += b3[k] * vb
+                acc[r, j] += a0
+                acc[r + 1, j] += a1
+                acc[r + 2, j] += a2
+                acc[r + 3, j] += a3
+                acc[r, j + 1] += c0_
+                acc[r + 1, j + 1] += c1
+                acc[r + 2, j + 1] += c2
+                acc[r + 3, j + 1] += c3
                 r += 4
             while r < rows:
+                b0 = buf[r]
+                a0 = c0_ = np.float32(0.0)
+                for k in range(nc):
+                    a0 += b0[k] * xa[k]
+                    c0_ += b0[k] * xb[k]
+                acc[r, j] += a0
+                acc[r, j + 1] += c0_
+                r += 1
+            j += 2
+        if j < n:  # odd token out
+            xr = x[x_rows[j], c0:c0 + nc]
+            for r in range(rows):
                 b0 = buf[r]
                 s0 = np.float32(0.0)
                 for k in range(nc):
                     s0 += b0[k] * xr[k]
                 acc[r, j] += s0
-                r += 1
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
