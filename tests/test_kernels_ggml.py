@@ -59,3 +59,16 @@ def test_format_errors_name_the_block():
         ggml.get_format("q8_0").cols(35)
     with pytest.raises(ValueError, match="unknown weight format"):
         ggml.get_format("q3_k")
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k"])
+def test_fused_dot_row_matches_gguf(fmt):
+    from hetero_rt.kernels.dequant import dot_row, has_fused_dot
+    f = ggml.get_format(fmt)
+    assert has_fused_dot(f.code)
+    raw = ggml.quantize(weights(4, 768, seed=3), fmt)
+    x = np.random.default_rng(4).standard_normal(768).astype(np.float32)
+    ref = ggml.dequantize(raw, fmt).astype(np.float64) @ x
+    lanes, lut = np.empty(32, np.float32), ggml.fp16_table()
+    got = [dot_row(f.code, raw[r], x, lut, lanes) for r in range(4)]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)

@@ -108,3 +108,47 @@ def decode_chunk(fmt, row, c0, n, out, lut):
                     for k in range(16, 32):
                         q = ((ql[k] >> lshift) & np.uint8(15)) | (((qh[k] >> hshift) & np.uint8(3)) << np.uint8(4))
                         o[k] = s1 * np.float32(np.int32(q) - 32)
+
+
+@njit(inline="always", cache=True)
+def has_fused_dot(fmt):
+    return fmt == Q8_0 or fmt == Q4_0 or fmt == Q4_K
+
+
+@njit(fastmath=True, cache=True)
+def dot_row(fmt, row, x, lut, lanes):
+    """dot(row as weights, x) straight from the stored bytes (Q8_0, Q4_0, Q4_K; see has_fused_dot),
+    for decode. Products go into 32 lane accumulators (lanes (32,) fp32 scratch) and are reduced
+    once per row: a horizontal sum per 32-weight block would cost more than the block's FMAs."""
+    lanes[:] = 0.0
+    cols = x.shape[0]
+    if fmt == Q8_0:
+        for b in range(cols // 32):
+            d = _f16(row, b * 34, lut)
+            xb = x[b * 32:b * 32 + 32]
+            q = row[b * 34 + 2:b * 34 + 34].view(np.int8)
+            for k in range(32):
+                lanes[k] += d * np.float32(q[k]) * xb[k]
+    elif fmt == Q4_0:
+        for b in range(cols // 32):
+            d = _f16(row, b * 18, lut)
+            xb = x[b * 32:b * 32 + 32]
+            qs = row[b * 18 + 2:b * 18 + 18]
+            for k in range(16):
+                lanes[k] += d * np.float32(np.int32(qs[k] & 15) - 8) * xb[k]
+                lanes[16 + k] += d * np.float32(np.int32(qs[k] >> 4) - 8) * xb[16 + k]
+    else:  # Q4_K
+        for b in range(cols // 256):
+            blk = row[b * 144:b * 144 + 144]
+            d = _f16(blk, 0, lut)
+            dmin = _f16(blk, 2, lut)
+            for j in range(8):
+                sc, mn = _k_scale_min(blk, 4, j)
+                dj = d * sc
+                mj = dmin * mn
+                shift = np.uint8(4 * (j & 1))
+                qs = blk[16 + 32 * (j >> 1):48 + 32 * (j >> 1)]
+                xb = x[b * 256 + 32 * j:b * 256 + 32 * j + 32]
+                for k in range(32):
+                    lanes[k] += (dj * np.float32((qs[k] >> shift) & np.uint8(15)) - mj) * xb[k]
+    return lanes.sum()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .dequant import CHUNK, decode_chunk
+from .dequant import CHUNK, decode_chunk, dot_row, has_fused_dot
 
 STREAM_MAX_TOKENS = 2  # up to this many tokens per expert, tile_matmul streams rows one by one
 
@@ -67,6 +67,12 @@ def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
     acc[:rows, :n] = 0.0
     if n <= STREAM_MAX_TOKENS:
         # few tokens: walk each row start to end, one sequential stream the prefetcher follows
+        if has_fused_dot(fmt):
+            lanes = np.empty(32, np.float32)
+            for r in range(rows):
+                for j in range(n):
+                    acc[r, j] = dot_row(fmt, w[r0 + r], x[x_rows[j], :cols], lut, lanes)
+            return
         b0 = buf[0]
         for r in range(rows):
             wr = w[r0 + r]
