@@ -10,7 +10,7 @@ from .checkpoint.loader import build_model, load_weights
 from .checkpoint.safetensors import SafetensorsCheckpoint
 from .config import ModelArgs
 from .errors import CheckpointError, HeteroRTError
-from .placement.apply import TORCH_DTYPES, experts_factory, param_placement
+from .placement.apply import TORCH_DTYPES, experts_factory, finish, param_placement
 from .placement.plan import Plan, resolve
 from .placement.schema import Place, RuleSet, load_rules
 from .runtime.engine import Runtime
@@ -40,6 +40,7 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     main_dtype = _resolve_dtype(plan.main.dtype or dtype, ckpt)
     model = build_model(args, experts_factory(plan, args))
     load_weights(model, ckpt, param_placement(plan, main_dtype))
+    finish(model, plan)
     model.eval()
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     context = context or min(args.max_position_embeddings, 4096)

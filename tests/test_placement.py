@@ -259,3 +259,18 @@ def test_fp8_format_planned_bytes(v3_args):
     assert mem.devices["cuda"].weights["attention"] % 61 == 0 and mem.devices["cuda"].weights["attention"] > 61 * o_proj
     with pytest.raises(PlacementError, match="format 'float8_e4m3' is not available for routed_experts"):
         parse_rules("rules:\n  - match: {kind: routed_experts}\n    place: {format: float8_e4m3}\n", "x.yaml")
+
+
+def test_numba_backend_from_rules_matches_torch(tiny, tmp_path):
+    """`backend: numba` in the rules runs the layer's experts in the numba kernels on the same
+    (zero-copy) stacked weights; logits equal the torch backend's."""
+    from hetero_rt.experts.numba_backend import NumbaExperts
+    _, path = tiny
+    rules = tmp_path / "numba.yaml"
+    rules.write_text("defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n"
+                     "    place: {device: cpu, backend: numba, threads: 2}\n")
+    rt = hetero_rt.load(path, rules, dtype="float32")
+    experts = rt.model.layers[1].ffn.experts
+    assert isinstance(experts, NumbaExperts) and experts.threads == 2
+    ref = hetero_rt.load(path, dtype="float32").logits(IDS)
+    assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()

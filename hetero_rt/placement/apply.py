@@ -12,9 +12,11 @@ from torch import nn
 from ..config import ModelArgs
 from ..errors import HeteroRTError
 from ..experts import TorchExperts
+from ..experts.numba_backend import NumbaExperts
 from .plan import Plan
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NUMBA_FORMATS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.ffn\.experts\.")
 
 Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
@@ -23,11 +25,21 @@ Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
 def experts_factory(plan: Plan, args: ModelArgs) -> Callable[[int], nn.Module]:
     def make(layer: int) -> nn.Module:
         backend = plan.experts(layer).backend
-        if backend == "torch":
+        if backend in ("torch", "numba"):  # numba experts are filled like torch's, then converted (finish)
             return TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
-        raise HeteroRTError(f"{plan.source}: routed-experts backend {backend!r} for layer {layer} is not "
-                            f"available in this build; use backend: torch")
+        raise HeteroRTError(f"{plan.source}: routed-experts backend {backend!r} for layer {layer} is unknown")
     return make
+
+
+def finish(model: nn.Module, plan: Plan) -> None:
+    """After the weights are loaded: hand each layer placed on the numba backend its stacked expert
+    weights (zero-copy byte views when already in fp32/bf16/fp16 host memory)."""
+    for layer, block in enumerate(model.layers):
+        experts = getattr(block.ffn, "experts", None)
+        if experts is None or plan.experts(layer).backend != "numba":
+            continue
+        fmt = _NUMBA_FORMATS[experts.w1.dtype]
+        block.ffn.experts = NumbaExperts.from_torch(experts, fmt, threads=plan.experts(layer).threads)
 
 
 def param_placement(plan: Plan, main_dtype: torch.dtype) -> Where:
