@@ -22,11 +22,13 @@ from .names import hf_tensor_shapes
 from .safetensors import INDEX_FILE, quantize_fp8_block
 from .tokenizer_builder import build_tokenizer
 
-DEMO_TAG = "demo-v3-1"
+DEMO_TAG = "demo-v3-2"  # bump when the demo's config, weights or tokenizer files change
+AUTO_SHARD_BYTES = 256 << 20  # shard_bytes=None: one model.safetensors unless the model is larger than this
 _PRESETS = {
-    # ~420 MB in bf16: real DeepSeek-V3 structure (MLA with q_lora, YaRN, sigmoid noaux_tc routing in
-    # 8 groups, a dense first layer, 1 shared expert), scaled down.
-    "demo": dict(vocab_size=2048, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+    # 263M parameters, 527 MB in bf16 (checkpoint_size): the real DeepSeek-V3 structure (MLA with
+    # q_lora, YaRN, sigmoid noaux_tc routing in 8 groups, a dense first layer, 1 shared expert), scaled
+    # down; 3 MoE layers of 64 experts hold 86% of the bytes, as the routed experts do in V3.
+    "demo": dict(vocab_size=2048, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=384,
                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, n_routed_experts=64,
                  num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1, q_lora_rank=384,
                  kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
@@ -39,15 +41,20 @@ _PRESETS = {
                  kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                  max_position_embeddings=512, rope_scaling=None),
 }
+# The keys of DeepSeek-V3's own config.json that do not vary between the presets.
 _COMMON = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], num_key_value_heads=None,
                routed_scaling_factor=2.5, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
                norm_topk_prob=True, hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False,
-               rope_theta=10000.0, bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=0,
+               rope_theta=10000.0, bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=0, ep_size=1,
+               attention_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=True,
+               aux_loss_alpha=0.001, seq_aux=True,
                torch_dtype="bfloat16")
 _TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def synthetic_config(preset: str = "demo", **overrides) -> dict:
+    """A DeepSeek-V3 config.json dict: the preset ("demo" 527 MB in bf16, "tiny" 0.8 MB for tests) with
+    overrides applied; num_key_value_heads always follows num_attention_heads (MLA)."""
     if preset not in _PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(_PRESETS)}")
     cfg = {**_COMMON, **_PRESETS[preset], **overrides}
@@ -55,11 +62,29 @@ def synthetic_config(preset: str = "demo", **overrides) -> dict:
     return cfg
 
 
+def checkpoint_size(config: dict, dtype: str = "bfloat16") -> tuple[int, int]:
+    """(parameters, bytes of safetensors data) of the checkpoint write_synthetic_checkpoint would write."""
+    shapes = hf_tensor_shapes(ModelArgs.from_dict(config, source="synthetic config"))
+    params = sum(math.prod(s) for _, s in shapes.values())
+    nbytes = 0
+    for name, (_, shape) in shapes.items():
+        if name.endswith("correction_bias"):
+            nbytes += 4 * math.prod(shape)
+        elif dtype == "fp8" and _is_fp8(name, shape):
+            nbytes += math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
+        else:
+            nbytes += (4 if dtype == "float32" else 2) * math.prod(shape)
+    return params, nbytes
+
+
 def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0, dtype: str = "bfloat16",
-                               shard_bytes: int = 256 << 20, tokenizer: bool = True) -> Path:
+                               shard_bytes: int | None = None, tokenizer: bool = True) -> Path:
     """Write the checkpoint into out_dir (replaced if present) and return it. dtype: bfloat16 |
     float32 | fp8 (DeepSeek's e4m3 weights with 128x128 block scales; embeddings, norms, gate and
-    lm_head stay bf16). The directory appears only once complete (written as out_dir.tmp, renamed)."""
+    lm_head stay bf16). shard_bytes given: model-0000K-of-0000N.safetensors + index, each shard at
+    most shard_bytes unless one tensor is larger; None: one model.safetensors, sharded at
+    AUTO_SHARD_BYTES only when the model is larger. The same seed gives the same bytes. The directory
+    appears only once complete (written under a per-process temporary name, then renamed)."""
     if dtype not in ("bfloat16", "float32", "fp8"):
         raise ValueError(f"dtype must be bfloat16, float32 or fp8, got {dtype!r}")
     out_dir = Path(out_dir)
@@ -68,12 +93,13 @@ def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int =
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
     args = ModelArgs.from_dict(config, source="synthetic config")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_weights(tmp, args, seed, dtype, shard_bytes)
+        files = _write_weights(tmp, args, seed, dtype, shard_bytes or AUTO_SHARD_BYTES)
+        _name_shards(tmp, files, always_index=shard_bytes is not None)
         if tokenizer:
             build_tokenizer(tmp, args.vocab_size)
     except BaseException:
@@ -88,27 +114,39 @@ def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     """The demo checkpoint in the cache ($HETERO_RT_CACHE or ~/.cache/hetero_rt), built on first use."""
     root = Path(cache_dir or os.environ.get("HETERO_RT_CACHE") or Path.home() / ".cache" / "hetero_rt")
     path = root / DEMO_TAG
-    if not (path / "config.json").is_file():
-        write_synthetic_checkpoint(path, synthetic_config("demo"), seed=0, dtype="bfloat16")
+    if not (path / "config.json").is_file():  # the directory only ever appears complete
+        try:
+            write_synthetic_checkpoint(path, synthetic_config("demo"), seed=0, dtype="bfloat16")
+        except OSError:
+            if not (path / "config.json").is_file():  # else: another process finished it first
+                raise
     return path
 
 
-def _write_weights(out: Path, args: ModelArgs, seed: int, dtype: str, shard_bytes: int) -> None:
+def _write_weights(out: Path, args: ModelArgs, seed: int, dtype: str,
+                   shard_bytes: int) -> list[tuple[list[str], int]]:
+    """Generate tensors in layer order, writing shard-<k>.safetensors whenever the next tensor would
+    overflow shard_bytes; returns [(names, bytes)] per shard. Holds at most one shard in RAM."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = hf_tensor_shapes(args)
     pending: dict[str, torch.Tensor] = {}
-    files: list[list[str]] = []
+    files: list[tuple[list[str], int]] = []
     size = 0
-    for name, (_, shape) in shapes.items():
-        for n, t in _make(name, shape, gen, dtype).items():
-            pending[n] = t
-            size += t.numel() * t.element_size()
-        if size >= shard_bytes:
+    for name, (_, shape) in hf_tensor_shapes(args).items():
+        made = _make(name, shape, gen, dtype)  # the weight, and its scale_inv for fp8: kept together
+        nbytes = sum(t.numel() * t.element_size() for t in made.values())
+        if pending and size + nbytes > shard_bytes:
             files.append(_flush(out, pending, len(files)))
             pending, size = {}, 0
-    if pending or not files:
-        files.append(_flush(out, pending, len(files)))
-    _name_shards(out, files)
+        pending.update(made)
+        size += nbytes
+    files.append(_flush(out, pending, len(files)))
+    return files
+
+
+def _is_fp8(name: str, shape: tuple[int, ...]) -> bool:
+    """As in the official FP8 release: the 2-D linear weights of attention, dense MLP and experts;
+    embeddings, norms, the router gate and lm_head stay bf16."""
+    return len(shape) == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate."))
 
 
 def _make(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: str) -> dict[str, torch.Tensor]:
@@ -120,8 +158,7 @@ def _make(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: str) -
         t = torch.randn(shape, generator=gen)
     else:
         t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
-    quantize = dtype == "fp8" and len(shape) == 2 and not any(k in name for k in ("embed", "lm_head", "mlp.gate."))
-    if quantize:
+    if dtype == "fp8" and _is_fp8(name, shape):
         w, scale = quantize_fp8_block(t)
         return {name: w, name + "_scale_inv": scale}
     return {name: t.to(torch.bfloat16 if dtype == "fp8" else _TORCH[dtype])}
@@ -132,9 +169,9 @@ def _flush(out: Path, tensors: dict[str, torch.Tensor], index: int) -> tuple[lis
     return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _name_shards(out: Path, files: list[tuple[list[str], int]]) -> None:
-    """Single file: model.safetensors. Several: model-0000K-of-0000N.safetensors + the index."""
-    if len(files) == 1:
+def _name_shards(out: Path, files: list[tuple[list[str], int]], always_index: bool) -> None:
+    """One file and no index asked for: model.safetensors. Else model-0000K-of-0000N.safetensors + the index."""
+    if len(files) == 1 and not always_index:
         os.replace(out / "shard-0.safetensors", out / "model.safetensors")
         return
     weight_map, total = {}, 0
