@@ -274,3 +274,10 @@ def test_numba_backend_from_rules_matches_torch(tiny, tmp_path):
     assert isinstance(experts, NumbaExperts) and experts.threads == 2
     ref = hetero_rt.load(path, dtype="float32").logits(IDS)
     assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_readme_example_is_a_valid_placement(v3_args):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
+    plan = resolve(v3_args, parse_rules(example, "README.md"), check_devices=False)
+    assert plan.experts(3).device == "cuda" and plan.experts(5).backend == "numba"
