@@ -35,6 +35,12 @@ class Row:
     seconds: float
     weight_bytes: int
     flops: float
+    baseline: float  # measured right before this row: read GB/s (decode) or torch matmul GFLOP/s
+
+    @property
+    def ratio(self) -> float:
+        """decode: fraction of read bandwidth; prefill: fraction of torch fp32 matmul GFLOP/s."""
+        return (self.gbps if self.tokens == 1 else self.gflops) / self.baseline
 
     @property
     def gbps(self) -> float:
@@ -60,11 +66,10 @@ def _parallel_sum(a):
     return part.sum()
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best-of-repeats GB/s of a parallel read over nbytes (set the thread count before)."""
-    a = np.ones(nbytes // 4, np.float32)
+def read_bandwidth(a: np.ndarray, repeats: int = 5) -> float:
+    """Best-of-repeats GB/s of a parallel read over the float32 array a (set the thread count before)."""
     _parallel_sum(a[:1024])
-    return nbytes / min(_timed(lambda: _parallel_sum(a)) for _ in range(repeats)) / 1e9
+    return a.nbytes / min(_timed(lambda: _parallel_sum(a)) for _ in range(repeats)) / 1e9
 
 
 def torch_matmul_gflops(tokens: int, dim: int, inter: int, repeats: int = 3) -> float:
@@ -121,11 +126,13 @@ def time_backend(call, tokens: int, k: int, dim: int, n_experts: int, repeats: i
 
 
 def bench_shape(name: str, n_experts: int, formats: list[str], token_counts: list[int], threads: int,
-                log) -> list[Row]:
+                log, probe: np.ndarray) -> list[Row]:
+    """Every row carries its own baseline, measured just before it: the machine may be shared."""
     dim, inter, k = SHAPES[name]
     rng = np.random.default_rng(0)
     rows: list[Row] = []
     flops = lambda t: 6.0 * t * k * dim * inter
+    baseline = lambda t: read_bandwidth(probe, 2) if t == 1 else torch_matmul_gflops(t, dim, inter, 2)
     for fmt in formats:
         ne = make_experts(fmt, n_experts, dim, inter, threads)
         compile_s = ne.warmup()
@@ -134,8 +141,9 @@ def bench_shape(name: str, n_experts: int, formats: list[str], token_counts: lis
             f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
         for tokens in token_counts:
             repeats = 8 if tokens == 1 else 1
+            base = baseline(tokens)
             t, ids = time_backend(ne.run, tokens, k, dim, n_experts, repeats, rng)
-            rows.append(Row(name, "numba", fmt, tokens, t, bytes_read(ids, per_expert), flops(tokens)))
+            rows.append(Row(name, "numba", fmt, tokens, t, bytes_read(ids, per_expert), flops(tokens), base))
             log(_fmt_row(rows[-1]))
         del ne
     te = make_torch(n_experts, dim, inter)
@@ -144,8 +152,9 @@ def bench_shape(name: str, n_experts: int, formats: list[str], token_counts: lis
     with torch.no_grad():
         call(np.zeros((1, dim), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32))
         for tokens in token_counts:
+            base = baseline(tokens)
             t, ids = time_backend(call, tokens, k, dim, n_experts, 6 if tokens == 1 else 1, rng)
-            rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens)))
+            rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens), base))
             log(_fmt_row(rows[-1]))
     return rows
 
@@ -160,7 +169,7 @@ def make_torch(n_experts: int, dim: int, inter: int) -> TorchExperts:
 
 def _fmt_row(r: Row) -> str:
     return (f"  {r.shape:8s} {r.backend:6s} {r.fmt:5s} T={r.tokens:<4d} {r.seconds * 1e3:9.2f} ms "
-            f"{r.gbps:7.2f} GB/s {r.gflops:8.1f} GFLOP/s")
+            f"{r.gbps:7.2f} GB/s {r.gflops:8.1f} GFLOP/s  {r.ratio:5.2f} x {'read BW' if r.tokens == 1 else 'torch mm'}")
 
 
 def run(shapes: list[str], formats: list[str], token_counts: list[int], experts: dict[str, int],
@@ -172,13 +181,14 @@ def run(shapes: list[str], formats: list[str], token_counts: list[int], experts:
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"unknown format {f!r}; expected some of {sorted(FORMATS)}")
-    bw = read_bandwidth()
+    probe = np.ones(1 << 28, np.float32)  # 1 GiB
+    bw = read_bandwidth(probe)
     log(f"memory read bandwidth (numba parallel sum, 1 GiB, {threads} threads): {bw:.2f} GB/s")
     big_t = max(token_counts)
     mm = {s: torch_matmul_gflops(big_t, SHAPES[s][0], SHAPES[s][1]) for s in shapes}
     for s in shapes:
         log(f"torch fp32 matmul ({big_t} x {SHAPES[s][0]}) @ ({SHAPES[s][0]} x {SHAPES[s][1]}): {mm[s]:.1f} GFLOP/s")
-    rows = [r for s in shapes for r in bench_shape(s, experts[s], formats, token_counts, threads, log)]
+    rows = [r for s in shapes for r in bench_shape(s, experts[s], formats, token_counts, threads, log, probe)]
     return report(rows, bw, mm, big_t, threads, experts)
 
 
@@ -186,9 +196,12 @@ def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads
            experts: dict[str, int]) -> str:
     out = [f"read bandwidth {bw:.2f} GB/s; threads {threads}; torch fp32 matmul at {big_t} tokens: "
            + ", ".join(f"{s} {g:.1f} GFLOP/s" for s, g in mm.items()), "",
-           "| shape (E in memory) | backend | format | tokens | time ms | GB/s | % of read BW | GFLOP/s | x torch matmul |",
+           "ratio: decode rows = GB/s / read bandwidth, prefill rows = GFLOP/s / torch fp32 matmul GFLOP/s "
+           "(same T x D x I), each baseline measured right before its row", "",
+           "| shape (E in memory) | backend | format | tokens | time ms | GB/s | GFLOP/s | baseline | ratio |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        unit = "GB/s" if r.tokens == 1 else "GFLOP/s"
         out.append(f"| {r.shape} ({experts[r.shape]}) | {r.backend} | {r.fmt} | {r.tokens} | {r.seconds * 1e3:.2f} | "
-                   f"{r.gbps:.2f} | {100 * r.gbps / bw:.0f}% | {r.gflops:.1f} | {r.gflops / mm[r.shape]:.2f} |")
+                   f"{r.gbps:.2f} | {r.gflops:.1f} | {r.baseline:.1f} {unit} | {r.ratio:.2f} |")
     return "\n".join(out)
