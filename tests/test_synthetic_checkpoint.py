@@ -96,11 +96,19 @@ def test_sharded_index_is_consistent(tiny32):
     assert index["metadata"]["total_size"] == total == checkpoint_size(synthetic_config("tiny"), "float32")[1]
 
 
-def test_shard_bytes_given_always_writes_an_index(tmp_path):
-    path = write_synthetic_checkpoint(tmp_path / "one", synthetic_config("tiny"), shard_bytes=1 << 30,
+@pytest.mark.parametrize("shard_bytes", [256 << 20, None], ids=["default", "none"])
+def test_one_file_when_the_model_fits_a_shard(tmp_path, shard_bytes):
+    path = write_synthetic_checkpoint(tmp_path / "one", synthetic_config("tiny"), shard_bytes=shard_bytes,
                                       tokenizer=False)
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model-00001-of-00001.safetensors",
-                                                      "model.safetensors.index.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_writing_over_an_existing_checkpoint_replaces_it(tmp_path):
+    old = write_synthetic_checkpoint(tmp_path / "c", synthetic_config("tiny"), dtype="float32", shard_bytes=1 << 20)
+    assert (old / "model.safetensors.index.json").exists()
+    new = write_synthetic_checkpoint(tmp_path / "c", synthetic_config("tiny"), tokenizer=False)
+    assert sorted(p.name for p in new.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary directory left behind
 
 
 def test_fp8_dequantizes_to_the_bf16_weights_of_the_same_seed(tmp_path):
@@ -153,7 +161,7 @@ def test_deterministic(tmp_path):
 def test_tokenizer_files(tiny32):
     tok = Tokenizer.from_file(str(tiny32 / "tokenizer.json"))
     assert [tok.token_to_id(t) for t in (BOS, EOS, USER, ASSISTANT)] == [0, 1, 2, 3]
-    assert tok.get_vocab_size() <= 2048
+    assert tok.get_vocab_size() == 2048  # exactly the config's vocab_size: every id has an embedding row
     for text in ("The quick brown fox reads 42 weights.", "  two  spaces,\nnew line\t& tab", "naïve 日本 🦊"):
         assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
     assert len(tok.encode("The model reads every expert").ids) <= 8  # merges learned from the corpus
@@ -162,7 +170,8 @@ def test_tokenizer_files(tiny32):
     assert cfg["add_bos_token"] is True and (cfg["bos_token"], cfg["eos_token"]) == (BOS, EOS)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Why?"}]
-    template = ImmutableSandboxedEnvironment().from_string(cfg["chat_template"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(cfg["chat_template"])
     text = template.render(messages=messages, add_generation_prompt=True, bos_token=BOS, eos_token=EOS)
     assert text == f"{BOS}Be brief.{USER}Hi{ASSISTANT}Hello{EOS}{USER}Why?{ASSISTANT}"
     text = template.render(messages=messages[1:2], add_generation_prompt=False, bos_token=BOS, eos_token=EOS)
@@ -177,13 +186,28 @@ def test_runtime_reads_the_tokenizer(tiny32):
     assert rt.tokenizer.vocab_size <= rt.args.vocab_size
 
 
-def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    def boom(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(synthetic, "build_tokenizer", boom)
+@pytest.mark.parametrize("step", ["_flush", "build_tokenizer"])
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, step):
+    """Interrupted after the first shard is on disk, or while writing the tokenizer."""
+    real = getattr(synthetic, step)
+    calls = []
+
+    def interrupt_second_call(*a, **k):
+        calls.append(1)
+        if len(calls) == 2 or step == "build_tokenizer":
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(synthetic, step, interrupt_second_call)
     with pytest.raises(KeyboardInterrupt):
-        write_synthetic_checkpoint(tmp_path / "x", synthetic_config("tiny"))
+        write_synthetic_checkpoint(tmp_path / "x", synthetic_config("tiny"), shard_bytes=200_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_has_exactly_the_requested_vocab(tmp_path):
+    from hetero_rt.checkpoint.tokenizer_builder import build_tokenizer
+    for size in (300, 4096):
+        build_tokenizer(tmp_path, size)
+        assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size() == size
 
 
 def test_demo_checkpoint_is_built_once(tmp_path, monkeypatch):

@@ -22,8 +22,7 @@ from .names import hf_tensor_shapes
 from .safetensors import INDEX_FILE, quantize_fp8_block
 from .tokenizer_builder import build_tokenizer
 
-DEMO_TAG = "demo-v3-2"  # bump when the demo's config, weights or tokenizer files change
-AUTO_SHARD_BYTES = 256 << 20  # shard_bytes=None: one model.safetensors unless the model is larger than this
+DEMO_TAG = "demo-v3-3"  # bump when the demo's config, weights or tokenizer files change
 _PRESETS = {
     # 263M parameters, 527 MB in bf16 (checkpoint_size): the real DeepSeek-V3 structure (MLA with
     # q_lora, YaRN, sigmoid noaux_tc routing in 8 groups, a dense first layer, 1 shared expert), scaled
@@ -78,13 +77,14 @@ def checkpoint_size(config: dict, dtype: str = "bfloat16") -> tuple[int, int]:
 
 
 def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0, dtype: str = "bfloat16",
-                               shard_bytes: int | None = None, tokenizer: bool = True) -> Path:
+                               shard_bytes: int | None = 256 << 20, tokenizer: bool = True) -> Path:
     """Write the checkpoint into out_dir (replaced if present) and return it. dtype: bfloat16 |
     float32 | fp8 (DeepSeek's e4m3 weights with 128x128 block scales; embeddings, norms, gate and
-    lm_head stay bf16). shard_bytes given: model-0000K-of-0000N.safetensors + index, each shard at
-    most shard_bytes unless one tensor is larger; None: one model.safetensors, sharded at
-    AUTO_SHARD_BYTES only when the model is larger. The same seed gives the same bytes. The directory
-    appears only once complete (written under a per-process temporary name, then renamed)."""
+    lm_head stay bf16). Tensor data larger than shard_bytes: model-0000K-of-0000N.safetensors +
+    model.safetensors.index.json, each shard at most shard_bytes unless one tensor is larger; else
+    (or shard_bytes None) one model.safetensors. Tensors are generated layer by layer and at most one
+    shard is held in RAM. The same seed gives the same bytes. The directory appears only once complete
+    (written under a per-process temporary name, then renamed over any existing out_dir)."""
     if dtype not in ("bfloat16", "float32", "fp8"):
         raise ValueError(f"dtype must be bfloat16, float32 or fp8, got {dtype!r}")
     out_dir = Path(out_dir)
@@ -98,10 +98,10 @@ def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int =
     tmp.mkdir(parents=True)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        files = _write_weights(tmp, args, seed, dtype, shard_bytes or AUTO_SHARD_BYTES)
-        _name_shards(tmp, files, always_index=shard_bytes is not None)
+        files = _write_weights(tmp, args, seed, dtype, shard_bytes or math.inf)
+        _name_shards(tmp, files)
         if tokenizer:
-            build_tokenizer(tmp, args.vocab_size)
+            build_tokenizer(tmp, args.vocab_size, model_max_length=args.max_position_embeddings)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,7 +124,7 @@ def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
 
 
 def _write_weights(out: Path, args: ModelArgs, seed: int, dtype: str,
-                   shard_bytes: int) -> list[tuple[list[str], int]]:
+                   shard_bytes: float) -> list[tuple[list[str], int]]:
     """Generate tensors in layer order, writing shard-<k>.safetensors whenever the next tensor would
     overflow shard_bytes; returns [(names, bytes)] per shard. Holds at most one shard in RAM."""
     gen = torch.Generator().manual_seed(seed)
@@ -169,9 +169,9 @@ def _flush(out: Path, tensors: dict[str, torch.Tensor], index: int) -> tuple[lis
     return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _name_shards(out: Path, files: list[tuple[list[str], int]], always_index: bool) -> None:
-    """One file and no index asked for: model.safetensors. Else model-0000K-of-0000N.safetensors + the index."""
-    if len(files) == 1 and not always_index:
+def _name_shards(out: Path, files: list[tuple[list[str], int]]) -> None:
+    """One shard: model.safetensors. Several: model-0000K-of-0000N.safetensors + the index."""
+    if len(files) == 1:
         os.replace(out / "shard-0.safetensors", out / "model.safetensors")
         return
     weight_map, total = {}, 0
