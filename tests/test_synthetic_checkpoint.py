@@ -186,7 +186,7 @@ def test_runtime_reads_the_tokenizer(tiny32):
     assert rt.tokenizer.vocab_size <= rt.args.vocab_size
 
 
-@pytest.mark.parametrize("step", ["_flush", "build_tokenizer"])
+@pytest.mark.parametrize("step", ["_write_shard", "build_tokenizer"])
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, step):
     """Interrupted after the first shard is on disk, or while writing the tokenizer."""
     real = getattr(synthetic, step)

@@ -4,7 +4,7 @@ written without transformers, for the demo, benchmarks and tests.
 
 Weights are random but well scaled (linear weights std 1/sqrt(fan_in), norms ~1, a non-zero
 correction bias) so that activations stay O(1) and routing is far from uniform. Tensors are
-generated and written one shard at a time: writing never holds more than about one shard in RAM.
+generated in layer order and streamed into pre-planned shards: writing holds one tensor in RAM.
 """
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import json
 import math
 import os
 import shutil
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 from ..config import ModelArgs
 from .names import hf_tensor_shapes
-from .safetensors import INDEX_FILE, quantize_fp8_block
+from .safetensors import DTYPES, INDEX_FILE, SCALE_SUFFIX, quantize_fp8_block
 from .tokenizer_builder import build_tokenizer
 
 DEMO_TAG = "demo-v3-3"  # bump when the demo's config, weights or tokenizer files change
@@ -48,6 +49,7 @@ _COMMON = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"]
                attention_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=True,
                aux_loss_alpha=0.001, seq_aux=True,
                torch_dtype="bfloat16")
+_FP8_BLOCK = 128  # weight_block_size [128, 128] of DeepSeek's fp8 release
 _TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -65,15 +67,7 @@ def checkpoint_size(config: dict, dtype: str = "bfloat16") -> tuple[int, int]:
     """(parameters, bytes of safetensors data) of the checkpoint write_synthetic_checkpoint would write."""
     shapes = hf_tensor_shapes(ModelArgs.from_dict(config, source="synthetic config"))
     params = sum(math.prod(s) for _, s in shapes.values())
-    nbytes = 0
-    for name, (_, shape) in shapes.items():
-        if name.endswith("correction_bias"):
-            nbytes += 4 * math.prod(shape)
-        elif dtype == "fp8" and _is_fp8(name, shape):
-            nbytes += math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
-        else:
-            nbytes += (4 if dtype == "float32" else 2) * math.prod(shape)
-    return params, nbytes
+    return params, sum(_nbytes(t) for name, (_, shape) in shapes.items() for t in _stored(name, shape, dtype))
 
 
 def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0, dtype: str = "bfloat16",
@@ -82,9 +76,10 @@ def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int =
     float32 | fp8 (DeepSeek's e4m3 weights with 128x128 block scales; embeddings, norms, gate and
     lm_head stay bf16). Tensor data larger than shard_bytes: model-0000K-of-0000N.safetensors +
     model.safetensors.index.json, each shard at most shard_bytes unless one tensor is larger; else
-    (or shard_bytes None) one model.safetensors. Tensors are generated layer by layer and at most one
-    shard is held in RAM. The same seed gives the same bytes. The directory appears only once complete
-    (written under a per-process temporary name, then renamed over any existing out_dir)."""
+    (or shard_bytes None) one model.safetensors. Tensors are generated layer by layer and streamed
+    to disk one at a time, so any size can be written with little RAM. The same seed gives the same
+    bytes. The directory appears only once complete (written under a per-process temporary name, then
+    renamed over any existing out_dir)."""
     if dtype not in ("bfloat16", "float32", "fp8"):
         raise ValueError(f"dtype must be bfloat16, float32 or fp8, got {dtype!r}")
     out_dir = Path(out_dir)
@@ -98,8 +93,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, config: dict, *, seed: int =
     tmp.mkdir(parents=True)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        files = _write_weights(tmp, args, seed, dtype, shard_bytes or math.inf)
-        _name_shards(tmp, files)
+        _write_weights(tmp, args, seed, dtype, shard_bytes or math.inf)
         if tokenizer:
             build_tokenizer(tmp, args.vocab_size, model_max_length=args.max_position_embeddings)
     except BaseException:
@@ -123,24 +117,82 @@ def ensure_demo_checkpoint(cache_dir: Path | None = None) -> Path:
     return path
 
 
-def _write_weights(out: Path, args: ModelArgs, seed: int, dtype: str,
-                   shard_bytes: float) -> list[tuple[list[str], int]]:
-    """Generate tensors in layer order, writing shard-<k>.safetensors whenever the next tensor would
-    overflow shard_bytes; returns [(names, bytes)] per shard. Holds at most one shard in RAM."""
+def _write_weights(out: Path, args: ModelArgs, seed: int, dtype: str, shard_bytes: float) -> None:
+    """Plan the shards from the shapes, then generate the tensors in layer order and stream each into
+    its shard as it is made: RAM holds one tensor, whatever the checkpoint's size."""
+    shards = _plan_shards(args, dtype, shard_bytes)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     gen = torch.Generator().manual_seed(seed)
-    pending: dict[str, torch.Tensor] = {}
-    files: list[tuple[list[str], int]] = []
+    for file, shard in zip(files, shards):
+        _write_shard(out / file, shard, gen, dtype)
+    if len(shards) > 1:
+        weight_map = {t.name: file for file, shard in zip(files, shards) for _, _, stored in shard for t in stored}
+        total = sum(_nbytes(t) for shard in shards for _, _, stored in shard for t in stored)
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=1))
+
+
+class _Stored(NamedTuple):
+    name: str
+    dtype: str               # safetensors dtype string
+    shape: tuple[int, ...]
+
+
+# [(HF weight name, its shape, the tensors stored for it: the weight, and its scale_inv for fp8)] per shard
+_Shard = list[tuple[str, tuple[int, ...], list[_Stored]]]
+
+
+def _plan_shards(args: ModelArgs, dtype: str, shard_bytes: float) -> list[_Shard]:
+    """Weights in layer order, a new shard whenever the next weight (with its scale) would overflow."""
+    shards: list[_Shard] = [[]]
     size = 0
     for name, (_, shape) in hf_tensor_shapes(args).items():
-        made = _make(name, shape, gen, dtype)  # the weight, and its scale_inv for fp8: kept together
-        nbytes = sum(t.numel() * t.element_size() for t in made.values())
-        if pending and size + nbytes > shard_bytes:
-            files.append(_flush(out, pending, len(files)))
-            pending, size = {}, 0
-        pending.update(made)
+        stored = _stored(name, shape, dtype)
+        nbytes = sum(_nbytes(t) for t in stored)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape, stored))
         size += nbytes
-    files.append(_flush(out, pending, len(files)))
-    return files
+    return shards
+
+
+def _stored(name: str, shape: tuple[int, ...], dtype: str) -> list[_Stored]:
+    """What the checkpoint holds for one HF weight in this dtype."""
+    if name.endswith("correction_bias"):
+        return [_Stored(name, "F32", shape)]
+    if dtype == "fp8" and _is_fp8(name, shape):
+        scale = (math.ceil(shape[0] / _FP8_BLOCK), math.ceil(shape[1] / _FP8_BLOCK))
+        return [_Stored(name, "F8_E4M3", shape), _Stored(name + SCALE_SUFFIX, "F32", scale)]
+    return [_Stored(name, "F32" if dtype == "float32" else "BF16", shape)]
+
+
+def _nbytes(t: _Stored) -> int:
+    return math.prod(t.shape) * DTYPES[t.dtype].itemsize
+
+
+def _write_shard(file: Path, shard: _Shard, gen: torch.Generator, dtype: str) -> None:
+    """safetensors layout: u64 header length, JSON header (padded to 8 bytes), then the tensors' bytes
+    back to back in header order; each tensor is generated, checked against the plan and written."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for _, _, stored in shard:
+        for t in stored:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
+            offset += _nbytes(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape, stored in shard:
+            made = _make(name, shape, gen, dtype)
+            for t in stored:
+                tensor = made[t.name]
+                if tensor.dtype != DTYPES[t.dtype] or tuple(tensor.shape) != t.shape:
+                    raise AssertionError(f"{file}: tensor '{t.name}' made as {tensor.dtype} {list(tensor.shape)}, "
+                                         f"planned {t.dtype} {list(t.shape)}")
+                f.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
 def _is_fp8(name: str, shape: tuple[int, ...]) -> bool:
@@ -159,26 +211,6 @@ def _make(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: str) -
     else:
         t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
     if dtype == "fp8" and _is_fp8(name, shape):
-        w, scale = quantize_fp8_block(t)
-        return {name: w, name + "_scale_inv": scale}
+        w, scale = quantize_fp8_block(t, _FP8_BLOCK)
+        return {name: w, name + SCALE_SUFFIX: scale}
     return {name: t.to(torch.bfloat16 if dtype == "fp8" else _TORCH[dtype])}
-
-
-def _flush(out: Path, tensors: dict[str, torch.Tensor], index: int) -> tuple[list[str], int]:
-    save_file(tensors, out / f"shard-{index}.safetensors", metadata={"format": "pt"})
-    return list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _name_shards(out: Path, files: list[tuple[list[str], int]]) -> None:
-    """One shard: model.safetensors. Several: model-0000K-of-0000N.safetensors + the index."""
-    if len(files) == 1:
-        os.replace(out / "shard-0.safetensors", out / "model.safetensors")
-        return
-    weight_map, total = {}, 0
-    for k, (names, nbytes) in enumerate(files):
-        final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
-        os.replace(out / f"shard-{k}.safetensors", out / final)
-        total += nbytes
-        weight_map.update({n: final for n in names})
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                             indent=1))
