@@ -11,7 +11,8 @@ BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)  # ids 0..3, in this order
 # DeepSeek-V3's shape: BOS, the system prompt(s), then per turn <｜User｜>text /
-# <｜Assistant｜>text<｜end▁of▁sentence｜>, and <｜Assistant｜> to prompt a reply. Uses only messages, add_generation_prompt, bos/eos_token.
+# <｜Assistant｜>text<｜end▁of▁sentence｜>, and <｜Assistant｜> to prompt a reply.
+# Uses only messages, add_generation_prompt, bos_token and eos_token.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% endif %}{% endfor %}"
