@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default=None, help="dtype of the dense part when the rules set none")
     plan.add_argument("--write-rules", type=Path, default=None,
                       help="write a placement that fits --gpu-mem to this YAML file")
-    plan.add_argument("--expert-backend", default="torch", help="backend written for CPU experts")
+    plan.add_argument("--expert-backend", default="numba", choices=["numba", "torch"],
+                      help="backend written for the routed experts placed on the CPU")
     plan.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser("demo", help="build (once) a synthetic DeepSeek-V3-style checkpoint and run it")

@@ -206,11 +206,19 @@ def five_layers(tmp_path_factory):
 
 
 @pytest.mark.parametrize("rules", SHIPPED, ids=lambda p: p.name)
-def test_shipped_rules_give_the_default_logits(rules, five_layers):
-    """Placement changes where weights live, never the result: each shipped file (with CPU fallback)
-    gives the logits of the default placement in the same dtype."""
+def test_shipped_rules_give_the_default_logits(rules, five_layers, tmp_path):
+    """Placement changes where weights live and how they are stored, never the result: each shipped
+    file (with CPU fallback) gives the logits of everything on the CPU in the same dtype, with the
+    same expert backend per layer (backends differ in accumulation order, placements must not)."""
     rt = hetero_rt.load(five_layers, rules, dtype="float32", cpu_fallback=True)
-    default = hetero_rt.load(five_layers, dtype=rt.dtype).logits(IDS)
+    layers = [p.module.layer for p in rt.plan.placements
+              if p.module.kind == "routed_experts" and p.backend == "numba"]
+    reference = tmp_path / "reference.yaml"
+    reference.write_text("defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n"
+                         "    place: {backend: torch}\n" + (
+                             f"  - match: {{name: 'model\\.layers\\.({'|'.join(map(str, layers))})\\.mlp\\.experts'}}\n"
+                             "    place: {backend: numba}\n" if layers else ""))
+    default = hetero_rt.load(five_layers, reference, dtype=rt.dtype).logits(IDS)
     got = rt.logits(IDS)
     assert np.abs(got - default).max() <= 1e-5 * np.abs(default).max()
 

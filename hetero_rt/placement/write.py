@@ -17,7 +17,7 @@ HEADER = """\
 
 
 def write_rules(args: ModelArgs, tensors: dict, gpu_budget: int, context: int, dtype: str,
-                expert_backend: str = "torch", gpu: str = "cuda", cpu_threads: int | None = None) -> str:
+                expert_backend: str = "numba", gpu: str = "cuda", cpu_threads: int | None = None) -> str:
     base = _yaml(args, dtype, expert_backend, gpu, cpu_threads, gpu_layers=[])
     mem = _plan(args, base, tensors, context, dtype, gpu, gpu_budget)
     dense_total = mem.devices[gpu].total
