@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,8 +304,8 @@ class _Parser:
             raise self.fail("hidden_act", f"DeepSeek models use 'silu', found {act!r}")
 
     def check_consistency(self, a: ModelArgs) -> None:
-        positive = [f.name for f in fields(a) if f.type == "int" and isinstance(getattr(a, f.name), int)]
-        for name in positive:
+        counts = [field for field, (_, typ, _) in KEY_TABLE.items() if typ is int] + ["n_group", "topk_group"]
+        for name in counts:
             if name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
                 if getattr(a, name) < 0:
                     raise self.fail(name, f"must be >= 0, found {getattr(a, name)}")

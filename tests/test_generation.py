@@ -117,3 +117,13 @@ def test_cli_run(tiny, capsys):
 def test_cli_reports_errors(capsys, tmp_path):
     assert cli_main(["run", "--model", str(tmp_path / "missing"), "--prompt", "x", "-n", "2"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_load_argument_errors(v2, tmp_path, capsys):
+    with pytest.raises(hetero_rt.HeteroRTError, match="dtype 'int8' not supported"):
+        hetero_rt.load(v2[1], dtype="int8")
+    (tmp_path / "r.yaml").write_text("defaults: {device: cpu}\nrules: []\n")
+    with pytest.raises(hetero_rt.HeteroRTError, match="pass either placement rules or device"):
+        hetero_rt.load(v2[1], tmp_path / "r.yaml", device="cpu")
+    assert cli_main(["plan", "--model", str(v2[1]), "--write-rules", str(tmp_path / "w.yaml")]) == 2
+    assert "--write-rules needs --gpu-mem" in capsys.readouterr().err

@@ -265,8 +265,13 @@ def test_fp8_format_planned_bytes(v3_args):
     o_proj = D * 16384 + 4 * 56 * 128
     assert mem.devices["cuda"].weights["shared_experts"] == 58 * 3 * (2048 * D + 4 * 16 * 56)
     assert mem.devices["cuda"].weights["attention"] % 61 == 0 and mem.devices["cuda"].weights["attention"] > 61 * o_proj
-    with pytest.raises(PlacementError, match="format 'float8_e4m3' is not available for routed_experts"):
+    with pytest.raises(PlacementError, match="x.yaml:3: format 'float8_e4m3' is available for attention, "
+                                             "shared_experts, dense_mlp, not routed_experts"):
         parse_rules("rules:\n  - match: {kind: routed_experts}\n    place: {format: float8_e4m3}\n", "x.yaml")
+    # a name-only rule reaching a kind that cannot expand FP8 (the gate) fails at resolve time
+    msg = rules_error("defaults: {device: cuda}\nrules:\n  - match: {name: 'model\\.layers\\.3\\.mlp\\.gate'}\n"
+                      "    place: {format: float8_e4m3}\n", v3_args, check_devices=False)
+    assert "r.yaml:3: model.layers.3.mlp.gate: format 'float8_e4m3' is available for" in msg
 
 
 def test_numba_backend_from_rules_matches_torch(tiny, tmp_path):

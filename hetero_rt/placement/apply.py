@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checkpoint.names import hf_name
 from ..config import ModelArgs
 from ..errors import HeteroRTError
 from ..experts import TorchExperts
@@ -45,21 +46,11 @@ def finish(model: nn.Module, plan: Plan) -> None:
 def param_placement(plan: Plan, main_dtype: torch.dtype) -> Where:
     """where(our parameter name) -> (device, dtype, weight format or None)."""
     main = torch.device(plan.main.device)
-    formats = {_our_prefix(p.module.path): p.format for p in plan.placements if p.format}
 
     def where(name: str) -> tuple[torch.device, torch.dtype, str | None]:
         m = _EXPERT_PARAM.match(name)
         if m is None:
-            fmt = next((f for prefix, f in formats.items() if name.startswith(prefix)), None)
-            return main, main_dtype, fmt
+            return main, main_dtype, plan.owner(hf_name(name)).format
         p = plan.experts(int(m.group(1)))
         return torch.device(p.device), TORCH_DTYPES[p.dtype] if p.dtype else main_dtype, None
     return where
-
-
-def _our_prefix(hf_path: str) -> str:
-    """HF module path -> the prefix of our parameter names for it (only kinds that take a format)."""
-    for hf, ours in ((".self_attn", ".attn."), (".mlp.shared_experts", ".ffn.shared_experts."), (".mlp", ".ffn.")):
-        if hf_path.endswith(hf):
-            return hf_path[len("model."):-len(hf)] + ours
-    return {"model.embed_tokens": "embed.", "lm_head": "head"}.get(hf_path, hf_path + ".")

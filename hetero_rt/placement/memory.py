@@ -112,14 +112,13 @@ def read_tensor_meta(path: Path, args: ModelArgs | None = None) -> dict[str, tup
 
 def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple[int, ...]]], context: int,
                 main_dtype: str, budgets: dict[str, int] | None = None) -> MemoryPlan:
-    owner = {p.module.path: p for p in plan.placements}
     devices: dict[str, DeviceMemory] = {}
     expert_layers: dict[int, int] = {}
     expand = 0  # largest transient dense copy of an FP8 weight during its matmul
     for name, (dtype, shape) in tensors.items():
         if name.endswith("_scale_inv"):
             continue
-        p = _owner(name, owner)
+        p = plan.owner(name)
         if p is None:
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
@@ -148,15 +147,6 @@ def working_bytes(args: ModelArgs, context: int, dtype: str) -> int:
     logits = c * args.vocab_size * 4
     hidden = c * max(args.intermediate_size, h * args.qk_head_dim) * 4 * 4
     return scores + kv + logits + hidden
-
-
-def _owner(name: str, owner: dict) -> object:
-    parts = name.split(".")
-    for k in range(len(parts) - 1, 0, -1):
-        p = owner.get(".".join(parts[:k]))
-        if p is not None:
-            return p
-    return None
 
 
 def parse_bytes(text: str, what: str = "size") -> int:

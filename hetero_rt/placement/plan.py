@@ -13,11 +13,12 @@ may live on that device or the CPU, layer by layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
 from ..config import ModelArgs
-from .schema import CPU_ONLY_BACKENDS, PlacementError, Place, RuleSet
+from .schema import CPU_ONLY_BACKENDS, FP8_KINDS, PlacementError, Place, RuleSet
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,20 @@ class Plan:
     @property
     def main(self) -> Placement:
         return next(p for p in self.placements if p.module.kind != "routed_experts")
+
+    @cached_property
+    def _by_path(self) -> dict[str, Placement]:
+        return {p.module.path: p for p in self.placements}
+
+    def owner(self, tensor: str) -> Placement | None:
+        """The placement of the module holding an HF tensor name (longest path prefix); None for
+        tensors no module loads (MTP layers, rope buffers)."""
+        parts = tensor.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            p = self._by_path.get(".".join(parts[:k]))
+            if p is not None:
+                return p
+        return None
 
     def experts(self, layer: int) -> Placement:
         return next(p for p in self.placements if p.module.kind == "routed_experts" and p.module.layer == layer)
@@ -128,8 +143,9 @@ def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Pla
         if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
             raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
                                  f"on {place.device!r}")
-        if place.format not in (None, "dtype"):
-            raise PlacementError(f"{where}: {m.path}: format {place.format!r} is not available for routed_experts")
+    elif place.format not in (None, "dtype") and m.kind not in FP8_KINDS:
+        raise PlacementError(f"{where}: {m.path}: format {place.format!r} is available for "
+                             f"{', '.join(FP8_KINDS)}, not {m.kind}")
     elif backend is not None or threads is not None:
         field = "backend" if backend is not None else "threads"
         raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "

@@ -26,6 +26,7 @@ KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "
 BACKENDS = {"routed_experts": ("torch", "numba")}
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("dtype", "float8_e4m3")   # how 2-D weights are stored: in `dtype`, or FP8 with 128x128 block scales
+FP8_KINDS = ("attention", "shared_experts", "dense_mlp")  # the kinds whose matmuls expand FP8 weights
 PLACE_KEYS = ("device", "dtype", "format", "backend", "threads")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 CPU_ONLY_BACKENDS = ("numba",)
@@ -163,9 +164,8 @@ class _Parser:
         elif key == "format":
             if value not in FORMATS:
                 raise self.fail(node, f"unknown format {value!r}; expected one of {', '.join(FORMATS)}")
-            if value != "dtype" and kind == "routed_experts":
-                raise self.fail(node, f"format {value!r} is not available for routed_experts; the expert kernels "
-                                      f"take the checkpoint's formats")
+            if value != "dtype" and kind is not None and kind not in FP8_KINDS:
+                raise self.fail(node, f"format {value!r} is available for {', '.join(FP8_KINDS)}, not {kind}")
         elif key == "backend":
             allowed = sorted({b for bs in BACKENDS.values() for b in bs})
             if value not in allowed:

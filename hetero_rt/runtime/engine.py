@@ -49,7 +49,7 @@ class Runtime:
         for off in range(0, tokens.shape[0], self.prefill_chunk):
             chunk = tokens[off:off + self.prefill_chunk].to(self.device)
             out.append(self.model(chunk, start + off, self.rope, self.cache.data, absorbed).cpu())
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
