@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint.loader import build_model, load_weights
+from .checkpoint.gguf import GGUFCheckpoint, is_gguf
+from .checkpoint.gguf_loader import load_gguf_weights
 from .checkpoint.safetensors import SafetensorsCheckpoint
 from .config import ModelArgs
 from .errors import CheckpointError, HeteroRTError
@@ -21,7 +23,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def load(path: str | Path, rules: str | Path | None = None, *, context: int | None = None,
          dtype: str | torch.dtype | None = None, device: str | None = None, cpu_fallback: bool = False) -> Runtime:
-    """Load a Hugging Face DeepSeek-V2/V3/Kimi-K2 checkpoint directory.
+    """Load a Hugging Face DeepSeek-V2/V3/Kimi-K2 checkpoint directory or a deepseek2 GGUF file
+    (`model.gguf`, or any part of a split `model-0000K-of-0000N.gguf`).
 
     rules:        a placement YAML (see docs/placement_rules.md); None puts everything on `device`.
     context:      KV-cache positions to preallocate (default min(max_position_embeddings, 4096)).
@@ -30,6 +33,8 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     device:       without rules, where the whole model runs ("cpu" by default, "cuda").
     cpu_fallback: map every device the rules name to the CPU (for machines without a GPU).
     """
+    if is_gguf(path):
+        return _load_gguf(Path(path), rules, context, dtype, device, cpu_fallback)
     path = _checkpoint_dir(path)
     args = ModelArgs.from_config_file(path / "config.json")
     ckpt = SafetensorsCheckpoint(path)
@@ -43,6 +48,26 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     finish(model, plan)
     model.eval()
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    context = context or min(args.max_position_embeddings, 4096)
+    return Runtime(model, args, tokenizer, context, main_dtype, plan.main.device, path, plan)
+
+
+def _load_gguf(path: Path, rules, context, dtype, device, cpu_fallback) -> Runtime:
+    ckpt = GGUFCheckpoint(path)
+    args = ckpt.args()
+    plan = make_plan(args, rules, device, cpu_fallback)
+    if plan.cpu_fallback:
+        print(f"hetero_rt: cpu_fallback: the placement in {plan.source} is kept as written, but every device "
+              f"is mapped to the CPU", file=sys.stderr)
+    if dtype is None and plan.main.dtype is None:
+        dtype = "float32" if ckpt.info("token_embd.weight").type == "F32" else "bfloat16"
+    main_dtype = _resolve_dtype(plan.main.dtype or dtype, None)
+    model = build_model(args, experts_factory(plan, args))
+    load_gguf_weights(model, ckpt, param_placement(plan, main_dtype),
+                      lambda layer: (plan.experts(layer).backend, plan.experts(layer).threads))
+    finish(model, plan)
+    model.eval()
+    tokenizer = Tokenizer.from_gguf(ckpt.meta, str(path)) if "tokenizer.ggml.tokens" in ckpt.meta else None
     context = context or min(args.max_position_embeddings, 4096)
     return Runtime(model, args, tokenizer, context, main_dtype, plan.main.device, path, plan)
 

@@ -103,3 +103,67 @@ def hf_tensor_shapes(args: ModelArgs, dtype: str = "BF16") -> dict[str, tuple[st
             t.update({p + f"mlp.shared_experts.{k}.weight": s
                       for k, s in ffn(moe * args.n_shared_experts).items()})
     return {n: ("F32" if n.endswith("correction_bias") else dtype, tuple(s)) for n, s in t.items()}
+
+
+# --- GGUF (llama.cpp's deepseek2 names) -------------------------------------------------------
+# Per-layer suffixes: GGUF name (after "blk.{i}.") -> our name (after "layers.{i}."). The kv_b
+# projection is stored split (attn_k_b transposed per head + attn_v_b, for MLA absorption) or,
+# in older files, whole (attn_kv_b); routed experts are fused 3-D tensors (E, rows, cols).
+GGUF_LAYER_NAMES: dict[str, str] = {
+    "attn_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "attn_q.weight": "attn.wq",
+    "attn_q_a.weight": "attn.wq_a",
+    "attn_q_a_norm.weight": "attn.q_norm.weight",
+    "attn_q_b.weight": "attn.wq_b",
+    "attn_kv_a_mqa.weight": "attn.wkv_a",
+    "attn_kv_a_norm.weight": "attn.kv_norm.weight",
+    "attn_kv_b.weight": "attn.wkv_b",
+    "attn_output.weight": "attn.wo",
+    "ffn_gate.weight": "ffn.w1",
+    "ffn_up.weight": "ffn.w3",
+    "ffn_down.weight": "ffn.w2",
+    "ffn_gate_inp.weight": "ffn.gate.weight",
+    "exp_probs_b.bias": "ffn.gate.bias",
+    "ffn_gate_shexp.weight": "ffn.shared_experts.w1",
+    "ffn_up_shexp.weight": "ffn.shared_experts.w3",
+    "ffn_down_shexp.weight": "ffn.shared_experts.w2",
+    "ffn_gate_exps.weight": "ffn.experts.w1",
+    "ffn_up_exps.weight": "ffn.experts.w3",
+    "ffn_down_exps.weight": "ffn.experts.w2",
+}
+GGUF_KV_B_SPLIT = ("attn_k_b.weight", "attn_v_b.weight")
+GGUF_GLOBAL_NAMES: dict[str, str] = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "head",
+}
+_OURS_TO_GGUF_LAYER = {v: k for k, v in GGUF_LAYER_NAMES.items()}
+_OURS_TO_GGUF_GLOBAL = {v: k for k, v in GGUF_GLOBAL_NAMES.items()}
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_name(ours: str) -> str:
+    """Our parameter name -> the GGUF tensor name (attn.wkv_b -> attn_kv_b; see GGUF_KV_B_SPLIT)."""
+    m = _OUR_LAYER.match(ours)
+    if m:
+        return f"blk.{m.group(1)}.{_OURS_TO_GGUF_LAYER[m.group(2)]}"
+    return _OURS_TO_GGUF_GLOBAL[ours]
+
+
+def gguf_to_hf(name: str) -> list[str]:
+    """A GGUF tensor name -> the HF tensor name(s) holding the same weights (fused experts: one per
+    expert is not enumerated here; the expert module path is returned instead)."""
+    m = _GGUF_LAYER.match(name)
+    if not m:
+        ours = GGUF_GLOBAL_NAMES.get(name)
+        return [_OURS_TO_HF_GLOBAL[ours]] if ours else []
+    layer, suffix = m.group(1), m.group(2)
+    if suffix in GGUF_KV_B_SPLIT:
+        suffix = "attn_kv_b.weight"
+    ours = GGUF_LAYER_NAMES.get(suffix)
+    if ours is None:
+        return []
+    if ours.startswith("ffn.experts."):
+        return [f"model.layers.{layer}.mlp.experts"]
+    return [f"model.layers.{layer}.{_OURS_TO_HF_LAYER[ours]}"]

@@ -37,8 +37,8 @@ def finish(model: nn.Module, plan: Plan) -> None:
     weights (zero-copy byte views when already in fp32/bf16/fp16 host memory)."""
     for layer, block in enumerate(model.layers):
         experts = getattr(block.ffn, "experts", None)
-        if experts is None or plan.experts(layer).backend != "numba":
-            continue
+        if experts is None or plan.experts(layer).backend != "numba" or isinstance(experts, NumbaExperts):
+            continue  # NumbaExperts already: built by the GGUF loader over the memory map
         fmt = _NUMBA_FORMATS[experts.w1.dtype]
         block.ffn.experts = NumbaExperts.from_torch(experts, fmt, threads=plan.experts(layer).threads)
 

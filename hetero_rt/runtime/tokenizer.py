@@ -44,6 +44,14 @@ class Tokenizer:
                    _template(cfg.get("chat_template"), directory / "tokenizer_config.json"),
                    _id_list(gen.get("eos_token_id")), str(directory))
 
+    @classmethod
+    def from_gguf(cls, meta: dict, source: str) -> "Tokenizer":
+        """The vocabulary, special tokens and chat template a GGUF carries in its metadata."""
+        from ..checkpoint.gguf_tokenizer import gguf_tokenizer
+
+        backend, bos, eos, add_bos, template = gguf_tokenizer(meta, source)
+        return cls(backend, bos, eos, add_bos, template, (), source)
+
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
