@@ -5,8 +5,8 @@ attn_k_b + attn_v_b, or attn_kv_b) with its shape checked; every GGUF tensor is 
 ignored; anything else is a CheckpointError naming the tensor.
 - Routed experts of layers on the `numba` backend stay in the memory map, in their stored format,
   and run through the kernels of that format (hetero_rt.experts.numba_backend). A format without a
-  kernel is dequantized once at load to bf16 (DEQUANT_FALLBACK) and the loader says so; `plan`
-  shows the same (placement.memory).
+  kernel (Q5_0, Q2_K, IQ*, ...) is dequantized once at load to the experts' placement dtype and the
+  loader says so; `plan` shows the same (placement.memory).
 - Everything else (and routed experts on the torch backend) is dequantized once at load with
   `gguf.quants.dequantize` to the dtype the placement asks for.
 """
@@ -30,7 +30,7 @@ from .names import GGUF_KV_B_SPLIT, gguf_name
 _EXPERTS = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w[123])$")
 _FP32 = re.compile(r"ffn\.gate\.bias$")
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.nextn\..*)$")
-DEQUANT_FALLBACK = "bf16"
+_FALLBACK_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _GGUF_EXPERT = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
 
 Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
@@ -114,19 +114,20 @@ def _load_experts(model, ckpt: GGUFCheckpoint, layer: int, device, dtype, backen
         used.add(src)
     kind, threads = backend
     if kind == "numba":
+        fallback = _FALLBACK_FORMAT[dtype]
         types = {w: ckpt.info(src).type for w, src in names.items()}
         fmt13 = KERNEL_FORMATS.get(types["w1"]) if types["w1"] == types["w3"] else None
         fmt2 = KERNEL_FORMATS.get(types["w2"])
         if fmt13 is None:
             log(f"layer {layer}: routed experts gate/up are {types['w1']}/{types['w3']}, which the numba kernels "
-                f"do not read in place: dequantized to {DEQUANT_FALLBACK} at load")
+                f"do not read in place: dequantized to {fallback} at load")
         if fmt2 is None:
             log(f"layer {layer}: routed experts down is {types['w2']}, which the numba kernels do not read "
-                f"in place: dequantized to {DEQUANT_FALLBACK} at load")
-        w1, w3 = ((ckpt.raw(names[w]) if fmt13 else _dequant_bf16(ckpt, names[w])) for w in ("w1", "w3"))
-        w2 = ckpt.raw(names["w2"]) if fmt2 else _dequant_bf16(ckpt, names["w2"])
-        module = NumbaExperts(_bytes(w1), _bytes(w3), _bytes(w2), fmt=fmt13 or DEQUANT_FALLBACK,
-                              fmt_down=fmt2 or DEQUANT_FALLBACK, threads=threads)
+                f"in place: dequantized to {fallback} at load")
+        w1, w3 = ((ckpt.raw(names[w]) if fmt13 else _dequant_to(ckpt, names[w], dtype)) for w in ("w1", "w3"))
+        w2 = ckpt.raw(names["w2"]) if fmt2 else _dequant_to(ckpt, names["w2"], dtype)
+        module = NumbaExperts(_bytes(w1), _bytes(w3), _bytes(w2), fmt=fmt13 or fallback,
+                              fmt_down=fmt2 or fallback, threads=threads)
         block = model.get_submodule(f"layers.{layer}.ffn")
         block.experts = module
         return
@@ -135,18 +136,18 @@ def _load_experts(model, ckpt: GGUFCheckpoint, layer: int, device, dtype, backen
         _assign(model, f"layers.{layer}.ffn.experts.{w}", t.to(device))
 
 
-def _dequant_bf16(ckpt: GGUFCheckpoint, src: str) -> np.ndarray:
-    """(E, R, C) -> bf16 bytes, one expert at a time so the fp32 temporary stays one expert large."""
+def _dequant_to(ckpt: GGUFCheckpoint, src: str, dtype: torch.dtype) -> np.ndarray:
+    """(E, R, C) -> bytes in dtype, one expert at a time so the fp32 temporary stays one expert large."""
     info = ckpt.info(src)
     raw = ckpt.raw(src)
-    out = torch.empty(info.shape, dtype=torch.bfloat16)
+    out = torch.empty(info.shape, dtype=dtype)
     from gguf.quants import dequantize
     from gguf.constants import GGMLQuantizationType
 
     qtype = GGMLQuantizationType[info.type]
     for e in range(info.shape[0]):
         out[e] = torch.from_numpy(np.asarray(dequantize(raw[e], qtype), dtype=np.float32).reshape(info.shape[1:]))
-    return out.view(torch.int16).numpy().view(np.uint8)
+    return out.view(torch.uint8).numpy()
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:

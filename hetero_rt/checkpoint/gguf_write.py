@@ -16,6 +16,7 @@ Layout written (the reader in gguf.py reads exactly this, and llama.cpp loads it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -45,13 +46,28 @@ def uniform(qtype: str) -> TypeRule:
     return rule
 
 
+def q4_k_m(name: str, shape: tuple[int, ...]) -> str:
+    """A mix in the spirit of llama.cpp's Q4_K_M: Q4_K, with Q6_K for the output, and for the down
+    projections and attention values of every other layer; Q8_0/F16 where rows are not whole blocks."""
+    m = re.match(r"^blk\.(\d+)\.", name)
+    more = name == "output.weight" or (m is not None and int(m.group(1)) % 2 == 0 and
+                                       any(k in name for k in ("ffn_down", "attn_v_b", "attn_kv_b")))
+    return uniform("Q6_K" if more else "Q4_K")(name, shape)
+
+
+MIXES: dict[str, TypeRule] = {"Q4_K_M": q4_k_m}
+
+
 def write_gguf(out: str | Path, config: Mapping, tensors: Mapping[str, torch.Tensor], *,
                types: TypeRule | str = "F32", tokenizer_dir: str | Path | None = None,
                kv_b: str = "split", split_max_tensors: int = 0) -> list[Path]:
     """Write the model; returns the files written (several with split_max_tensors > 0)."""
     import gguf
 
-    rule = uniform(types) if isinstance(types, str) else types
+    rule = (MIXES.get(types) or uniform(types)) if isinstance(types, str) else types
+    if not config.get("rope_interleave", True):
+        raise ValueError("llama.cpp's deepseek2 rotates adjacent pairs; a config with rope_interleave=false "
+                         "would need its q/k rope rows permuted, which this writer does not do")
     out = Path(out)
     writer = gguf.GGUFWriter(out, "deepseek2", split_max_tensors=split_max_tensors)
     _metadata(writer, config)

@@ -1,0 +1,198 @@
+"""GGUF checkpoints (architecture deepseek2): logits against transformers (f32 files) and against the
+exact reference (quantized files: the same model with every tensor dequantized by gguf.quants, run in
+fp32 by transformers), on both routed-expert backends; split files; tokenizer from metadata; errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import hetero_rt
+from gguf_models import KQUANT_DIMS, dequantized_reference, make_gguf, rel_err
+from hetero_rt.checkpoint.gguf import GGUFCheckpoint
+from hetero_rt.errors import CheckpointError, ConfigError
+from hetero_rt.runtime.tokenizer import Tokenizer
+from hf_models import hf_logits
+
+IDS = [3, 17, 42, 5, 88, 61, 0, 23, 9, 77, 31, 12, 50, 4, 66, 8]
+BACKENDS = {"torch": None, "numba": "placement_rules/cpu-only.yaml"}
+# YaRN in GGUF keeps one magnitude (yarn_log_multiplier = 0.1 * mscale_all_dim): mscale == mscale_all_dim,
+# as in every released DeepSeek-V3/R1 and Kimi-K2 config.
+YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                            "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                            "mscale": 0.707, "mscale_all_dim": 0.707}}
+
+
+@pytest.mark.parametrize("variant,extra", [("v2_lite", {}), ("v2", {}), ("v3", {}), ("v3_tied", {}),
+                                           ("v3", YARN)], ids=["v2_lite", "v2", "v3", "v3_tied", "v3_yarn"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_f32_gguf_matches_transformers(tmp_path, variant, extra, backend):
+    model, path, _ = make_gguf(variant, tmp_path, "F32", **extra)
+    rt = hetero_rt.load(path, BACKENDS[backend], dtype="float32")
+    assert type(rt.model.layers[1].ffn.experts).__name__ == ("NumbaExperts" if backend == "numba" else "TorchExperts")
+    ref = hf_logits(model, IDS)
+    assert rel_err(rt.logits(IDS), ref) <= 1e-4
+    assert ref.std() > 0.1
+
+
+def test_old_layout_attn_kv_b_loads(tmp_path):
+    model, path, _ = make_gguf("v3", tmp_path, "F32", kv_b="whole")
+    with GGUFCheckpoint(path) as ck:
+        assert "blk.0.attn_kv_b.weight" in ck and "blk.0.attn_k_b.weight" not in ck
+    assert rel_err(hetero_rt.load(path, dtype="float32").logits(IDS), hf_logits(model, IDS)) <= 1e-4
+
+
+@pytest.mark.parametrize("types", ["Q8_0", "Q4_K_M", "Q4_0", "Q5_K", "Q6_K", "BF16", "F16"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_quantized_gguf_matches_dequantized_reference(tmp_path, types, backend):
+    model, path, cfg = make_gguf("v3", tmp_path, types, **KQUANT_DIMS)
+    ref_model = dequantized_reference(model, path, cfg)
+    ref = hf_logits(ref_model, IDS)
+    rt = hetero_rt.load(path, BACKENDS[backend], dtype="float32")
+    if backend == "numba":  # experts run in place in their stored format
+        with GGUFCheckpoint(path) as ck:
+            stored = ck.info("blk.1.ffn_gate_exps.weight").type.lower()
+        assert rt.model.layers[1].ffn.experts.fmt13.name == {"bf16": "bf16", "f16": "fp16"}.get(stored, stored)
+    assert rel_err(rt.logits(IDS), ref) <= 1e-4
+    # the quantization is real: the original fp32 model differs from the reference
+    assert rel_err(hf_logits(model, IDS), ref) > 1e-4
+
+
+def test_q4_k_m_mixes_formats_per_layer(tmp_path):
+    _, path, _ = make_gguf("v3", tmp_path, "Q4_K_M", **KQUANT_DIMS)
+    rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
+    downs = {rt.model.layers[i].ffn.experts.fmt2.name for i in (1, 2)}
+    assert downs == {"q4_k", "q6_k"}
+
+
+def test_split_gguf_loads_like_one_file(tmp_path):
+    model, one, _ = make_gguf("v3", tmp_path / "one", "Q8_0", **KQUANT_DIMS)
+    _, first, _ = make_gguf("v3", tmp_path / "split", "Q8_0", split_max_tensors=12, **KQUANT_DIMS)
+    parts = sorted(first.parent.glob("model-*-of-*.gguf"))
+    assert len(parts) >= 3 and first.name.endswith("-00001-of-%05d.gguf" % len(parts))
+    a = hetero_rt.load(one, dtype="float32").logits(IDS)
+    b = hetero_rt.load(parts[-1], "placement_rules/cpu-only.yaml", dtype="float32").logits(IDS)  # any part
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    parts[1].unlink()
+    with pytest.raises(CheckpointError, match=parts[1].name):
+        hetero_rt.load(first)
+
+
+def test_tokenizer_and_chat_template_from_metadata(tmp_path):
+    _, path, _ = make_gguf("v3", tmp_path, "F32", tokenizer=True, vocab_size=512)
+    rt = hetero_rt.load(path, dtype="float32")
+    ref = Tokenizer.from_dir(tmp_path / "hf")
+    texts = ["The quick brown fox, 12345 times!", "  spaces\tand\nnewlines  ", "<｜User｜>hi<｜Assistant｜>",
+             "naïve café — ünïcode ✓"]
+    for t in texts:
+        assert rt.tokenizer.encode(t) == ref.encode(t)
+        assert rt.tokenizer.decode(ref.encode(t)) == ref.decode(ref.encode(t))
+    msgs = [{"role": "user", "content": "Hello"}]
+    assert rt.tokenizer.apply_chat_template(msgs) == ref.apply_chat_template(msgs)
+    assert rt.tokenizer.bos_id == ref.bos_id and rt.tokenizer.eos_ids == ref.eos_ids
+
+
+def test_deepseek_v3_pre_tokenizer(tmp_path):
+    """A tokenizer.json with DeepSeek-V3's own pre-tokenizer (regex splits + byte level) round-trips
+    through GGUF metadata as tokenizer.ggml.pre = deepseek-v3 and tokenizes identically."""
+    from hetero_rt.checkpoint.gguf_tokenizer import PRE_TOKENIZERS
+    from hetero_rt.checkpoint.tokenizer_builder import build_tokenizer
+    hf = tmp_path / "tok"
+    hf.mkdir()
+    build_tokenizer(hf, 512)
+    tj = json.loads((hf / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
+        for r in PRE_TOKENIZERS["deepseek-v3"]] + [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (hf / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    from hetero_rt.checkpoint.gguf_write import write_gguf
+    from hf_models import BASE
+    cfg = {**BASE, "vocab_size": 512, "q_lora_rank": None}
+    write_gguf(tmp_path / "t.gguf", cfg, {}, tokenizer_dir=hf)
+    with GGUFCheckpoint(tmp_path / "t.gguf") as ck:
+        assert ck.meta["tokenizer.ggml.pre"] == "deepseek-v3"
+        ours = Tokenizer.from_gguf(ck.meta, "t.gguf")
+    ref = Tokenizer.from_dir(hf)
+    for t in ["Numbers 1234567 and punctuation!?... (x+y)", "汉字かなカナ mixed", "a\n\n b   c\r\n"]:
+        assert ours.encode(t) == ref.encode(t)
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+def test_truncated_file_is_named(tmp_path):
+    _, path, _ = make_gguf("v3", tmp_path, "Q8_0", **KQUANT_DIMS)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        hetero_rt.load(path)
+    path.write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="truncated|corrupt"):
+        hetero_rt.load(path)
+
+
+def test_not_gguf_and_missing_path(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(CheckpointError, match="not a GGUF"):
+        hetero_rt.load(bad)
+    with pytest.raises(CheckpointError, match="no such file"):
+        hetero_rt.load(tmp_path / "missing.gguf")
+
+
+def test_wrong_architecture(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="architecture is 'llama'"):
+        hetero_rt.load(tmp_path / "llama.gguf")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _, path, _ = make_gguf("v3", tmp_path, "F32", drop=("model.layers.2.self_attn.o_proj.weight",))
+    with pytest.raises(CheckpointError, match="blk.2.attn_output.weight"):
+        hetero_rt.load(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    _, path, _ = make_gguf("v3", tmp_path, "F32")
+    with GGUFCheckpoint(path) as ck:
+        meta = {k: v for k, v in ck.meta.items() if k != "deepseek2.expert_count"}
+        names = ck.names()
+    from hetero_rt.checkpoint.gguf import config_dict
+    with pytest.raises(ConfigError, match="deepseek2.expert_count"):
+        config_dict(meta, names, str(path))
+
+
+def test_mismatched_shape_is_named(tmp_path):
+    """Metadata that disagrees with the tensors (here: expert width) names the tensor and both shapes."""
+    _, path, _ = make_gguf("v3", tmp_path, "F32")
+    shutil.copy(path, tmp_path / "copy.gguf")
+    from hetero_rt.checkpoint.gguf_loader import load_gguf_weights
+    from hetero_rt.checkpoint.loader import build_model
+    from hetero_rt.config import ModelArgs
+    import dataclasses
+    import torch
+    with GGUFCheckpoint(tmp_path / "copy.gguf") as ck:
+        args = dataclasses.replace(ck.args(), moe_intermediate_size=16)
+        model = build_model(args)
+        with pytest.raises(CheckpointError, match="ffn_(gate|up|down)_exps.*expected"):
+            load_gguf_weights(model, ck, lambda n: (torch.device("cpu"), torch.float32, None),
+                              lambda layer: ("torch", None))
+
+
+def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
+    """Q5_0 experts (what llama.cpp's Q4_K_M uses for down projections whose rows are not whole 256-blocks)
+    have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
+    model, path, cfg = make_gguf("v3", tmp_path, "Q5_0", **KQUANT_DIMS)
+    ref = hf_logits(dequantized_reference(model, path, cfg), IDS)
+    rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
+    assert "Q5_0" in capfd.readouterr().err
+    experts = rt.model.layers[1].ffn.experts
+    assert (experts.fmt13.name, experts.fmt2.name) == ("fp32", "fp32")
+    assert rel_err(rt.logits(IDS), ref) <= 1e-4

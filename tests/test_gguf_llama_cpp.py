@@ -1,0 +1,73 @@
+"""Side by side with llama.cpp (llama-cpp-python, the `gguf` extra; skipped where it is not installed).
+
+llama.cpp is not bit-exact: its CPU matmuls for quantized weights quantize the activations, it sums
+in a different order, and (as measured below) it does not apply DeepSeek-V2's group-limited routing.
+Tolerances, measured on the 2-core dev VM with llama-cpp-python 0.3.36:
+- f32 file, greedy or noaux_tc routing: max |logit diff| / max |logit| about 4-5e-4 -> bound 3e-3;
+- llama.cpp's own Q4_K_M / Q8_0 quantization of the same model: hetero_rt equals the exact
+  dequantized reference within 1e-4 (the file's bytes are the same for both).
+"""
+import numpy as np
+import pytest
+
+import hetero_rt
+from gguf_models import KQUANT_DIMS, dequantized_reference, make_gguf, rel_err
+from hetero_rt.checkpoint.gguf import GGUFCheckpoint
+from hf_models import hf_logits
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+TEXT = "The quick brown fox jumps over the lazy dog, 12345 times!"
+LLAMA_F32_TOL = 3e-3
+
+
+def llama_logits(path, ids, threads=2):
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=threads)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return llm, out
+
+
+# llama.cpp only reads q_lora-less (V2-Lite-style) deepseek2 files with 26 or 27 layers, so the tiny
+# models here compress queries (q_lora_rank set), as V2, V3 and Kimi-K2 do.
+@pytest.mark.parametrize("variant,extra", [("v3", {}), ("v2", dict(topk_method="greedy", n_group=1, topk_group=1))],
+                         ids=["v3-noaux_tc", "v2-greedy"])
+def test_f32_logits_and_tokens_agree_with_llama_cpp(tmp_path, variant, extra):
+    model, path, _ = make_gguf(variant, tmp_path, "F32", tokenizer=True, vocab_size=512, **extra)
+    rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
+    ids = rt.tokenizer.encode(TEXT)
+    llm, theirs = llama_logits(path, ids)
+    assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids
+    ours = rt.logits(ids)
+    assert rel_err(ours, hf_logits(model, ids)) <= 1e-4
+    assert rel_err(theirs, ours) <= LLAMA_F32_TOL
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+
+
+def test_llama_cpp_ignores_v2_group_limited_routing(tmp_path):
+    """Documented deviation: with group_limited_greedy routing (DeepSeek-V2 236B) llama.cpp differs from
+    transformers by far more than its numerical tolerance, while hetero_rt follows transformers."""
+    model, path, _ = make_gguf("v2", tmp_path, "F32", tokenizer=True, vocab_size=512)
+    rt = hetero_rt.load(path, dtype="float32")
+    ids = rt.tokenizer.encode(TEXT)
+    _, theirs = llama_logits(path, ids)
+    ref = hf_logits(model, ids)
+    assert rel_err(rt.logits(ids), ref) <= 1e-4
+    assert rel_err(theirs, ref) > 10 * LLAMA_F32_TOL
+
+
+@pytest.mark.parametrize("ftype,name", [(7, "Q8_0"), (15, "Q4_K_M")])
+def test_llama_cpp_quantized_file_matches_dequantized_reference(tmp_path, ftype, name):
+    model, f32, cfg = make_gguf("v3", tmp_path, "F32", tokenizer=True, **KQUANT_DIMS)
+    out = tmp_path / f"model-{name}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) == 0
+    with GGUFCheckpoint(out) as ck:
+        types = {ck.info(n).type for n in ck.names() if n.endswith("_exps.weight")}
+    assert types - {"F32", "F16"}, types  # the experts really are quantized
+    ref = hf_logits(dequantized_reference(model, out, cfg), list(range(1, 17)))
+    for rules in (None, "placement_rules/cpu-only.yaml"):
+        rt = hetero_rt.load(out, rules, dtype="float32")
+        assert rel_err(rt.logits(list(range(1, 17))), ref) <= 1e-4, (rules, types)
