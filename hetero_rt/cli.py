@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate text from a checkpoint")
-    run.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    run.add_argument("--model", required=True,
+                     help="checkpoint directory (config.json + *.safetensors) or a deepseek2 .gguf file "
+                          "(for split files, any part)")
     run.add_argument("--prompt", required=True)
     _generation_args(run)
     run.set_defaults(func=cmd_run)
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show where every module goes and whether it fits, from metadata only")
     plan.add_argument("--model", required=True, type=Path,
                       help="checkpoint directory: config.json plus *.safetensors (only headers are read), "
-                           "tensor_shapes.json.gz, or nothing (shapes derived from config.json, bf16)")
+                           "tensor_shapes.json.gz, or nothing (shapes derived from config.json, bf16); "
+                           "or a .gguf file (headers only)")
     plan.add_argument("--rules", default=None, help="placement YAML (default: everything on the CPU)")
     plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB")
     plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB")
@@ -94,7 +97,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from .placement.memory import parse_bytes, plan_memory, read_tensor_meta
     from .placement.write import write_rules
 
-    args = ModelArgs.from_config_file(ns.model / "config.json")
+    from .checkpoint.gguf import GGUFCheckpoint, is_gguf
+
+    if is_gguf(ns.model):
+        with GGUFCheckpoint(ns.model) as ck:
+            args = ck.args()
+    else:
+        args = ModelArgs.from_config_file(ns.model / "config.json")
     tensors = read_tensor_meta(ns.model, args)
     dtype = ns.dtype or ("float32" if tensors.get("model.embed_tokens.weight", ("BF16",))[0] == "F32"
                          else "bfloat16")

@@ -196,3 +196,25 @@ def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
     experts = rt.model.layers[1].ffn.experts
     assert (experts.fmt13.name, experts.fmt2.name) == ("fp32", "fp32")
     assert rel_err(rt.logits(IDS), ref) <= 1e-4
+
+
+def test_planner_reads_gguf_headers(tmp_path, capsys):
+    """`plan` on a GGUF: HF-named shapes (experts per expert, kv_b from k_b + v_b) equal the HF
+    checkpoint's; numba experts count at their stored (quantized) size, torch experts dequantized."""
+    from hetero_rt.api import make_plan
+    from hetero_rt.checkpoint.names import hf_tensor_shapes
+    from hetero_rt.cli import main
+    from hetero_rt.placement.memory import plan_memory, read_tensor_meta
+    _, path, _ = make_gguf("v3", tmp_path, "Q4_K_M", **KQUANT_DIMS)
+    with GGUFCheckpoint(path) as ck:
+        args = ck.args()
+        stored = sum(ck.info(n).nbytes for n in ck.names() if n.endswith("_exps.weight"))
+    meta = read_tensor_meta(path, args)
+    assert {n: s for n, (_, s) in meta.items()} == {n: s for n, (_, s) in hf_tensor_shapes(args).items()}
+    numba = plan_memory(args, make_plan(args, "placement_rules/cpu-only.yaml", None, False), meta, 256, "float32")
+    assert numba.devices["cpu"].weights["routed_experts"] == stored
+    torch_plan = plan_memory(args, make_plan(args, None, None, False), meta, 256, "float32")
+    n_expert_params = sum(np.prod(s) for n, (_, s) in meta.items() if ".mlp.experts." in n)
+    assert torch_plan.devices["cpu"].weights["routed_experts"] == 4 * n_expert_params
+    assert main(["plan", "--model", str(path), "--rules", "placement_rules/cpu-only.yaml"]) == 0
+    assert "routed_experts" in capsys.readouterr().out

@@ -73,13 +73,20 @@ def write_gguf(out: str | Path, config: Mapping, tensors: Mapping[str, torch.Ten
     _metadata(writer, config)
     if tokenizer_dir is not None:
         _tokenizer(writer, Path(tokenizer_dir), config)
-    for name, arr in _gguf_tensors(config, tensors, kv_b):
-        qtype = "F32" if arr.ndim == 1 else rule(name, arr.shape)
-        data, raw = _encode(arr, qtype)
-        writer.add_tensor(name, data, raw_dtype=raw)
+    # Two passes so that nothing but one tensor is in memory at a time: tensor infos first (the
+    # header needs them), then each tensor computed, encoded and streamed to the file.
+    specs = []
+    for name, shape, make in _gguf_tensors(config, tensors, kv_b):
+        qtype = "F32" if len(shape) == 1 else rule(name, shape)
+        dtype, byte_shape, nbytes = _layout(shape, qtype)
+        writer.add_tensor_info(name, byte_shape, dtype, nbytes, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        specs.append((make, qtype, dtype, byte_shape))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
+    writer.write_ti_data_to_file()
+    for make, qtype, dtype, byte_shape in specs:
+        data = _encode(make(), qtype)
+        writer.write_tensor_data(np.ascontiguousarray(data).view(dtype).reshape(byte_shape))
     writer.close()
     if split_max_tensors:
         return sorted(out.parent.glob(out.stem + "-*-of-*.gguf"))
@@ -184,37 +191,65 @@ def _pre_name(tj: dict) -> str:
     raise ValueError("tokenizer.json pre-tokenizer is not one llama.cpp names for DeepSeek/Kimi models")
 
 
-def _gguf_tensors(c: Mapping, tensors: Mapping[str, torch.Tensor], kv_b: str):
-    """(GGUF name, fp32 numpy) in file order: globals, then per layer."""
-    n_layers = c["num_hidden_layers"]
+class Lazy:
+    """A tensor made on demand (synthetic checkpoints): shape now, data when written."""
+
+    def __init__(self, shape: tuple[int, ...], make: Callable[[], np.ndarray]):
+        self.shape, self.make = tuple(shape), make
+
+
+def _gguf_tensors(c: Mapping, tensors: Mapping, kv_b: str):
+    """(GGUF name, numpy shape, () -> fp32 numpy) in file order: globals, then per layer."""
     for hf, g in _HF_GLOBAL_TO_GGUF.items():
         if hf in tensors and not (hf == "lm_head.weight" and c.get("tie_word_embeddings")):
-            yield g, _np(tensors[hf])
-    for i in range(n_layers):
+            yield g, tuple(tensors[hf].shape), _thunk(tensors[hf])
+    for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         for suffix, g in _HF_LAYER_TO_GGUF.items():
             t = tensors.get(p + suffix)
             if t is None:
                 continue
             if suffix == "self_attn.kv_b_proj.weight" and kv_b == "split":
-                yield from _split_kv_b(i, _np(t), c)
+                h, n, v = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
+                cols = t.shape[-1]
+                yield f"blk.{i}.attn_k_b.weight", (h, cols, n), lambda t=t: _split_kv_b(_np(t), h, n, v)[0]
+                yield f"blk.{i}.attn_v_b.weight", (h, v, cols), lambda t=t: _split_kv_b(_np(t), h, n, v)[1]
                 continue
-            yield f"blk.{i}.{g}", _np(t)
+            yield f"blk.{i}.{g}", tuple(t.shape), _thunk(t)
         if p + "mlp.experts.0.gate_proj.weight" in tensors:
+            n_exp = c["n_routed_experts"]
             for proj, g in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
-                stacked = np.stack([_np(tensors[f"{p}mlp.experts.{e}.{proj}.weight"])
-                                    for e in range(c["n_routed_experts"])])
-                yield f"blk.{i}.{g}.weight", stacked
+                names = [f"{p}mlp.experts.{e}.{proj}.weight" for e in range(n_exp)]
+                shape = (n_exp, *tensors[names[0]].shape)
+                yield f"blk.{i}.{g}.weight", shape, lambda names=names: np.stack([_np(tensors[n]) for n in names])
 
 
-def _split_kv_b(i: int, w: np.ndarray, c: Mapping):
-    h, n, v = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
+def _split_kv_b(w: np.ndarray, h: int, n: int, v: int):
     kv = w.reshape(h, n + v, w.shape[-1])
-    yield f"blk.{i}.attn_k_b.weight", np.ascontiguousarray(kv[:, :n].transpose(0, 2, 1))  # (H, C, N)
-    yield f"blk.{i}.attn_v_b.weight", np.ascontiguousarray(kv[:, n:])                      # (H, V, C)
+    return (np.ascontiguousarray(kv[:, :n].transpose(0, 2, 1)),  # attn_k_b (H, C, N)
+            np.ascontiguousarray(kv[:, n:]))                       # attn_v_b (H, V, C)
+
+
+def _thunk(t):
+    return lambda: _np(t)
+
+
+def _layout(shape: tuple[int, ...], qtype: str):
+    """(numpy dtype, shape, bytes) of the encoded tensor as written."""
+    import gguf
+
+    if qtype == "F32":
+        return np.dtype(np.float32), shape, 4 * int(np.prod(shape))
+    if qtype == "F16":
+        return np.dtype(np.float16), shape, 2 * int(np.prod(shape))
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    row = shape[-1] // block * size
+    return np.dtype(np.uint8), (*shape[:-1], row), int(np.prod(shape[:-1])) * row
 
 
 def _np(t) -> np.ndarray:
+    if isinstance(t, Lazy):
+        return np.asarray(t.make(), np.float32)
     return t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
 
 
@@ -223,13 +258,10 @@ def _encode(a: np.ndarray, qtype: str):
 
     raw = gguf.GGMLQuantizationType[qtype]
     if qtype == "F32":
-        return np.ascontiguousarray(a, np.float32), raw
+        return np.ascontiguousarray(a, np.float32)
     if qtype == "F16":
-        return a.astype(np.float16), raw
-    if qtype == "BF16":
-        return gguf.quants.quantize(a, raw), raw
+        return a.astype(np.float16)
     if qtype in _OUR_QUANTS:
         rows = a.reshape(-1, a.shape[-1])
-        q = ggml_quantize(rows, _OUR_QUANTS[qtype])
-        return q.reshape(*a.shape[:-1], q.shape[-1]), raw
-    return gguf.quants.quantize(a, raw), raw
+        return ggml_quantize(rows, _OUR_QUANTS[qtype])
+    return gguf.quants.quantize(a, raw)

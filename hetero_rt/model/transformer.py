@@ -50,15 +50,17 @@ class Transformer(nn.Module):
         self.head = None if args.tie_word_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.hidden_size))
 
     def forward(self, tokens: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor,
-                absorbed: bool | None = None) -> torch.Tensor:
+                absorbed: bool | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (T,) at absolute positions start..start+T-1; cache (L, S_max, C+R) is read and
         written in place. absorbed=None picks naive MLA for prefill (T > 1), absorbed for decode.
-        Returns fp32 logits (T, Vocab)."""
+        Returns fp32 logits (T, Vocab), or (1, Vocab) for the last token with last_only."""
         if absorbed is None:
             absorbed = tokens.shape[0] == 1
         h = self.embed(tokens)                                           # (T, D)
         for i, block in enumerate(self.layers):
             h = block(h, start, rope, cache[i], absorbed)
+        if last_only:
+            h = h[-1:]
         h = self.norm(h)
         head = self.embed.weight if self.head is None else self.head
         return F.linear(h, head).float()                                 # (T, Vocab)

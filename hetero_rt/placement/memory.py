@@ -3,7 +3,9 @@ buffers for a resolved Plan, from metadata only (config + tensor names, dtypes a
 verdict against the user's budgets. Answers in seconds for a DeepSeek-V3-sized checkpoint.
 
 Accounting (documented in docs/placement_rules.md):
-- a weight occupies numel x (bytes of the dtype it is placed in) on its device; FP8 weights are
+- a weight occupies numel x (bytes of the dtype it is placed in) on its device, except GGUF routed
+  experts on the numba backend in a format the kernels read (Q4_K, Q8_0, ...): their stored bytes
+  (they stay in the memory map; other formats are dequantized at load to the dtype); FP8 weights are
   dequantized at load, so their `*_scale_inv` tensors take no memory after loading; the gate's
   correction bias stays fp32; MTP layers are not loaded;
 - KV cache: layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main device;
@@ -26,6 +28,9 @@ from ..checkpoint.names import hf_tensor_shapes
 from ..config import ModelArgs
 from ..errors import CheckpointError, HeteroRTError
 from .plan import Plan
+
+# GGUF tensor types the numba expert kernels read in place (checkpoint.gguf.KERNEL_FORMATS).
+GGUF_KERNEL_TYPES = frozenset({"F32", "BF16", "F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"})
 
 PREFILL_CHUNK = 512
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
@@ -95,7 +100,11 @@ class MemoryPlan:
 def read_tensor_meta(path: Path, args: ModelArgs | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype, shape), from the safetensors headers; for a metadata-only
     description of a checkpoint, from tensor_shapes.json.gz ({"tensors": {name: [dtype, shape]}});
-    for a directory holding only config.json (planning before a download), derived from `args`."""
+    for a directory holding only config.json (planning before a download), derived from `args`;
+    for a .gguf file, from its headers (HF names, GGML type names such as "Q4_K" as dtype)."""
+    from ..checkpoint.gguf import is_gguf
+    if is_gguf(path):
+        return gguf_tensor_meta(path)
     shapes = path / SHAPES_FILE
     if args is not None and not shapes.is_file() and not any(path.glob("*.safetensors")):
         return hf_tensor_shapes(args)
@@ -108,6 +117,40 @@ def read_tensor_meta(path: Path, args: ModelArgs | None = None) -> dict[str, tup
     from ..checkpoint.safetensors import SafetensorsCheckpoint
     with SafetensorsCheckpoint(path) as ckpt:
         return {n: (ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names()}
+
+
+def gguf_tensor_meta(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A GGUF's tensors under the HF names the placement rules match: fused experts become one entry
+    per expert, attn_k_b + attn_v_b the kv_b projection; dtype is the GGML type name."""
+    from ..checkpoint.gguf import GGUFCheckpoint
+    from ..checkpoint.names import gguf_to_hf
+
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    with GGUFCheckpoint(path) as ck:
+        for name in ck.names():
+            info = ck.info(name)
+            hf = gguf_to_hf(name)
+            if not hf:
+                continue
+            if hf[0].endswith("mlp.experts"):
+                proj = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+                p = proj[name.split(".")[2]]
+                for e in range(info.shape[0]):
+                    out[f"{hf[0]}.{e}.{p}.weight"] = (info.type, info.shape[1:])
+            elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+                h, a, b = info.shape
+                rows = h * (b if name.endswith("attn_k_b.weight") else a)     # k_b (H, C, N), v_b (H, V, C)
+                prev = out.get(hf[0], (info.type, (0, a if name.endswith("attn_k_b.weight") else b)))
+                out[hf[0]] = (info.type, (prev[1][0] + rows, prev[1][1]))
+            else:
+                out[hf[0]] = (info.type, info.shape)
+    return out
+
+
+def _ggml_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
+    return math.prod(shape) // block * size
 
 
 def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple[int, ...]]], context: int,
@@ -123,6 +166,8 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
+        if p.module.kind == "routed_experts" and p.backend == "numba" and dtype in GGUF_KERNEL_TYPES:
+            nbytes = _ggml_bytes(dtype, shape)  # GGUF experts stay in the memory map, in their stored format
         if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
             nbytes = math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
             expand = max(expand, math.prod(shape) * DTYPE_BYTES[placed] + 8 * 1024 * shape[1])

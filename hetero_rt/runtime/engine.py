@@ -41,14 +41,20 @@ class Runtime:
         return self.step(torch.tensor(ids, dtype=torch.long), 0, absorbed).numpy()
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, start: int, absorbed: bool | None = None) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, start: int, absorbed: bool | None = None,
+             last_only: bool = False) -> torch.Tensor:
         """Forward tokens at positions start.. against the cache, in chunks of at most prefill_chunk
-        tokens (bounding attention's working memory); (T, vocab) fp32 logits on the CPU."""
+        tokens (bounding attention's working memory); (T, vocab) fp32 logits on the CPU, or (1, vocab)
+        for the last token only with last_only (what generation needs: no lm_head over the prompt)."""
         self.cache.reserve(start, tokens.shape[0])
         out = []
-        for off in range(0, tokens.shape[0], self.prefill_chunk):
+        n = tokens.shape[0]
+        for off in range(0, n, self.prefill_chunk):
             chunk = tokens[off:off + self.prefill_chunk].to(self.device)
-            out.append(self.model(chunk, start + off, self.rope, self.cache.data, absorbed).cpu())
+            skip = last_only and off + self.prefill_chunk < n
+            logits = self.model(chunk, start + off, self.rope, self.cache.data, absorbed, last_only=last_only)
+            if not skip:
+                out.append(logits.cpu())
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -70,7 +76,7 @@ class Runtime:
                 if stream is not None and piece:
                     stream(piece)
 
-        res = generate_ids(self.step, ids, max_new_tokens, sampler, self.eos_ids(), on_token)
+        res = generate_ids(lambda t, pos: self.step(t, pos, last_only=True), ids, max_new_tokens, sampler, self.eos_ids(), on_token)
         if decoder is not None:
             tail = decoder.flush()
             pieces.append(tail)
