@@ -42,7 +42,7 @@ def test_old_layout_attn_kv_b_loads(tmp_path):
     assert rel_err(hetero_rt.load(path, dtype="float32").logits(IDS), hf_logits(model, IDS)) <= 1e-4
 
 
-@pytest.mark.parametrize("types", ["Q8_0", "Q4_K_M", "Q4_0", "Q5_K", "Q6_K", "BF16", "F16"])
+@pytest.mark.parametrize("types", ["Q8_0", "Q4_K_M", "Q4_0", "Q5_0", "Q5_K", "Q6_K", "BF16", "F16"])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_quantized_gguf_matches_dequantized_reference(tmp_path, types, backend):
     model, path, cfg = make_gguf("v3", tmp_path, types, **KQUANT_DIMS)
@@ -187,12 +187,11 @@ def test_mismatched_shape_is_named(tmp_path):
 
 
 def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
-    """Q5_0 experts (what llama.cpp's Q4_K_M uses for down projections whose rows are not whole 256-blocks)
-    have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
-    model, path, cfg = make_gguf("v3", tmp_path, "Q5_0", **KQUANT_DIMS)
+    """Q5_1 experts have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
+    model, path, cfg = make_gguf("v3", tmp_path, "Q5_1", **KQUANT_DIMS)
     ref = hf_logits(dequantized_reference(model, path, cfg), IDS)
     rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
-    assert "Q5_0" in capfd.readouterr().err
+    assert "Q5_1" in capfd.readouterr().err
     experts = rt.model.layers[1].ffn.experts
     assert (experts.fmt13.name, experts.fmt2.name) == ("fp32", "fp32")
     assert rel_err(rt.logits(IDS), ref) <= 1e-4

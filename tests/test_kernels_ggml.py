@@ -9,7 +9,7 @@ from hetero_rt.quant import ggml
 FORMATS = sorted(ggml.FORMATS)
 # quantization error bound relative to the weights' max |w|, per format (sanity, not a spec)
 MAX_ERR = {"fp32": 0, "bf16": 4e-3, "fp16": 5e-4, "q8_0": 1e-2, "q4_0": 0.15, "q4_k": 0.15,
-           "q5_k": 0.06, "q6_k": 0.04}
+           "q5_k": 0.06, "q6_k": 0.04, "q5_0": 0.08}
 
 
 def weights(rows, cols, seed=0):

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 CHUNK = 256
-FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K = range(8)
+FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 
 
 @njit(inline="always", cache=True)
@@ -65,6 +65,18 @@ def decode_chunk(fmt, row, c0, n, out, lut):
             for k in range(16):
                 o[k] = d * np.float32(np.int32(qs[k] & 15) - 8)
                 o[16 + k] = d * np.float32(np.int32(qs[k] >> 4) - 8)
+    elif fmt == Q5_0:
+        for b in range(n // 32):
+            blk = row[(c0 // 32 + b) * 22:(c0 // 32 + b + 1) * 22]
+            o = out[b * 32:b * 32 + 32]
+            d = _f16(blk, 0, lut)
+            qh = np.uint32(blk[2]) | (np.uint32(blk[3]) << 8) | (np.uint32(blk[4]) << 16) | (np.uint32(blk[5]) << 24)
+            qs = blk[6:22]
+            for k in range(16):
+                lo = np.int32(qs[k] & 15) | np.int32(((qh >> np.uint32(k)) & np.uint32(1)) << np.uint32(4))
+                hi = np.int32(qs[k] >> 4) | np.int32(((qh >> np.uint32(k + 16)) & np.uint32(1)) << np.uint32(4))
+                o[k] = d * np.float32(lo - 16)
+                o[16 + k] = d * np.float32(hi - 16)
     elif fmt == Q4_K or fmt == Q5_K:
         size = 144 if fmt == Q4_K else 176
         for b in range(n // 256):

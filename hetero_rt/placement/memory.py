@@ -30,7 +30,7 @@ from ..errors import CheckpointError, HeteroRTError
 from .plan import Plan
 
 # GGUF tensor types the numba expert kernels read in place (checkpoint.gguf.KERNEL_FORMATS).
-GGUF_KERNEL_TYPES = frozenset({"F32", "BF16", "F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"})
+GGUF_KERNEL_TYPES = frozenset({"F32", "BF16", "F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0"})
 
 PREFILL_CHUNK = 512
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}

@@ -9,6 +9,8 @@ reference quantizers for Q4_K/Q5_K/Q6_K live here (plain min/max fits, not llama
 Layouts (bytes per block; d, dmin fp16; q unsigned unless noted):
   Q8_0  32 elts, 34 B : d, int8 q[32]                            x = d * q
   Q4_0  32 elts, 18 B : d, nibbles qs[16] (lo: elts 0-15, hi: 16-31)   x = d * (q - 8)
+  Q5_0  32 elts, 22 B : d, uint32 qh (bit j = 5th bit of elt j), nibbles qs[16] as Q4_0
+                        x = d * (q - 16); llama.cpp's Q4_K_M uses it where rows are not 256-blocks
   Q4_K 256 elts, 144 B: d, dmin, scales[12] (8 x 6-bit sc, m), qs[128]  x = d*sc_j*q - dmin*m_j
   Q5_K 256 elts, 176 B: d, dmin, scales[12], qh[32] (bit j = 5th bit of sub-block j), qs[128]
   Q6_K 256 elts, 210 B: ql[128], qh[64], int8 scales[16] (per 16 elts), d   x = d*sc*(q - 32)
@@ -49,8 +51,9 @@ class Format:
 FORMATS = {f.name: f for f in [
     Format("fp32", 0, 1, 4), Format("bf16", 1, 1, 2), Format("fp16", 2, 1, 2),
     Format("q8_0", 3, 32, 34), Format("q4_0", 4, 32, 18),
-    Format("q4_k", 5, QK_K, 144), Format("q5_k", 6, QK_K, 176), Format("q6_k", 7, QK_K, 210)]}
-QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
+    Format("q4_k", 5, QK_K, 144), Format("q5_k", 6, QK_K, 176), Format("q6_k", 7, QK_K, 210),
+    Format("q5_0", 8, 32, 22)]}
+QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q5_0")
 
 
 def get_format(name: str) -> Format:
@@ -77,10 +80,10 @@ def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
         return w.view(np.uint8)
     if fmt == "fp16":
         return w.astype(np.float16).view(np.uint8)
-    if fmt in ("bf16", "q8_0", "q4_0"):
+    if fmt in ("bf16", "q8_0", "q4_0", "q5_0"):
         import gguf
         qt = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-              "q4_0": gguf.GGMLQuantizationType.Q4_0}[fmt]
+              "q4_0": gguf.GGMLQuantizationType.Q4_0, "q5_0": gguf.GGMLQuantizationType.Q5_0}[fmt]
         return np.ascontiguousarray(gguf.quants.quantize(w, qt)).view(np.uint8)
     blocks = w.reshape(-1, QK_K)
     out = {"q4_k": _quantize_q4_k, "q5_k": _quantize_q5_k, "q6_k": _quantize_q6_k}[fmt](blocks)
