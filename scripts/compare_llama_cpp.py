@@ -35,7 +35,16 @@ def prompt_ids(n: int, vocab: int, seed: int, bos: int | None) -> list[int]:
 
 def run_llama(ns, prompt, agree) -> dict:
     import llama_cpp
+    import llama_cpp.llama as llama_module
 
+    if not ns.llama_extra_bufts:  # see --no-llama-extra-bufts
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        llama_module.llama_cpp.llama_model_default_params = params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(ns.model, n_ctx=len(prompt) + ns.gen + 16, n_batch=512, n_ubatch=512,
                           n_threads=ns.threads, n_threads_batch=ns.threads, logits_all=False, verbose=False)
@@ -45,6 +54,8 @@ def run_llama(ns, prompt, agree) -> dict:
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - t0
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    llm.eval([tok])  # first decode step (graph for one token) outside the timing, as for hetero_rt
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     t0 = time.perf_counter()
     for _ in range(ns.gen):
@@ -81,9 +92,10 @@ def run_hetero(ns, prompt, agree) -> dict:
     logits = rt.step(torch.tensor(prompt), 0, last_only=True)
     prefill = time.perf_counter() - t0
     tok = int(logits[-1].argmax())
+    tok = int(rt.step(torch.tensor([tok]), len(prompt), last_only=True)[-1].argmax())  # untimed, as for llama.cpp
     t0 = time.perf_counter()
     for i in range(ns.gen):
-        tok = int(rt.step(torch.tensor([tok]), len(prompt) + i, last_only=True)[-1].argmax())
+        tok = int(rt.step(torch.tensor([tok]), len(prompt) + 1 + i, last_only=True)[-1].argmax())
     decode = time.perf_counter() - t0
     return dict(load_s=load, warmup_s=warm, prefill_s=prefill, decode_s=decode, logits=rt.logits(agree))
 
@@ -110,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--rules", default="placement_rules/cpu-only.yaml")
     p.add_argument("--dtype", default="float32", help="hetero_rt's dtype for the dequantized dense part")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-llama-extra-bufts", dest="llama_extra_bufts", action="store_false",
+                   help="load llama.cpp without its extra CPU buffer types (AMX / repacked weights): a "
+                        "workaround for builds that crash in them; slows llama.cpp, so say so when used")
     p.add_argument("--worker", choices=["llama", "hetero"], help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
@@ -128,7 +143,7 @@ def main(argv=None) -> int:
         for name in ("llama", "hetero"):
             cmd = [sys.executable, __file__, ns.model, "--worker", name, "--ids", str(ids), "--threads", str(ns.threads),
                    "--prompt-tokens", str(ns.prompt_tokens), "--gen", str(ns.gen), "--rules", ns.rules,
-                   "--dtype", ns.dtype]
+                   "--dtype", ns.dtype] + ([] if ns.llama_extra_bufts else ["--no-llama-extra-bufts"])
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not line:
@@ -149,6 +164,7 @@ def main(argv=None) -> int:
                  f"{a['peak_rss'] / b['peak_rss']:.2f}"))
     rows.append(("load s", f"{a['load_s']:.1f}", f"{b['load_s']:.1f}", ""))
     print(f"model {ns.model} ({size / 2**30:.2f} GiB), threads {ns.threads}, llama-cpp-python {b['version']}, "
+          f"llama.cpp extra buffer types {'on' if ns.llama_extra_bufts else 'OFF'}; "
           f"hetero_rt rules {ns.rules} dtype {ns.dtype}; hetero_rt JIT warm-up {a['warmup_s']:.1f} s (untimed)")
     print("| | hetero_rt | llama.cpp | ratio |\n|---|---|---|---|")
     for r in rows:
