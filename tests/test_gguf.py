@@ -217,3 +217,37 @@ def test_planner_reads_gguf_headers(tmp_path, capsys):
     assert torch_plan.devices["cpu"].weights["routed_experts"] == 4 * n_expert_params
     assert main(["plan", "--model", str(path), "--rules", "placement_rules/cpu-only.yaml"]) == 0
     assert "routed_experts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("types", ["Q4_K_M", "Q5_0", "F16"])
+def test_stored_format_dense_weights_match_reference(tmp_path, types):
+    """format: stored keeps attention, shared experts, dense FFN and lm_head in the file's ggml types,
+    multiplied in place (gemv for decode, blocked decode + GEMM for prefill): same logits."""
+    import torch
+    model, path, cfg = make_gguf("v3", tmp_path, types, **KQUANT_DIMS)
+    ref = hf_logits(dequantized_reference(model, path, cfg), IDS).numpy()
+    rt = hetero_rt.load(path, "placement_rules/gguf-cpu-only.yaml")
+    assert hasattr(rt.model.layers[1].attn.wo, "stored") and hasattr(rt.model.head, "stored")
+    assert rt.model.layers[1].attn.wo.dtype == torch.uint8                     # no dequantized copy
+    assert rel_err(rt.logits(IDS), ref) <= 1e-4
+    steps = [rt.step(torch.tensor(IDS[:5]), 0).numpy()]
+    steps += [rt.step(torch.tensor([t]), p).numpy() for p, t in enumerate(IDS[5:], start=5)]
+    assert rel_err(np.concatenate(steps), ref) <= 1e-4
+
+
+def test_stored_format_errors(tmp_path):
+    from hetero_rt.placement.schema import PlacementError, parse_rules
+    with pytest.raises(PlacementError, match="available for attention.*not gate"):
+        parse_rules("rules:\n  - match: {kind: gate}\n    place: {format: stored}\n", "r.yaml")
+    from hetero_rt.api import make_plan
+    _, path, _ = make_gguf("v3", tmp_path, "F32")
+    rules = tmp_path / "gpu.yaml"
+    rules.write_text("defaults: {device: cuda}\nrules:\n  - match: {kind: attention}\n    place: {format: stored}\n")
+    with GGUFCheckpoint(path) as ck:
+        args = ck.args()
+    with pytest.raises(PlacementError, match="on the CPU"):
+        make_plan(args, rules, None, False, check_devices=False)
+    hf_dir = tmp_path / "hf"  # on safetensors, stored == dtype: the same logits as the default
+    a = hetero_rt.load(hf_dir, "placement_rules/gguf-cpu-only.yaml").logits(IDS)
+    b = hetero_rt.load(hf_dir, "placement_rules/cpu-only.yaml", dtype="float32").logits(IDS)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())

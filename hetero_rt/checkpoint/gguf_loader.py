@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..experts.numba_backend import NumbaExperts
 from ..quant import fp8
+from ..quant.stored import stored_parameter
 from .gguf import KERNEL_FORMATS, GGUFCheckpoint
 from .loader import _assign
 from .names import GGUF_KV_B_SPLIT, gguf_name
@@ -57,6 +58,14 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, where: Where, expe
         shape = tuple(param.shape)
         if name.endswith("attn.wkv_b"):
             w = _kv_b(ckpt, name, shape, used)
+        elif fmt == "stored" and len(shape) == 2:
+            src = gguf_name(name)
+            param = _stored(ckpt, src, shape, name, log)
+            used.add(src)
+            if param is not None:
+                _assign_param(model, name, param)
+                continue
+            w = torch.from_numpy(ckpt.dequantize(src))
         else:
             src = gguf_name(name)
             w = _dequant(ckpt, src, shape, name)
@@ -68,6 +77,26 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, where: Where, expe
             w = w.to(want)
         _assign(model, name, w.to(device), None if scale is None else scale.to(device))
     _check_unused(ckpt, used)
+
+
+def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, log):
+    """The GGUF tensor as a stored-format parameter (quant.stored), or None (with a notice) when the
+    kernels do not read its type."""
+    _require(ckpt, src, ours)
+    info = ckpt.info(src)
+    if info.shape != shape:
+        raise CheckpointError(f"{info.file}: tensor '{src}' has shape {list(info.shape)} (numpy order), "
+                              f"expected {list(shape)} for {ours} from the GGUF metadata")
+    fmt = KERNEL_FORMATS.get(info.type)
+    if fmt is None:
+        log(f"{src}: {info.type} has no numba kernel: dequantized at load instead of format: stored")
+        return None
+    return stored_parameter(_bytes(ckpt.raw(src)), fmt)
+
+
+def _assign_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
 
 
 def _dequant(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str) -> torch.Tensor:

@@ -35,7 +35,8 @@ def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> 
 def load_weights(model: Transformer, ckpt: SafetensorsCheckpoint,
                  where: Callable[[str], tuple[torch.device, torch.dtype, str | None]]) -> None:
     """where(our parameter name) -> (device, dtype, format) it is placed with
-    (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights block-FP8."""
+    (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights block-FP8; format
+    "stored" (GGUF ggml types kept in place) means the same as "dtype" for safetensors checkpoints."""
     used: set[str] = set()
     for name, param in list(model.named_parameters()):
         device, dtype, fmt = where(name)

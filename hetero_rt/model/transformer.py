@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
 from ..experts import TorchExperts
-from .layers import MLP, RMSNorm
+from .layers import MLP, RMSNorm, linear
 from .mla import MLA, Rope
 from .moe import MoE
 
@@ -63,4 +62,4 @@ class Transformer(nn.Module):
             h = h[-1:]
         h = self.norm(h)
         head = self.embed.weight if self.head is None else self.head
-        return F.linear(h, head).float()                                 # (T, Vocab)
+        return linear(h, head).float()                                   # (T, Vocab)

@@ -5,7 +5,8 @@ verdict against the user's budgets. Answers in seconds for a DeepSeek-V3-sized c
 Accounting (documented in docs/placement_rules.md):
 - a weight occupies numel x (bytes of the dtype it is placed in) on its device, except GGUF routed
   experts on the numba backend in a format the kernels read (Q4_K, Q8_0, ...): their stored bytes
-  (they stay in the memory map; other formats are dequantized at load to the dtype); FP8 weights are
+  (they stay in the memory map; other formats are dequantized at load to the dtype), and likewise 2-D
+  weights placed with `format: stored`; FP8 weights are
   dequantized at load, so their `*_scale_inv` tensors take no memory after loading; the gate's
   correction bias stays fp32; MTP layers are not loaded;
 - KV cache: layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main device;
@@ -166,8 +167,9 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
-        if p.module.kind == "routed_experts" and p.backend == "numba" and dtype in GGUF_KERNEL_TYPES:
-            nbytes = _ggml_bytes(dtype, shape)  # GGUF experts stay in the memory map, in their stored format
+        if dtype in GGUF_KERNEL_TYPES and ((p.module.kind == "routed_experts" and p.backend == "numba")
+                                           or (p.format == "stored" and len(shape) == 2)):
+            nbytes = _ggml_bytes(dtype, shape)  # GGUF weights kept in the memory map, in their stored format
         if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
             nbytes = math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
             expand = max(expand, math.prod(shape) * DTYPE_BYTES[placed] + 8 * 1024 * shape[1])

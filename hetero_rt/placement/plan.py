@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 
 from ..config import ModelArgs
-from .schema import CPU_ONLY_BACKENDS, FP8_KINDS, PlacementError, Place, RuleSet
+from .schema import CPU_ONLY_BACKENDS, FORMAT_KINDS, PlacementError, Place, RuleSet
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,12 @@ def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Pla
         if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
             raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
                                  f"on {place.device!r}")
-    elif place.format not in (None, "dtype") and m.kind not in FP8_KINDS:
+    elif place.format not in (None, "dtype") and m.kind not in FORMAT_KINDS[place.format]:
         raise PlacementError(f"{where}: {m.path}: format {place.format!r} is available for "
-                             f"{', '.join(FP8_KINDS)}, not {m.kind}")
+                             f"{', '.join(FORMAT_KINDS[place.format])}, not {m.kind}")
+    elif place.format == "stored" and place.device != "cpu":
+        raise PlacementError(f"{where}: {m.path}: format 'stored' multiplies GGUF weights in place on the CPU, "
+                             f"but the rules put it on {place.device!r}; use the default format on a GPU")
     elif backend is not None or threads is not None:
         field = "backend" if backend is not None else "threads"
         raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "

@@ -25,8 +25,11 @@ from ..errors import HeteroRTError
 KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "dense_mlp", "norm", "lm_head")
 BACKENDS = {"routed_experts": ("torch", "numba")}
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("dtype", "float8_e4m3")   # how 2-D weights are stored: in `dtype`, or FP8 with 128x128 block scales
+# How 2-D weights are stored: in `dtype`; FP8 with 128x128 block scales; or, for GGUF files on the CPU,
+# as the file stores them (ggml types, multiplied in place by numba kernels: quant.stored).
+FORMATS = ("dtype", "float8_e4m3", "stored")
 FP8_KINDS = ("attention", "shared_experts", "dense_mlp")  # the kinds whose matmuls expand FP8 weights
+FORMAT_KINDS = {"float8_e4m3": FP8_KINDS, "stored": FP8_KINDS + ("lm_head",)}
 PLACE_KEYS = ("device", "dtype", "format", "backend", "threads")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 CPU_ONLY_BACKENDS = ("numba",)
@@ -164,8 +167,9 @@ class _Parser:
         elif key == "format":
             if value not in FORMATS:
                 raise self.fail(node, f"unknown format {value!r}; expected one of {', '.join(FORMATS)}")
-            if value != "dtype" and kind is not None and kind not in FP8_KINDS:
-                raise self.fail(node, f"format {value!r} is available for {', '.join(FP8_KINDS)}, not {kind}")
+            if value != "dtype" and kind is not None and kind not in FORMAT_KINDS[value]:
+                raise self.fail(node, f"format {value!r} is available for {', '.join(FORMAT_KINDS[value])}, "
+                                      f"not {kind}")
         elif key == "backend":
             allowed = sorted({b for bs in BACKENDS.values() for b in bs})
             if value not in allowed:

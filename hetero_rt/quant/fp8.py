@@ -57,4 +57,7 @@ def materialize(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a dense matrix in dtype: FP8 parameters (carrying `.scale_inv`) are expanded."""
     if w.dtype == torch.float8_e4m3fn:
         return dequantize(w, w.scale_inv, dtype)
+    stored = getattr(w, "stored", None)
+    if stored is not None:  # a GGUF weight kept in its stored format (quant.stored)
+        return stored.dequantize().to(dtype)
     return w

@@ -1,0 +1,64 @@
+"""y = x @ W.T for one weight W (R, C) kept in its stored format (fp32/bf16/fp16 or a ggml block
+format), read in place: the dense projections of a GGUF model placed on the CPU with
+`format: stored` (attention, shared experts, dense FFN, lm_head).
+
+Two regimes, as for the experts:
+- few tokens (decode): rows split over the threads, each row decoded chunk by chunk (or dotted
+  straight from its bytes) against every token: the weight is read once;
+- many tokens (prefill): rows decoded a block at a time into fp32 (decode_rows) and multiplied by
+  the caller with torch's GEMM, so the matmul runs at BLAS speed and no full fp32 copy ever exists.
+Legend: T tokens, R rows (out features), C columns (in features), RB bytes per row.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .dequant import CHUNK, decode_chunk, dot_row, has_fused_dot
+
+ROWS_PER_TASK = 16
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def gemv(fmt, w, x, y, lut):
+    """y (T, R) = x (T, C) @ W.T for W as stored bytes w (R, RB)."""
+    rows = w.shape[0]
+    n = x.shape[0]
+    cols = x.shape[1]
+    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        buf = np.empty(CHUNK, np.float32)
+        lanes = np.empty(32, np.float32)
+        acc = np.empty(n, np.float32)
+        r1 = min(rows, (task + 1) * ROWS_PER_TASK)
+        for r in range(task * ROWS_PER_TASK, r1):
+            wr = w[r]
+            if has_fused_dot(fmt):
+                for j in range(n):
+                    y[j, r] = dot_row(fmt, wr, x[j], lut, lanes)
+                continue
+            acc[:] = 0.0
+            for c0 in range(0, cols, CHUNK):
+                nc = min(CHUNK, cols - c0)
+                decode_chunk(fmt, wr, c0, nc, buf, lut)
+                for j in range(n):
+                    xr = x[j, c0:c0 + nc]
+                    s = np.float32(0.0)
+                    for k in range(nc):
+                        s += buf[k] * xr[k]
+                    acc[j] += s
+            for j in range(n):
+                y[j, r] = acc[j]
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def decode_rows(fmt, w, r0, out, lut):
+    """out (n, C) fp32 = rows r0 .. r0+n-1 of W decoded from its stored bytes w (R, RB)."""
+    n = out.shape[0]
+    cols = out.shape[1]
+    for i in prange(n):
+        row = w[r0 + i]
+        o = out[i]
+        for c0 in range(0, cols, CHUNK):
+            nc = min(CHUNK, cols - c0)
+            decode_chunk(fmt, row, c0, nc, o[c0:c0 + nc], lut)

@@ -1,0 +1,73 @@
+"""A 2-D weight kept in its stored format (a GGUF tensor's ggml type, or fp32/bf16/fp16) and
+multiplied in place by the numba kernels of hetero_rt.kernels.linear: what `format: stored` in the
+placement rules gives the dense projections of a GGUF model that run on the CPU.
+
+The model sees an nn.Parameter holding the raw bytes (R, row_bytes) uint8 with this object as its
+`.stored` attribute; model.layers.linear() and quant.fp8.materialize() dispatch on it.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .ggml import fp16_table, get_format
+
+DECODE_MAX_TOKENS = 8      # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
+BLOCK_ROWS = 1024          # rows decoded to fp32 at a time for the GEMM path
+
+
+class StoredWeight:
+    def __init__(self, raw: np.ndarray, fmt: str, threads: int | None = None):
+        from ..experts.numba_backend import default_threads
+
+        self.fmt = get_format(fmt)
+        if raw.dtype != np.uint8 or raw.ndim != 2 or not raw.flags.c_contiguous:
+            raise ValueError(f"stored weight: expected C-contiguous uint8 (rows, row_bytes), got {raw.dtype} "
+                             f"{raw.shape}")
+        self.raw = raw
+        self.shape = (raw.shape[0], self.fmt.cols(raw.shape[1]))
+        self.threads = threads or default_threads()
+        self.lut = fp16_table()
+        self._block = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., C) -> (..., R) in x's dtype."""
+        from ..kernels.linear import decode_rows, gemv
+
+        if x.device.type != "cpu":
+            raise ValueError(f"stored-format weights run on the CPU; x is on {x.device}")
+        lead = x.shape[:-1]
+        xs = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+        rows, cols = self.shape
+        if xs.shape[1] != cols:
+            raise ValueError(f"stored weight {self.shape}: x has {xs.shape[1]} features")
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        if xs.shape[0] <= DECODE_MAX_TOKENS:
+            y = np.empty((xs.shape[0], rows), np.float32)
+            gemv(self.fmt.code, self.raw, xs.numpy(), y, self.lut)
+            out = torch.from_numpy(y)
+        else:
+            out = torch.empty(xs.shape[0], rows, dtype=torch.float32)
+            if self._block is None:
+                self._block = np.empty((min(BLOCK_ROWS, rows), cols), np.float32)
+            for r0 in range(0, rows, BLOCK_ROWS):
+                n = min(BLOCK_ROWS, rows - r0)
+                blk = self._block[:n]
+                decode_rows(self.fmt.code, self.raw, r0, blk, self.lut)
+                out[:, r0:r0 + n] = xs @ torch.from_numpy(blk).T
+        return out.reshape(*lead, rows).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        from ..kernels.linear import decode_rows
+
+        out = np.empty(self.shape, np.float32)
+        decode_rows(self.fmt.code, self.raw, 0, out, self.lut)
+        return torch.from_numpy(out)
+
+
+def stored_parameter(raw: np.ndarray, fmt: str, threads: int | None = None) -> torch.nn.Parameter:
+    weight = StoredWeight(raw, fmt, threads)
+    param = torch.nn.Parameter(torch.from_numpy(raw), requires_grad=False)
+    param.stored = weight
+    return param
