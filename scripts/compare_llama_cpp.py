@@ -33,6 +33,14 @@ def prompt_ids(n: int, vocab: int, seed: int, bos: int | None) -> list[int]:
     return ([bos] if bos is not None else []) + ids[: n - (bos is not None)]
 
 
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last token evaluated (llama.cpp keeps only those without logits_all)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def run_llama(ns, prompt, agree) -> dict:
     import llama_cpp
     import llama_cpp.llama as llama_module
@@ -54,13 +62,13 @@ def run_llama(ns, prompt, agree) -> dict:
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits(llm)))
     llm.eval([tok])  # first decode step (graph for one token) outside the timing, as for hetero_rt
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits(llm)))
     t0 = time.perf_counter()
     for _ in range(ns.gen):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
     decode = time.perf_counter() - t0
     del llm
     llm = llama_cpp.Llama(ns.model, n_ctx=len(agree) + 16, n_threads=ns.threads, n_threads_batch=ns.threads,
@@ -110,6 +118,30 @@ def worker(ns) -> int:
     return 0
 
 
+def decode_bytes(ck, args) -> int:
+    """Stored bytes one decode token reads: every weight once, the routed experts' k/E share, one
+    embedding row (the expected value for routing spread evenly over the experts)."""
+    total = 0
+    for name in ck.names():
+        info = ck.info(name)
+        if name.endswith("_exps.weight"):
+            total += info.nbytes * args.num_experts_per_tok // args.n_routed_experts
+        elif name == "token_embd.weight":
+            total += info.nbytes // info.shape[0]
+        else:
+            total += info.nbytes
+    return total
+
+
+def measured_bandwidth(threads: int) -> float:
+    import numba
+
+    from hetero_rt.kernels.bench import read_bandwidth
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return read_bandwidth(np.ones(256 * 2 ** 20, np.float32))  # 1 GiB
+
+
 def main(argv=None) -> int:
     import psutil
 
@@ -135,6 +167,8 @@ def main(argv=None) -> int:
     with GGUFCheckpoint(ns.model) as ck:
         args = ck.args()
         size = sum(f.stat().st_size for f in ck.files)
+        token_bytes = decode_bytes(ck, args)
+    bandwidth = measured_bandwidth(ns.threads)
     with tempfile.TemporaryDirectory() as tmp:
         ids = Path(tmp) / "ids.json"
         ids.write_text(json.dumps({"prompt": prompt_ids(ns.prompt_tokens, args.vocab_size, ns.seed, args.bos_token_id),
@@ -166,6 +200,11 @@ def main(argv=None) -> int:
     print(f"model {ns.model} ({size / 2**30:.2f} GiB), threads {ns.threads}, llama-cpp-python {b['version']}, "
           f"llama.cpp extra buffer types {'on' if ns.llama_extra_bufts else 'OFF'}; "
           f"hetero_rt rules {ns.rules} dtype {ns.dtype}; hetero_rt JIT warm-up {a['warmup_s']:.1f} s (untimed)")
+    gbs = [token_bytes * ns.gen / r["decode_s"] / 1e9 for r in (a, b)]
+    rows.append(("decode weight GB/s (share of read BW)", f"{gbs[0]:.2f} ({gbs[0] / bandwidth:.0%})",
+                 f"{gbs[1]:.2f} ({gbs[1] / bandwidth:.0%})", f"{gbs[0] / gbs[1]:.2f}"))
+    print(f"memory read bandwidth measured now ({ns.threads} threads): {bandwidth:.1f} GB/s; weights read per "
+          f"decode token (stored bytes, routed experts k/E of theirs, embedding row only): {token_bytes / 1e9:.2f} GB")
     print("| | hetero_rt | llama.cpp | ratio |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

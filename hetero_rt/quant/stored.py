@@ -7,6 +7,8 @@ The model sees an nn.Parameter holding the raw bytes (R, row_bytes) uint8 with t
 """
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 import torch
@@ -68,6 +70,8 @@ class StoredWeight:
 
 def stored_parameter(raw: np.ndarray, fmt: str, threads: int | None = None) -> torch.nn.Parameter:
     weight = StoredWeight(raw, fmt, threads)
-    param = torch.nn.Parameter(torch.from_numpy(raw), requires_grad=False)
+    with warnings.catch_warnings():  # read-only memory map: the parameter is never written
+        warnings.simplefilter("ignore", UserWarning)
+        param = torch.nn.Parameter(torch.from_numpy(raw), requires_grad=False)
     param.stored = weight
     return param
