@@ -1,14 +1,16 @@
 """Routed-experts SwiGLU kernels: y[t] = sum_k w[t,k] * W2_e (silu(W1_e x[t]) * W3_e x[t]), e = ids[t,k].
 
-One algorithm serves decode and prefill; only the row-tile height changes (the wrapper picks it):
   1. route: slots (t, k) sorted by expert, so each active expert sees its tokens as one group;
-  2. gate+up, parallel over (active expert, tile of I rows): each tile of W1 and W3 is decoded
-     CHUNK columns at a time into an L1 buffer and multiplied with every token of the group, so a
-     weight is read from memory once per call however many tokens use it; h = silu(g) * u;
+  2. gate+up, parallel over (active expert, tile of I rows); h = silu(g) * u;
   3. down, parallel over tiles of D rows (each task owns its rows of y: no races), looping over
-     the active experts: the same tiled product of W2 rows with the group's h rows, scaled by w.
-Decode (few tokens per expert) uses short tiles for many parallel tasks; prefill uses tall tiles so
-each decoded weight chunk and each activation chunk are reused from cache many times.
+     the active experts: W2 rows times the group's h rows, scaled by w.
+Two kernels per step, chosen per call from the largest group (moe_forward):
+  - decode (every expert has <= DECODE_MAX_TOKENS tokens): each weight row is dotted straight from
+    its bytes with the fused per-format dots of hetero_rt.kernels.dot, one sequential stream per
+    row, tasks of equal size (rows) split evenly over the threads; nothing is allocated per task;
+  - prefill: each tile of rows is decoded CHUNK columns at a time into an L1 buffer and multiplied
+    with every token of the group, so a weight is read from memory once per call however many
+    tokens use it, and each decoded chunk is reused from cache many times.
 
 All kernels are @njit(nogil=True, cache=True); the parallel ones use prange.
 Legend: T tokens, K experts per token, S = T*K slots, U active experts, D hidden, I expert inter,
@@ -19,9 +21,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .dequant import CHUNK, decode_chunk, dot_row, has_fused_dot
+from .dequant import CHUNK, decode_chunk
+from .dot import block_sums, dot_row
 
-STREAM_MAX_TOKENS = 2  # up to this many tokens per expert, tile_matmul streams rows one by one
+DECODE_MAX_TOKENS = 4   # largest group (tokens of one expert) that takes the decode kernels
+DECODE_ROWS = 32        # weight rows per parallel decode task
 
 
 @njit(nogil=True, cache=True)
@@ -65,28 +69,7 @@ def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
     w (R, RB) uint8 stored rows; x (N, cols) fp32; acc (>= rows, n); buf (RT, CHUNK) fp32 scratch."""
     n = x_rows.shape[0]
     acc[:rows, :n] = 0.0
-    if n <= STREAM_MAX_TOKENS:
-        # few tokens: walk each row start to end, one sequential stream the prefetcher follows
-        if has_fused_dot(fmt):
-            lanes = np.empty(32, np.float32)
-            for r in range(rows):
-                for j in range(n):
-                    acc[r, j] = dot_row(fmt, w[r0 + r], x[x_rows[j], :cols], lut, lanes)
-            return
-        b0 = buf[0]
-        for r in range(rows):
-            wr = w[r0 + r]
-            for c0 in range(0, cols, CHUNK):
-                nc = min(CHUNK, cols - c0)
-                decode_chunk(fmt, wr, c0, nc, b0, lut)
-                for j in range(n):
-                    xr = x[x_rows[j], c0:c0 + nc]
-                    s0 = np.float32(0.0)
-                    for k in range(nc):
-                        s0 += b0[k] * xr[k]
-                    acc[r, j] += s0
-        return
-    # many tokens: decode a (rows x CHUNK) tile once, reuse it for every token
+    # decode a (rows x CHUNK) tile once, reuse it for every token
     for c0 in range(0, cols, CHUNK):
         nc = min(CHUNK, cols - c0)
         for r in range(rows):
@@ -190,13 +173,60 @@ def down(fmt, w2, h, active, offsets, slot_token, slot_weight, y, rt, lut):
                     y[t, r0 + r] += wt * acc[r, j]
 
 
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def gate_up_decode(fmt, w1, w3, x, xs, active, offsets, slot_token, h, rt):
+    """As gate_up, each row dotted from its bytes; xs (T, D // 32) = block sums of x."""
+    inter = w1.shape[1]
+    tiles = (inter + rt - 1) // rt
+    for task in prange(active.shape[0] * tiles):
+        u, tile = task // tiles, task % tiles
+        e = active[u]
+        for r in range(tile * rt, min(inter, tile * rt + rt)):
+            for s in range(offsets[u], offsets[u + 1]):
+                t = slot_token[s]
+                g = dot_row(fmt, w1[e, r], x[t], xs[t])
+                v = dot_row(fmt, w3[e, r], x[t], xs[t])
+                h[s, r] = g / (np.float32(1.0) + np.exp(-g)) * v
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def down_decode(fmt, w2, h, hs, active, offsets, slot_token, slot_weight, y, rt):
+    """As down, each row dotted from its bytes; hs (S, I // 32) = block sums of h."""
+    dim = w2.shape[1]
+    tiles = (dim + rt - 1) // rt
+    for tile in prange(tiles):
+        for u in range(active.shape[0]):      # expert outer: each expert's rows are one stream
+            e = active[u]
+            for r in range(tile * rt, min(dim, tile * rt + rt)):
+                for s in range(offsets[u], offsets[u + 1]):
+                    y[slot_token[s], r] += slot_weight[s] * dot_row(fmt, w2[e, r], h[s], hs[s])
+
+
+@njit(nogil=True, cache=True)
+def _block_sums_rows(a):
+    """(N, C) -> (N, C // 32) sums of 32 consecutive columns."""
+    out = np.empty((a.shape[0], a.shape[1] // 32), np.float32)
+    for i in range(a.shape[0]):
+        block_sums(a[i], out[i])
+    return out
+
+
 @njit(nogil=True, cache=True)
 def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut):
     """x (T, D) fp32, ids (T, K) int64, weights (T, K) fp32, w1/w3 (E, I, RB13) and w2 (E, D, RB2)
-    uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend)."""
+    uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend).
+    rt_up, rt_down: row-tile heights of the prefill kernels."""
     active, offsets, slot_token, slot_weight = route(ids, weights, w1.shape[0])
+    largest = 0
+    for u in range(active.shape[0]):
+        largest = max(largest, offsets[u + 1] - offsets[u])
     h = np.empty((slot_token.shape[0], w1.shape[1]), np.float32)        # (S, I)
-    gate_up(fmt13, w1, w3, x, active, offsets, slot_token, h, rt_up, lut)
     y = np.zeros(x.shape, np.float32)                                    # (T, D)
-    down(fmt2, w2, h, active, offsets, slot_token, slot_weight, y, rt_down, lut)
+    if largest <= DECODE_MAX_TOKENS:
+        gate_up_decode(fmt13, w1, w3, x, _block_sums_rows(x), active, offsets, slot_token, h, DECODE_ROWS)
+        down_decode(fmt2, w2, h, _block_sums_rows(h), active, offsets, slot_token, slot_weight, y,
+                    DECODE_ROWS)
+    else:
+        gate_up(fmt13, w1, w3, x, active, offsets, slot_token, h, rt_up, lut)
+        down(fmt2, w2, h, active, offsets, slot_token, slot_weight, y, rt_down, lut)
     return y

@@ -1,0 +1,261 @@
+"""Fused row dots for decode: dot(stored row, x) computed straight from the row's bytes, every
+format, fp32 activations. Nothing is written back: each block is decoded into registers and
+multiplied with x (L1-resident; the same x serves every row of a matrix).
+
+How they stay vectorized (measured on AVX-512, 1 core; 2-4x the decode-to-buffer path):
+  - indexes are uint64 offsets into the whole row (no per-block slices or views: building a numba
+    array per 32 weights cost more than the block's FMAs; unsigned: no negative-index wraparound);
+  - each inner loop is a plain reduction of <= 32 steps with several independent sums (two blocks
+    of Q8_0/Q4_0 per step, the eight sub-blocks of a K-quant block together), so LLVM vectorizes it;
+  - 4- to 6-bit weights are unpacked on 8-bit integers (hetero_rt.kernels.intrinsics);
+  - block scales are applied once per block: for Q4_0/Q4_K/Q5_K,
+    sum_k (d*sc*q_k - m) * x_k = d*sc * sum_k q_k x_k - m * xs, xs = sum_k x_k per 32 columns,
+    computed once per activation row (block_sums).
+Results equal dequantize-then-dot up to fp32 summation order.
+Legend: C columns (elements per row), RB bytes per row, NB blocks per row.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .intrinsics import f16_to_f32, f32_from_bits, prefetch, q5_to_f32, q6_to_f32, u8_to_f32
+
+FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K = range(8)
+U = np.uint64
+F0 = np.float32(0.0)
+AHEAD = U(2048)   # software prefetch distance in bytes along the row stream
+
+
+@njit(inline="always", cache=True)
+def f16_at(row, i):
+    """fp16 stored little-endian at row[i], i uint64."""
+    return f16_to_f32(np.uint16(np.uint16(row[i]) | (np.uint16(row[i + U(1)]) << np.uint16(8))))
+
+
+@njit(inline="always", cache=True)
+def k_scale_min(row, base, j):
+    """6-bit scale and min of K-quant sub-block j (0..7) from the 12 bytes at row[base:] (base uint64)."""
+    if j < 4:
+        return np.float32(row[base + U(j)] & 63), np.float32(row[base + U(4 + j)] & 63)
+    sc = (row[base + U(4 + j)] & 15) | ((row[base + U(j - 4)] >> 6) << 4)
+    mn = (row[base + U(4 + j)] >> 4) | ((row[base + U(j)] >> 6) << 4)
+    return np.float32(sc), np.float32(mn)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def block_sums(x, xs):
+    """xs[b] = sum of x[32b:32b+32]; x (C,), xs (C // 32,)."""
+    for b in range(xs.shape[0]):
+        s = F0
+        for k in range(32):
+            s += x[U(32 * b + k)]
+        xs[b] = s
+
+
+@njit(inline="always", cache=True)
+def _prefetch_ahead(row, o, nbytes):
+    """Prefetch the lines of row[o + AHEAD : o + AHEAD + nbytes] (nbytes: what one step reads)."""
+    for c in range(0, nbytes, 64):
+        prefetch(row, o + AHEAD + U(c))
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_fp(fmt, row, x):
+    """fp32/bf16/fp16: plain streams, which the hardware prefetcher follows on its own."""
+    s = F0
+    if fmt == FP32:
+        w = row.view(np.float32)
+        for k in range(x.shape[0]):
+            s += w[k] * x[k]
+    elif fmt == BF16:
+        w16 = row.view(np.uint16)
+        for k in range(x.shape[0]):
+            s += f32_from_bits(np.uint32(w16[k]) << np.uint32(16)) * x[k]
+    else:
+        w16 = row.view(np.uint16)
+        for k in range(x.shape[0]):
+            s += f16_to_f32(w16[k]) * x[k]
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q8_0(row, x):
+    qi = row.view(np.int8)
+    nb = x.shape[0] // 32
+    s0 = s1 = F0
+    for b in range(0, nb - 1, 2):            # two blocks per step: two independent sums
+        o, xo = U(34 * b), U(32 * b)
+        _prefetch_ahead(row, o, 68)
+        t0 = t1 = F0
+        for k in range(32):
+            t0 += np.float32(qi[o + U(2 + k)]) * x[xo + U(k)]
+            t1 += np.float32(qi[o + U(36 + k)]) * x[xo + U(32 + k)]
+        s0 += f16_at(row, o) * t0
+        s1 += f16_at(row, o + U(34)) * t1
+    if nb % 2:
+        o, xo = U(34 * (nb - 1)), U(32 * (nb - 1))
+        t0 = F0
+        for k in range(32):
+            t0 += np.float32(qi[o + U(2 + k)]) * x[xo + U(k)]
+        s0 += f16_at(row, o) * t0
+    return s0 + s1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q4_0(row, x, xs):
+    """Q4_0 weight = d * (q - 8): d * (sum q x - 8 * xs)."""
+    nb = x.shape[0] // 32
+    s0 = s1 = F0
+    for b in range(0, nb - 1, 2):
+        o, xo = U(18 * b + 2), U(32 * b)
+        _prefetch_ahead(row, o, 36)
+        t0 = t1 = F0
+        for k in range(16):
+            q0, q1 = row[o + U(k)], row[o + U(18 + k)]
+            t0 += u8_to_f32(q0, 0, 15) * x[xo + U(k)] + u8_to_f32(q0, 4, 15) * x[xo + U(16 + k)]
+            t1 += u8_to_f32(q1, 0, 15) * x[xo + U(32 + k)] + u8_to_f32(q1, 4, 15) * x[xo + U(48 + k)]
+        s0 += f16_at(row, o - U(2)) * (t0 - np.float32(8.0) * xs[b])
+        s1 += f16_at(row, o + U(16)) * (t1 - np.float32(8.0) * xs[b + 1])
+    if nb % 2:
+        b = nb - 1
+        o, xo = U(18 * b + 2), U(32 * b)
+        t0 = F0
+        for k in range(16):
+            q0 = row[o + U(k)]
+            t0 += u8_to_f32(q0, 0, 15) * x[xo + U(k)] + u8_to_f32(q0, 4, 15) * x[xo + U(16 + k)]
+        s0 += f16_at(row, o - U(2)) * (t0 - np.float32(8.0) * xs[b])
+    return s0 + s1
+
+
+@njit(inline="always", cache=True)
+def _k_combine(row, o, xs, xb, t0, t1, t2, t3, t4, t5, t6, t7):
+    """d * sum_j sc_j t_j - dmin * sum_j m_j xs_j for one Q4_K/Q5_K block at row[o:]."""
+    so = o + U(4)
+    sc, m = k_scale_min(row, so, 0)
+    acc, mm = sc * t0, m * xs[xb]
+    sc, m = k_scale_min(row, so, 1)
+    acc += sc * t1
+    mm += m * xs[xb + 1]
+    sc, m = k_scale_min(row, so, 2)
+    acc += sc * t2
+    mm += m * xs[xb + 2]
+    sc, m = k_scale_min(row, so, 3)
+    acc += sc * t3
+    mm += m * xs[xb + 3]
+    sc, m = k_scale_min(row, so, 4)
+    acc += sc * t4
+    mm += m * xs[xb + 4]
+    sc, m = k_scale_min(row, so, 5)
+    acc += sc * t5
+    mm += m * xs[xb + 5]
+    sc, m = k_scale_min(row, so, 6)
+    acc += sc * t6
+    mm += m * xs[xb + 6]
+    sc, m = k_scale_min(row, so, 7)
+    acc += sc * t7
+    mm += m * xs[xb + 7]
+    return f16_at(row, o) * acc - f16_at(row, o + U(2)) * mm
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q4_k(row, x, xs):
+    """Sub-block j of a 256 block: nibbles (j & 1) of bytes 16 + 32 (j >> 1) + k."""
+    s = F0
+    for b in range(x.shape[0] // 256):
+        o, xo = U(144 * b), U(256 * b)
+        _prefetch_ahead(row, o, 144)
+        q = o + U(16)
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = F0
+        for k in range(32):
+            a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
+            t0 += u8_to_f32(a, 0, 15) * x[xo + U(k)]
+            t1 += u8_to_f32(a, 4, 15) * x[xo + U(32 + k)]
+            t2 += u8_to_f32(c, 0, 15) * x[xo + U(64 + k)]
+            t3 += u8_to_f32(c, 4, 15) * x[xo + U(96 + k)]
+            t4 += u8_to_f32(e, 0, 15) * x[xo + U(128 + k)]
+            t5 += u8_to_f32(e, 4, 15) * x[xo + U(160 + k)]
+            t6 += u8_to_f32(g, 0, 15) * x[xo + U(192 + k)]
+            t7 += u8_to_f32(g, 4, 15) * x[xo + U(224 + k)]
+        s += _k_combine(row, o, xs, 8 * b, t0, t1, t2, t3, t4, t5, t6, t7)
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q5_k(row, x, xs):
+    """As Q4_K plus a fifth bit: bit j of qh[k] (bytes 16..47) for sub-block j; nibbles at 48."""
+    s = F0
+    for b in range(x.shape[0] // 256):
+        o, xo = U(176 * b), U(256 * b)
+        _prefetch_ahead(row, o, 176)
+        hq, q = o + U(16), o + U(48)
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = F0
+        for k in range(32):
+            h = row[hq + U(k)]
+            a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
+            t0 += q5_to_f32(a, h, 0, 0) * x[xo + U(k)]
+            t1 += q5_to_f32(a, h, 4, 1) * x[xo + U(32 + k)]
+            t2 += q5_to_f32(c, h, 0, 2) * x[xo + U(64 + k)]
+            t3 += q5_to_f32(c, h, 4, 3) * x[xo + U(96 + k)]
+            t4 += q5_to_f32(e, h, 0, 4) * x[xo + U(128 + k)]
+            t5 += q5_to_f32(e, h, 4, 5) * x[xo + U(160 + k)]
+            t6 += q5_to_f32(g, h, 0, 6) * x[xo + U(192 + k)]
+            t7 += q5_to_f32(g, h, 4, 7) * x[xo + U(224 + k)]
+        s += _k_combine(row, o, xs, 8 * b, t0, t1, t2, t3, t4, t5, t6, t7)
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q6_k(row, x):
+    """Element 128h + 32kk + l: low nibble (kk >> 1) of ql[64h + 32(kk & 1) + l], bits 2kk of
+    qh[128 + 32h + l], int8 scale (192 + 8h + 2kk + l // 16), d at 208; weight d * sc * (q - 32)."""
+    s = F0
+    for b in range(x.shape[0] // 256):
+        o = U(210 * b)
+        _prefetch_ahead(row, o, 210)
+        d = f16_at(row, o + U(208))
+        sc = o + U(192)
+        for h in range(2):
+            lq, hq, xo = o + U(64 * h), o + U(128 + 32 * h), U(256 * b + 128 * h)
+            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = F0
+            for l in range(16):
+                a, c = row[lq + U(l)], row[lq + U(32 + l)]
+                a2, c2 = row[lq + U(16 + l)], row[lq + U(48 + l)]
+                hb, hb2 = row[hq + U(l)], row[hq + U(16 + l)]
+                t0 += q6_to_f32(a, hb, 0, 0) * x[xo + U(l)]
+                t1 += q6_to_f32(a2, hb2, 0, 0) * x[xo + U(16 + l)]
+                t2 += q6_to_f32(c, hb, 0, 2) * x[xo + U(32 + l)]
+                t3 += q6_to_f32(c2, hb2, 0, 2) * x[xo + U(48 + l)]
+                t4 += q6_to_f32(a, hb, 4, 4) * x[xo + U(64 + l)]
+                t5 += q6_to_f32(a2, hb2, 4, 4) * x[xo + U(80 + l)]
+                t6 += q6_to_f32(c, hb, 4, 6) * x[xo + U(96 + l)]
+                t7 += q6_to_f32(c2, hb2, 4, 6) * x[xo + U(112 + l)]
+            si = sc + U(8 * h)
+            acc = (_i8(row[si]) * t0 + _i8(row[si + U(1)]) * t1 + _i8(row[si + U(2)]) * t2
+                   + _i8(row[si + U(3)]) * t3 + _i8(row[si + U(4)]) * t4 + _i8(row[si + U(5)]) * t5
+                   + _i8(row[si + U(6)]) * t6 + _i8(row[si + U(7)]) * t7)
+            s += d * acc
+    return s
+
+
+@njit(inline="always", cache=True)
+def _i8(v):
+    """uint8 byte read as int8, as fp32."""
+    return np.float32(np.int32(v) - (np.int32(v & 128) << 1))
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dot_row(fmt, row, x, xs):
+    """dot(weights of the stored row, x): row (RB,) uint8, x (C,) fp32, xs (C // 32,) = block_sums(x)
+    (read by Q4_0/Q4_K/Q5_K only)."""
+    if fmt <= FP16:
+        return _dot_fp(fmt, row, x)
+    if fmt == Q8_0:
+        return _dot_q8_0(row, x)
+    if fmt == Q4_0:
+        return _dot_q4_0(row, x, xs)
+    if fmt == Q4_K:
+        return _dot_q4_k(row, x, xs)
+    if fmt == Q5_K:
+        return _dot_q5_k(row, x, xs)
+    return _dot_q6_k(row, x)
