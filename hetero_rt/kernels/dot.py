@@ -21,7 +21,7 @@ from numba import njit
 
 from .intrinsics import f16_to_f32, f32_from_bits, prefetch, q5_to_f32, q6_to_f32, u8_to_f32
 
-FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K = range(8)
+FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
 F0 = np.float32(0.0)
 AHEAD = U(2048)   # software prefetch distance in bytes along the row stream
@@ -126,6 +126,26 @@ def _dot_q4_0(row, x, xs):
             t0 += u8_to_f32(q0, 0, 15) * x[xo + U(k)] + u8_to_f32(q0, 4, 15) * x[xo + U(16 + k)]
         s0 += f16_at(row, o - U(2)) * (t0 - np.float32(8.0) * xs[b])
     return s0 + s1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q5_0(row, x, xs):
+    """Q5_0 weight = d * (q - 16), q = nibble | 5th bit from the block's uint32 qh: d * (sum q x - 16 * xs)."""
+    nb = x.shape[0] // 32
+    s0 = F0
+    for b in range(nb):
+        o, xo = U(22 * b), U(32 * b)
+        _prefetch_ahead(row, o, 22)
+        qh = (np.uint32(row[o + U(2)]) | (np.uint32(row[o + U(3)]) << np.uint32(8))
+              | (np.uint32(row[o + U(4)]) << np.uint32(16)) | (np.uint32(row[o + U(5)]) << np.uint32(24)))
+        t0 = F0
+        for k in range(16):
+            q = row[o + U(6 + k)]
+            lo = np.int32(q & 15) | np.int32(((qh >> np.uint32(k)) & np.uint32(1)) << np.uint32(4))
+            hi = np.int32(q >> 4) | np.int32(((qh >> np.uint32(k + 16)) & np.uint32(1)) << np.uint32(4))
+            t0 += np.float32(lo) * x[xo + U(k)] + np.float32(hi) * x[xo + U(16 + k)]
+        s0 += f16_at(row, o) * (t0 - np.float32(16.0) * xs[b])
+    return s0
 
 
 @njit(inline="always", cache=True)
@@ -247,7 +267,7 @@ def _i8(v):
 @njit(nogil=True, fastmath=True, cache=True)
 def dot_row(fmt, row, x, xs):
     """dot(weights of the stored row, x): row (RB,) uint8, x (C,) fp32, xs (C // 32,) = block_sums(x)
-    (read by Q4_0/Q4_K/Q5_K only)."""
+    (read by Q4_0/Q5_0/Q4_K/Q5_K only)."""
     if fmt <= FP16:
         return _dot_fp(fmt, row, x)
     if fmt == Q8_0:
@@ -258,4 +278,6 @@ def dot_row(fmt, row, x, xs):
         return _dot_q4_k(row, x, xs)
     if fmt == Q5_K:
         return _dot_q5_k(row, x, xs)
+    if fmt == Q5_0:
+        return _dot_q5_0(row, x, xs)
     return _dot_q6_k(row, x)

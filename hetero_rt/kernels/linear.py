@@ -3,8 +3,8 @@ format), read in place: the dense projections of a GGUF model placed on the CPU 
 `format: stored` (attention, shared experts, dense FFN, lm_head).
 
 Two regimes, as for the experts:
-- few tokens (decode): rows split over the threads, each row decoded chunk by chunk (or dotted
-  straight from its bytes) against every token: the weight is read once;
+- few tokens (decode): rows split over the threads, each row dotted straight from its bytes
+  (kernels.dot) against every token: the weight is read once;
 - many tokens (prefill): rows decoded a block at a time into fp32 (decode_rows) and multiplied by
   the caller with torch's GEMM, so the matmul runs at BLAS speed and no full fp32 copy ever exists.
 Legend: T tokens, R rows (out features), C columns (in features), RB bytes per row.
@@ -14,41 +14,28 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .dequant import CHUNK, decode_chunk, dot_row, has_fused_dot
+from .dequant import CHUNK, decode_chunk
+from .dot import block_sums, dot_row
 
 ROWS_PER_TASK = 16
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gemv(fmt, w, x, y, lut):
+def gemv(fmt, w, x, y):
     """y (T, R) = x (T, C) @ W.T for W as stored bytes w (R, RB)."""
     rows = w.shape[0]
     n = x.shape[0]
     cols = x.shape[1]
+    xs = np.empty((n, cols // 32), np.float32)
+    for j in range(n):
+        block_sums(x[j], xs[j])
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
-        buf = np.empty(CHUNK, np.float32)
-        lanes = np.empty(32, np.float32)
-        acc = np.empty(n, np.float32)
         r1 = min(rows, (task + 1) * ROWS_PER_TASK)
         for r in range(task * ROWS_PER_TASK, r1):
             wr = w[r]
-            if has_fused_dot(fmt):
-                for j in range(n):
-                    y[j, r] = dot_row(fmt, wr, x[j], lut, lanes)
-                continue
-            acc[:] = 0.0
-            for c0 in range(0, cols, CHUNK):
-                nc = min(CHUNK, cols - c0)
-                decode_chunk(fmt, wr, c0, nc, buf, lut)
-                for j in range(n):
-                    xr = x[j, c0:c0 + nc]
-                    s = np.float32(0.0)
-                    for k in range(nc):
-                        s += buf[k] * xr[k]
-                    acc[j] += s
             for j in range(n):
-                y[j, r] = acc[j]
+                y[j, r] = dot_row(fmt, wr, x[j], xs[j])
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)

@@ -47,7 +47,7 @@ class StoredWeight:
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         if xs.shape[0] <= DECODE_MAX_TOKENS:
             y = np.empty((xs.shape[0], rows), np.float32)
-            gemv(self.fmt.code, self.raw, xs.numpy(), y, self.lut)
+            gemv(self.fmt.code, self.raw, xs.numpy(), y)
             out = torch.from_numpy(y)
         else:
             out = torch.empty(xs.shape[0], rows, dtype=torch.float32)
