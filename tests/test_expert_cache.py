@@ -119,9 +119,11 @@ def test_belady_hand_example():
     assert belady_hits(trace, 1) == (2, 6)   # keep 0 throughout, 1 and 2 bypass: hits at calls 2 and 5
 
 
-def brute_force_optimum(trace, slots, n_experts):
-    """Max hits over every cache schedule (after each call: any subset of held + just-used experts)."""
-    best = {frozenset(): 0}
+def brute_force_optimum(trace, slots, n_experts, warm=False):
+    """Max hits over every cache schedule (after each call: any subset of held + just-used experts),
+    starting empty or (warm) from any `slots` experts."""
+    start = itertools.combinations(range(n_experts), slots) if warm else [()]
+    best = {frozenset(s): 0 for s in start}
     for need in trace:
         need = set(need)
         nxt = {}
@@ -143,6 +145,7 @@ def test_belady_is_the_optimum(seed):
     trace = [rng.choice(5, rng.integers(1, 3), replace=False).tolist() for _ in range(9)]
     for slots in (1, 2, 3):
         assert belady_hits(trace, slots)[0] == brute_force_optimum(trace, slots, 5), (trace, slots)
+        assert belady_hits(trace, slots, warm=True)[0] == brute_force_optimum(trace, slots, 5, warm=True)
 
 
 def skewed_trace(n_experts=64, k=6, steps=3000, s=1.1, drift_every=500, seed=0):

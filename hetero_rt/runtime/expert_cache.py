@@ -306,17 +306,19 @@ def expert_bytes(inter_dim: int, dim: int, dtype: torch.dtype) -> int:
     return 3 * inter_dim * dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def belady_hits(trace: Sequence[np.ndarray], slots: int) -> tuple[int, int]:
+def belady_hits(trace: Sequence[np.ndarray], slots: int, warm: bool = False) -> tuple[int, int]:
     """Offline optimum for a demand-filled cache with bypass. trace: per call, the distinct experts
     it needs. Returns (hits, requests). After each call the cache may hold any `slots` experts among
-    those it held and those just used; keeping the ones whose next use comes soonest is optimal."""
+    those it held and those just used; keeping the ones whose next use comes soonest is optimal.
+    warm=True starts from the best possible contents (the `slots` experts used first) instead of an
+    empty cache: the fair optimum for caches that start filled (static, or a warmed-up dynamic)."""
     steps = [np.unique(np.asarray(s, np.int64)) for s in trace]
     uses: dict[int, list[int]] = {}
     for t, s in enumerate(steps):
         for e in s.tolist():
             uses.setdefault(e, []).append(t)
     pointer = {e: 0 for e in uses}
-    cache: set[int] = set()
+    cache: set[int] = set(sorted(uses, key=lambda e: (uses[e][0], e))[:slots]) if warm else set()
     hits = requests = 0
     for t, s in enumerate(steps):
         need = s.tolist()

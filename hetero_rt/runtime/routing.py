@@ -83,3 +83,17 @@ def load_trace(path: str | Path) -> dict[int, list[np.ndarray]]:
             ids, calls = data[key].astype(np.int64), data[f"calls_{layer}"]
             out[layer] = [ids[a:b] for a, b in zip(calls[:-1], calls[1:])]
     return out
+
+
+def record_routing(runtime, prompts: list[list[int]], max_new_tokens: int = 16) -> RoutingRecorder:
+    """Greedy-generate max_new_tokens after each prompt (token ids) with hooks on every gate."""
+    with RoutingRecorder(runtime.model) as rec:
+        for ids in prompts:
+            runtime.generate(ids, max_new_tokens=max_new_tokens)
+    return rec
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids (synthetic checkpoints have no meaningful text)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab, length).tolist() for _ in range(n)]
