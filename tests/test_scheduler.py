@@ -121,6 +121,40 @@ def test_static_policy_from_a_recorded_profile(ckpt, reference, profile, tmp_pat
     session.close()
 
 
+def deferral_oracle(rt, d: int) -> None:
+    """Patch the torch-backend model: in every MoE layer but the last, the d lowest-weighted experts of
+    each token are computed apart and added to the next MoE layer's output."""
+    moe = [b.ffn for b in rt.model.layers if hasattr(b.ffn, "gate")]
+    state = {"pending": None}
+
+    def make(m, last):
+        def forward(x):
+            w, ids = m.gate(x)
+            if last:
+                now, later = m.experts(x, ids, w), None
+            else:
+                low = w.argsort(dim=1, stable=True)[:, :d]
+                mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, low, True)
+                now, later = m.experts(x, ids, w.masked_fill(mask, 0)), m.experts(x, ids, w.masked_fill(~mask, 0))
+            if state["pending"] is not None:
+                now = now + state["pending"]
+            state["pending"] = later
+            return now + m.shared_experts(x)
+        return forward
+    for i, m in enumerate(moe):
+        m.forward = make(m, i == len(moe) - 1)
+
+
+def test_deferral_equals_its_oracle(ckpt, reference, tmp_path):
+    oracle = hetero_rt.load(ckpt, dtype="float32", context=64)
+    deferral_oracle(oracle, 1)
+    want = run(oracle)
+    rt = hetero_rt.load(ckpt, hetero_rules(tmp_path, "{defer: 1}"), cpu_fallback=True, context=64)
+    close(run(rt), want)
+    assert hetero_session(rt.model).total().deferred_pairs == 2 * (len(PROMPT) + DECODE)
+    hetero_session(rt.model).close()
+
+
 def test_deferral_changes_logits_only_when_on(ckpt, reference, tmp_path):
     rt = hetero_rt.load(ckpt, hetero_rules(tmp_path, "{cache: 4, defer: 1}"), cpu_fallback=True, context=64)
     got = run(rt)
@@ -246,3 +280,16 @@ def test_planner_counts_the_expert_cache():
     want = 56 * 16 * expert + 2 * ((2 ** 30 // expert) * expert + 2 * expert)
     assert mem.devices["cuda"].weights["expert_cache"] == want
     assert "expert_cache" in mem.format() and "hetero={cache: 16, policy: dynamic" in plan.format()
+
+
+def test_cost_model_crossover():
+    from hetero_rt.runtime.cost_model import CostModel
+    m = CostModel(pcie_gbps=20, cpu_gbps=80, cpu_gflops=800, gpu_tflops=50)
+    i, d = 2048, 7168
+    flops, gpu_b, host_b = 6 * i * d, 3 * i * d * 2, 3 * i * d * 2
+    n = m.crossover_tokens(host_b, gpu_b, flops)
+    assert n == pytest.approx(gpu_b / 20e9 / (flops / 800e9))       # = 40 tokens per expert for bf16
+    for tokens, want in ((n * 0.9, "cpu"), (n * 1.1, "stream"), (1, "cpu")):
+        counts = np.full(16, tokens)
+        assert m.choose(counts, host_b, gpu_b, flops)[0] == want
+    assert m.crossover_tokens(host_b, gpu_b // 8, flops) == 0.0     # copying cheaper than reading on the CPU
