@@ -142,7 +142,7 @@ def _load_experts(model, ckpt: GGUFCheckpoint, layer: int, device, dtype, backen
                                   f"expected {list(shapes[w])} from the GGUF metadata")
         used.add(src)
     kind, threads = backend
-    if kind == "numba":
+    if kind in ("numba", "hetero"):  # hetero: the scheduler wraps these CPU experts (placement.apply.finish)
         fallback = _FALLBACK_FORMAT[dtype]
         types = {w: ckpt.info(src).type for w, src in names.items()}
         fmt13 = KERNEL_FORMATS.get(types["w1"]) if types["w1"] == types["w3"] else None

@@ -57,7 +57,9 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """routed(x) + shared(x). `experts` is any module with the RoutedExperts call signature."""
+    """routed(x) + shared(x). `experts` is any module with the RoutedExperts call signature; one that
+    also has `combine(x, ids, weights, shared)` computes routed + shared itself (a scheduler that runs
+    the shared experts while the routed ones run elsewhere: hetero_rt.runtime.scheduler)."""
 
     def __init__(self, args: ModelArgs, experts: nn.Module):
         super().__init__()
@@ -68,6 +70,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
         weights, ids = self.gate(x)
+        combine = getattr(self.experts, "combine", None)
+        if combine is not None:
+            return combine(x, ids, weights, self.shared_experts)
         y = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -26,21 +26,30 @@ Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
 def experts_factory(plan: Plan, args: ModelArgs) -> Callable[[int], nn.Module]:
     def make(layer: int) -> nn.Module:
         backend = plan.experts(layer).backend
-        if backend in ("torch", "numba"):  # numba experts are filled like torch's, then converted (finish)
+        if backend in ("torch", "numba", "hetero"):  # numba/hetero: filled like torch's, converted in finish
             return TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
         raise HeteroRTError(f"{plan.source}: routed-experts backend {backend!r} for layer {layer} is unknown")
     return make
 
 
 def finish(model: nn.Module, plan: Plan) -> None:
-    """After the weights are loaded: hand each layer placed on the numba backend its stacked expert
-    weights (zero-copy byte views when already in fp32/bf16/fp16 host memory)."""
+    """After the weights are loaded: hand each layer placed on the numba or hetero backend its stacked
+    expert weights (zero-copy byte views when already in fp32/bf16/fp16 host memory); then wrap the
+    hetero layers in the scheduler (hetero_rt.runtime.scheduler), its cache on the main device."""
+    hetero = {}
     for layer, block in enumerate(model.layers):
         experts = getattr(block.ffn, "experts", None)
-        if experts is None or plan.experts(layer).backend != "numba" or isinstance(experts, NumbaExperts):
-            continue  # NumbaExperts already: built by the GGUF loader over the memory map
-        fmt = _NUMBA_FORMATS[experts.w1.dtype]
-        block.ffn.experts = NumbaExperts.from_torch(experts, fmt, threads=plan.experts(layer).threads)
+        backend = plan.experts(layer).backend if experts is not None else None
+        if backend not in ("numba", "hetero"):
+            continue
+        if not isinstance(experts, NumbaExperts):  # the GGUF loader builds them over the memory map itself
+            fmt = _NUMBA_FORMATS[experts.w1.dtype]
+            experts = block.ffn.experts = NumbaExperts.from_torch(experts, fmt, threads=plan.experts(layer).threads)
+        if plan.experts(layer).backend == "hetero":
+            hetero[layer] = plan.experts(layer).hetero
+    if hetero:
+        from ..runtime.scheduler import install
+        install(model, hetero, plan.main.device)
 
 
 def param_placement(plan: Plan, main_dtype: torch.dtype) -> Where:

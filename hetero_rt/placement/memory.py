@@ -9,6 +9,8 @@ Accounting (documented in docs/placement_rules.md):
   weights placed with `format: stored`; FP8 weights are
   dequantized at load, so their `*_scale_inv` tensors take no memory after loading; the gate's
   correction bias stays fp32; MTP layers are not loaded;
+- the GPU expert cache of layers on backend hetero (kind expert_cache): slots x 3 x I x D x dtype
+  bytes per layer (+ 2 streaming slots with hetero.stream), on the main device;
 - KV cache: layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main device;
 - working buffers on the main device, for a prefill chunk of C tokens against S = context positions:
   fp32 attention scores and probabilities 2 x heads x C x S x 4, the naive path's expanded K/V
@@ -167,7 +169,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
-        if dtype in GGUF_KERNEL_TYPES and ((p.module.kind == "routed_experts" and p.backend == "numba")
+        if dtype in GGUF_KERNEL_TYPES and ((p.module.kind == "routed_experts" and p.backend in ("numba", "hetero"))
                                            or (p.format == "stored" and len(shape) == 2)):
             nbytes = _ggml_bytes(dtype, shape)  # GGUF weights kept in the memory map, in their stored format
         if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
@@ -178,9 +180,23 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
         if p.module.kind == "routed_experts":
             expert_layers[p.module.layer] = expert_layers.get(p.module.layer, 0) + nbytes
     main = devices.setdefault(plan.main.device, DeviceMemory())
+    cache = expert_cache_bytes(args, plan, main_dtype)
+    if cache:
+        main.weights["expert_cache"] = cache
     main.kv_cache = kv_cache_bytes(args, context, main_dtype)
     main.working = working_bytes(args, context, main_dtype) + expand
     return MemoryPlan(devices, budgets or {}, context, expert_layers)
+
+
+def expert_cache_bytes(args: ModelArgs, plan: Plan, dtype: str) -> int:
+    """GPU expert caches of the layers on backend hetero: slots x one expert (w1, w3, w2) in the main
+    dtype, plus two streaming slots where the cost model may stream experts (hetero.stream)."""
+    per = 3 * args.moe_intermediate_size * args.hidden_size * DTYPE_BYTES[dtype]
+    total = 0
+    for p in plan.placements:
+        if p.module.kind == "routed_experts" and p.backend == "hetero":
+            total += p.hetero.slots(per, args.n_routed_experts) * per + (2 * per if p.hetero.stream else 0)
+    return total
 
 
 def kv_cache_bytes(args: ModelArgs, context: int, dtype: str) -> int:

@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 
 from ..config import ModelArgs
-from .schema import CPU_ONLY_BACKENDS, FORMAT_KINDS, PlacementError, Place, RuleSet
+from .schema import CPU_ONLY_BACKENDS, FORMAT_KINDS, HeteroSpec, PlacementError, Place, RuleSet
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Placement:
     backend: str | None        # routed experts only
     threads: int | None        # routed experts on the CPU only
     lines: tuple[int, ...]     # lines of the rules that set a field (for messages and `plan`)
+    hetero: HeteroSpec | None = None  # routed experts on backend hetero: cache, policy, prefetch, ...
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,23 @@ class Plan:
                                                   if self.cpu_fallback else "")]
         groups: dict[tuple, list[str]] = {}
         for p, written in zip(self.placements, self.written_devices):
-            key = (p.module.kind, written, p.device, p.dtype, p.format, p.backend, p.threads)
+            key = (p.module.kind, written, p.device, p.dtype, p.format, p.backend, p.threads, _hetero_text(p.hetero))
             groups.setdefault(key, []).append(p.module.path)
-        for (kind, written, dev, dtype, fmt, backend, threads), paths in groups.items():
+        for (kind, written, dev, dtype, fmt, backend, threads, hetero), paths in groups.items():
             shown = written if written == dev else f"{written} -> {dev}"
             extra = "".join(f" {k}={v}" for k, v in (("dtype", dtype), ("format", fmt), ("backend", backend),
-                                                      ("threads", threads)) if v is not None)
+                                                      ("threads", threads), ("hetero", hetero)) if v is not None)
             rows.append(f"  {kind:15s} {shown:12s}{extra}  ({len(paths)} module{'s' * (len(paths) > 1)}, "
                         f"e.g. {paths[0]})")
         return "\n".join(rows)
+
+
+def _hetero_text(h: HeteroSpec | None) -> str | None:
+    if h is None:
+        return None
+    cache = h.cache_slots if h.cache_bytes is None else f"{h.cache_bytes}B"
+    return (f"{{cache: {cache or 0}, policy: {h.policy}, prefetch: {h.prefetch}, overlap: {h.overlap}, "
+            f"defer: {h.defer}, stream: {h.stream}}}")
 
 
 def model_modules(args: ModelArgs) -> list[Module]:
@@ -127,7 +136,7 @@ def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False, check_d
 
 
 def _merge(base: Place, over: Place) -> Place:
-    fields = {k: getattr(over, k) for k in ("device", "dtype", "format", "backend", "threads")
+    fields = {k: getattr(over, k) for k in ("device", "dtype", "format", "backend", "threads", "hetero")
               if getattr(over, k) is not None}
     return replace(base, **fields)
 
@@ -137,24 +146,29 @@ def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Pla
     if place.device is None:
         raise PlacementError(f"{source}: no rule places module {m.path} (kind {m.kind}); add a rule for kind "
                              f"{m.kind!r} or a 'defaults: {{device: ...}}'")
-    backend, threads = place.backend, place.threads
+    backend, threads, hetero = place.backend, place.threads, place.hetero
     if m.kind == "routed_experts":
         backend = backend or "torch"
         if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
             raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
                                  f"on {place.device!r}")
+        if hetero is not None and backend != "hetero":
+            raise PlacementError(f"{source}:{hetero.line}: {m.path}: hetero settings need backend hetero, the "
+                                 f"rules give backend {backend!r}")
+        if backend == "hetero" and hetero is None:
+            hetero = HeteroSpec(cache_slots=0, prefetch=False)
     elif place.format not in (None, "dtype") and m.kind not in FORMAT_KINDS[place.format]:
         raise PlacementError(f"{where}: {m.path}: format {place.format!r} is available for "
                              f"{', '.join(FORMAT_KINDS[place.format])}, not {m.kind}")
     elif place.format == "stored" and place.device != "cpu":
         raise PlacementError(f"{where}: {m.path}: format 'stored' multiplies GGUF weights in place on the CPU, "
                              f"but the rules put it on {place.device!r}; use the default format on a GPU")
-    elif backend is not None or threads is not None:
-        field = "backend" if backend is not None else "threads"
+    elif backend is not None or threads is not None or hetero is not None:
+        field = "backend" if backend is not None else "threads" if threads is not None else "hetero"
         raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "
                              f"take a backend and threads")
     fmt = None if place.format == "dtype" else place.format
-    return Placement(m, place.device, place.dtype, fmt, backend, threads, lines)
+    return Placement(m, place.device, place.dtype, fmt, backend, threads, lines, hetero)
 
 
 def _check_single_main(source: str, placements: list[Placement]) -> None:

@@ -23,20 +23,46 @@ import yaml
 from ..errors import HeteroRTError
 
 KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "dense_mlp", "norm", "lm_head")
-BACKENDS = {"routed_experts": ("torch", "numba")}
+BACKENDS = {"routed_experts": ("torch", "numba", "hetero")}
 DTYPES = ("float32", "bfloat16", "float16")
 # How 2-D weights are stored: in `dtype`; FP8 with 128x128 block scales; or, for GGUF files on the CPU,
 # as the file stores them (ggml types, multiplied in place by numba kernels: quant.stored).
 FORMATS = ("dtype", "float8_e4m3", "stored")
 FP8_KINDS = ("attention", "shared_experts", "dense_mlp")  # the kinds whose matmuls expand FP8 weights
 FORMAT_KINDS = {"float8_e4m3": FP8_KINDS, "stored": FP8_KINDS + ("lm_head",)}
-PLACE_KEYS = ("device", "dtype", "format", "backend", "threads")
+PLACE_KEYS = ("device", "dtype", "format", "backend", "threads", "hetero")
+HETERO_KEYS = ("cache", "policy", "profile", "decay", "prefetch", "overlap", "defer", "stream", "pcie_gbps",
+               "cpu_gflops")
+POLICIES = ("static", "dynamic")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-CPU_ONLY_BACKENDS = ("numba",)
+CPU_ONLY_BACKENDS = ("numba", "hetero")  # hetero: weights in host memory, the expert cache on the main device
 
 
 class PlacementError(HeteroRTError, ValueError):
     """A placement file is malformed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class HeteroSpec:
+    """The `hetero:` mapping of a routed_experts place (backend hetero); docs/placement_rules.md.
+    cache: GPU expert-cache size per layer, in slots (cache_slots) or bytes (cache_bytes)."""
+    cache_slots: int | None = None
+    cache_bytes: int | None = None
+    policy: str = "dynamic"
+    profile: str | None = None        # routing profile (scripts/record_routing.py), absolute path
+    decay: float = 0.95
+    prefetch: bool = True
+    overlap: bool = True
+    defer: int = 0
+    stream: bool = False              # per-layer cost model for long prompts: CPU or stream to GPU
+    pcie_gbps: float = 25.0
+    cpu_gflops: float = 1000.0
+    line: int = 0
+
+    def slots(self, expert_bytes: int, n_experts: int) -> int:
+        """Cache slots per layer: as given, or as many experts as fit in cache_bytes; at most E."""
+        n = self.cache_bytes // expert_bytes if self.cache_bytes is not None else (self.cache_slots or 0)
+        return min(n, n_experts)
 
 
 @dataclass(frozen=True)
@@ -47,6 +73,7 @@ class Place:
     format: str | None = None
     backend: str | None = None
     threads: int | None = None
+    hetero: HeteroSpec | None = None
     line: int = 0
 
 
@@ -150,12 +177,78 @@ class _Parser:
         fields = self.mapping(node, what, PLACE_KEYS)
         values: dict[str, Any] = {}
         for key, vnode in fields.items():
+            if key == "hetero":
+                values[key] = self.hetero(vnode, kind)
+                continue
             value = self.scalar(vnode, key)
             values[key] = self.check(key, value, vnode, kind)
         if values.get("backend") in CPU_ONLY_BACKENDS and values.get("device", "cpu") != "cpu":
             raise self.fail(node, f"backend {values['backend']!r} runs on the CPU; it cannot be placed on "
                                   f"{values['device']!r}")
         return Place(line=node.start_mark.line + 1, **values)
+
+    def hetero(self, node: yaml.Node, kind: str | None) -> HeteroSpec:
+        if kind is not None and kind != "routed_experts":
+            raise self.fail(node, f"hetero settings apply to routed_experts, not {kind}")
+        fields = self.mapping(node, "hetero", HETERO_KEYS)
+        v: dict[str, Any] = {}
+        for key, vnode in fields.items():
+            value = self.scalar(vnode, f"hetero.{key}")
+            v.update(self.hetero_value(key, value, vnode))
+        if v.get("policy") == "static" and v.get("prefetch"):
+            raise self.fail(node, "prefetch replaces cached experts, the static policy keeps a fixed set: use "
+                                  "policy: dynamic, or prefetch: false")
+        if v.get("policy") == "static" and not v.get("profile"):
+            raise self.fail(node, "policy static needs profile: FILE (a routing profile recorded by "
+                                  "scripts/record_routing.py)")
+        v.setdefault("prefetch", v.get("policy", "dynamic") == "dynamic")
+        return HeteroSpec(line=node.start_mark.line + 1, **v)
+
+    def hetero_value(self, key: str, value: Any, node: yaml.Node) -> dict[str, Any]:
+        def number(positive_int=False, lo=None, hi=None):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if positive_int:
+                ok = ok and isinstance(value, int)
+            if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise self.fail(node, f"hetero.{key} must be {what[key]}, found {value!r}")
+            return value
+        what = {"decay": "a number in (0, 1]", "defer": "an integer >= 0 (experts per token added one layer "
+                "later)", "pcie_gbps": "a positive number (GB/s)", "cpu_gflops": "a positive number (GFLOP/s)"}
+        if key == "cache":
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return {"cache_slots": value}
+            if isinstance(value, str):
+                from .memory import parse_bytes   # local: memory imports this module
+                try:
+                    return {"cache_bytes": parse_bytes(value, "hetero.cache")}
+                except HeteroRTError as e:
+                    raise self.fail(node, str(e)) from None
+            raise self.fail(node, f"hetero.cache must be a number of expert slots (e.g. 16) or a size "
+                                  f"(e.g. 2GiB), found {value!r}")
+        if key == "policy":
+            if value not in POLICIES:
+                raise self.fail(node, f"unknown cache policy {value!r}; expected one of {', '.join(POLICIES)}")
+            return {key: value}
+        if key == "profile":
+            if not isinstance(value, str) or not value:
+                raise self.fail(node, f"hetero.profile must be a file path, found {value!r}")
+            path = Path(value)
+            if not path.is_absolute() and Path(self.source).is_file():
+                path = Path(self.source).parent / path
+            if not path.is_file():
+                raise self.fail(node, f"routing profile {str(path)!r} not found; record one with "
+                                      f"scripts/record_routing.py")
+            return {key: str(path)}
+        if key in ("prefetch", "overlap", "stream"):
+            if not isinstance(value, bool):
+                raise self.fail(node, f"hetero.{key} must be true or false, found {value!r}")
+            return {key: value}
+        if key == "decay":
+            number(lo=1e-9, hi=1.0)
+            return {key: float(value)}
+        if key == "defer":
+            return {key: number(positive_int=True, lo=0)}
+        return {key: float(number(lo=1e-9))}
 
     def check(self, key: str, value: Any, node: yaml.Node, kind: str | None) -> Any:
         if key == "device":

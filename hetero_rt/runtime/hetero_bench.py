@@ -1,0 +1,142 @@
+"""Benchmark of heterogeneous execution (scripts/bench_hetero.py): prefill and decode tokens/s for
+all routed experts on the CPU (numba backend, no scheduler), the scheduler without a cache (shared
+experts overlapped with the CPU), a static cache and a dynamic cache with prefetch at several sizes;
+the cache hit rate beside Belady's optimum on the routing trace recorded in the same run; the overlap
+achieved; the cost model's per-layer view of the prompt. One model load, one process: the
+configurations are installed in turn on the same NumbaExperts (hetero_rt.runtime.scheduler.install)."""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..placement.schema import HeteroSpec
+from .cost_model import CostModel
+from .expert_cache import ExpertCache, belady_hits, simulate
+from .prefetch import Copier
+from .routing import RoutingRecorder, random_prompts, record_routing
+from .scheduler import install, make_policy
+
+
+def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
+          profile_prompts: int = 4, seed: int = 0, repeats: int = 2) -> str:
+    import hetero_rt
+    rules = Path(tempfile.mkdtemp()) / "numba.yaml"
+    rules.write_text(f"defaults: {{device: cuda, dtype: {dtype}}}\nrules:\n  - match: {{kind: routed_experts}}\n"
+                     "    place: {device: cpu, backend: numba}\n")
+    rt = hetero_rt.load(path, rules, cpu_fallback=True)
+    args = rt.args
+    moe = [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
+    prompt = random_prompts(1, prompt_len, args.vocab_size, seed + 1)[0]
+    profile = rules.parent / "profile.json"
+    rec = record_routing(rt, random_prompts(profile_prompts, prompt_len, args.vocab_size, seed), new_tokens)
+    rec.save(profile)
+
+    rows, traces = [], {}
+    rows.append(("all experts on the CPU (numba)", None, *timed(rt, prompt, new_tokens, repeats), None))
+    configs = [("scheduler, no cache", 0, HeteroSpec(cache_slots=0, prefetch=False))]
+    for s in sizes:
+        configs.append((f"static cache {s}", s, HeteroSpec(cache_slots=s, policy="static", profile=str(profile),
+                                                           prefetch=False)))
+        configs.append((f"dynamic cache {s} + prefetch", s, HeteroSpec(cache_slots=s, profile=str(profile))))
+    mid = sizes[len(sizes) // 2]
+    configs.append((f"dynamic cache {mid} + prefetch, overlap off", mid,
+                    HeteroSpec(cache_slots=mid, profile=str(profile), overlap=False)))
+    configs.append((f"dynamic cache {mid} + prefetch + stream (cost model)", mid,
+                    HeteroSpec(cache_slots=mid, profile=str(profile), stream=True)))
+    for name, slots, spec in configs:
+        session = install(rt.model, {i: spec for i in moe}, "cpu", copier=Copier("cpu"))
+        timed(rt, prompt, 4, 1)                     # warm-up (compiles, fills dynamic caches)
+        session.drain()
+        session.reset_counters()
+        with RoutingRecorder(rt.model) as rec:
+            pre, dec = timed(rt, prompt, new_tokens, 1)
+        traces[name] = rec.calls
+        rows.append((name, slots, pre, dec, session.total()))
+        session.close()
+    return report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype)
+
+
+def timed(rt, prompt, new_tokens, repeats) -> tuple[float, float]:
+    """Best of `repeats`: (prefill tokens/s, decode tokens/s)."""
+    best = (0.0, 0.0)
+    for _ in range(repeats):
+        res = rt.generate(prompt, max_new_tokens=new_tokens)
+        best = (max(best[0], res.prefill_tokens_per_s), max(best[1], res.decode_tokens_per_s))
+    return best
+
+
+def belady_rate(calls_by_layer, slots: int) -> float:
+    hits = requests = 0
+    for calls in calls_by_layer.values():
+        h, r = belady_hits([np.unique(c) for c in calls], slots, warm=True)
+        hits, requests = hits + h, requests + r
+    return hits / requests if requests else 0.0
+
+
+def simulated_dynamic(rt, calls_by_layer, slots: int, profile: Path) -> float:
+    """Dynamic policy without prefetch replayed on the trace (copies complete between calls), starting
+    from the profile's hottest experts like the runtime's."""
+    hits = requests = 0
+    for layer, calls in calls_by_layer.items():
+        src = rt.model.layers[layer].ffn.experts
+        src = getattr(src, "host", src)
+        policy = make_policy("dynamic", layer, src.n_experts, str(profile), 0.95)
+        c = simulate([c.astype(np.int64) for c in calls],
+                     lambda: ExpertCache(src, slots, "cpu", torch.float32, policy, Copier("cpu", threaded=False)))
+        hits, requests = hits + c.hits, requests + c.hits + c.misses
+    return hits / requests if requests else 0.0
+
+
+def report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype) -> str:
+    base_pre, base_dec = rows[0][2], rows[0][3]
+    out = [f"model: {path} ({rt.args.num_hidden_layers} layers, {len(moe)} MoE, {rt.args.n_routed_experts} experts "
+           f"top-{rt.args.num_experts_per_tok}, hidden {rt.args.hidden_size}, expert inter "
+           f"{rt.args.moe_intermediate_size}), dtype {dtype}; prompt {prompt_len} tokens, {new_tokens} new tokens",
+           f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch threads "
+           f"{torch.get_num_threads()}; CPU fallback: the 'GPU' side (shared + cached experts) is torch on the CPU",
+           "", "| configuration | prefill tok/s | x CPU-only | decode tok/s | x CPU-only | hit rate | Belady "
+           "(same trace) | dynamic, no prefetch (replayed) | overlap | prefetches issued / used | expert bytes "
+           "copied |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, slots, pre, dec, c in rows:
+        if c is None:
+            out.append(f"| {name} | {pre:.1f} | 1.00 | {dec:.2f} | 1.00 | - | - | - | - | - | - |")
+            continue
+        trace = traces[name]
+        bel = f"{belady_rate(trace, slots):.3f}" if slots else "-"
+        dyn = f"{simulated_dynamic(rt, trace, slots, profile):.3f}" if slots else "-"
+        out.append(f"| {name} | {pre:.1f} | {pre / base_pre:.2f} | {dec:.2f} | {dec / base_dec:.2f} | "
+                   f"{c.hit_rate:.3f} | {bel} | {dyn} | {c.overlap:.2f} | {c.prefetches_issued} / "
+                   f"{c.prefetches_used} | {c.bytes_experts / 2 ** 20:.1f} MiB |")
+    out += ["", "Times summed over MoE layers (s): CPU busy, GPU busy, GPU waiting for the CPU; cost-model estimates.",
+            "", "| configuration | cpu busy | gpu busy | gpu wait | stream calls | est. CPU | est. stream |",
+            "|---|---|---|---|---|---|---|"]
+    for name, _, _, _, c in rows[1:]:
+        out.append(f"| {name} | {c.cpu_busy_s:.3f} | {c.gpu_busy_s:.3f} | {c.gpu_wait_s:.3f} | {c.stream_calls} | "
+                   f"{c.est_cpu_s * 1e3:.2f} ms | {c.est_stream_s * 1e3:.2f} ms |")
+    out += ["", cost_table(rt)]
+    return "\n".join(out)
+
+
+def cost_table(rt, model: CostModel = CostModel()) -> str:
+    """Per layer of this model and of DeepSeek-V3's shape: CPU vs stream estimates by prompt length
+    (uniform routing: T K / E tokens per expert), with the model's default parameters."""
+    a = rt.args
+    lines = [f"Cost model ({model}), uniform routing, all experts missed:", "",
+             "| expert shape (I x D, dtype) | prompt tokens | tokens/expert | est. CPU | est. stream | choice |",
+             "|---|---|---|---|---|---|"]
+    for (i, d, e, k, host_b) in ((a.moe_intermediate_size, a.hidden_size, a.n_routed_experts, a.num_experts_per_tok,
+                                  2), (2048, 7168, 256, 8, 0.5625)):
+        flops, gpu_bytes, host_bytes = 6 * i * d, 3 * i * d * 2, int(3 * i * d * host_b)
+        for t in (1, 32, 128, 512, 2048, 8192):
+            counts = np.full(e, min(t * k / e, t), np.float64) if t * k >= e else np.r_[np.ones(t * k), np.zeros(e - t * k)]
+            choice, cpu, stream = model.choose(counts, host_bytes, gpu_bytes, flops)
+            fmt = "bf16" if host_b == 2 else "q4_k"
+            lines.append(f"| {i} x {d}, host {fmt} | {t} | {t * k / e:.2f} | {cpu * 1e3:.2f} ms | {stream * 1e3:.2f} ms "
+                         f"| {choice} |")
+    return "\n".join(lines)
+
