@@ -251,3 +251,20 @@ def test_stored_format_errors(tmp_path):
     a = hetero_rt.load(hf_dir, "placement_rules/gguf-cpu-only.yaml").logits(IDS)
     b = hetero_rt.load(hf_dir, "placement_rules/cpu-only.yaml", dtype="float32").logits(IDS)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("hetero", ["{cache: 3}", "{cache: 8, prefetch: false}"])
+def test_hetero_backend_over_quantized_gguf_experts(tmp_path, hetero):
+    """The scheduler wraps the GGUF experts left in the memory map; cached experts (dequantized for the
+    "GPU", here the CPU under cpu_fallback) and CPU experts together give the reference logits."""
+    import torch
+    model, path, cfg = make_gguf("v3", tmp_path, "Q4_K_M", **KQUANT_DIMS)
+    ref = hf_logits(dequantized_reference(model, path, cfg), IDS).numpy()
+    rules = tmp_path / "hetero.yaml"
+    rules.write_text("defaults: {device: cuda, dtype: float32}\nrules:\n  - match: {kind: routed_experts}\n"
+                     f"    place: {{device: cpu, backend: hetero, hetero: {hetero}}}\n")
+    rt = hetero_rt.load(path, rules, cpu_fallback=True, context=64)
+    assert rel_err(rt.logits(IDS), ref) <= 1e-4
+    steps = [rt.step(torch.tensor(IDS[:5]), 0).numpy()]
+    steps += [rt.step(torch.tensor([t]), p).numpy() for p, t in enumerate(IDS[5:], start=5)]
+    assert rel_err(np.concatenate(steps), ref) <= 1e-4
