@@ -2,8 +2,12 @@
 
 Weights are kept as raw bytes in the format they arrive in (hetero_rt.quant.ggml): w1, w3 (E, I, RB13)
 and w2 (E, D, RB2) uint8, each expert one contiguous block; fp32/bf16/fp16 tensors are viewed, not
-copied. Activations are fp32. The kernels release the GIL; `threads` (default: physical cores) is
-applied with numba.set_num_threads on every call.
+copied. Activations are fp32 (`act="fp32"`, the default: equal to the dequantized reference up to
+summation order). `act="int8"` makes the decode kernels quantize the activations of block-format
+weights to int8 per 32 columns and sum integer products (llama.cpp's q8_0 activations); off by
+default, parity ~1e-2 relative (tests/test_numba_experts.py); prefill stays fp32. The kernels
+release the GIL; `threads` (default: physical cores) is applied with numba.set_num_threads on every
+call. Weights may be read-only (views of a read-only memory map).
 
 Legend: T tokens, D hidden, I expert intermediate size, E experts, K experts per token.
 """
@@ -26,6 +30,7 @@ DECODE_TILE, PREFILL_TILE = 16, 64
 PREFILL_MIN_TOKENS_PER_EXPERT = 8
 # Formats used for w2 when its rows (I) are not a multiple of 256; llama.cpp falls back likewise.
 KQUANT_FALLBACK = {"q4_k": "q8_0", "q5_k": "q8_0", "q6_k": "q8_0"}
+ACTIVATIONS = ("fp32", "int8")
 
 
 def default_threads() -> int:
@@ -36,13 +41,15 @@ class NumbaExperts(nn.Module):
     """experts(x (T, D), ids (T, K) int64, weights (T, K) fp32) -> (T, D) in x's dtype."""
 
     def __init__(self, w1, w3, w2, fmt: str = "fp32", fmt_down: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, act: str = "fp32"):
         """w1, w3: (E, I, D) and w2: (E, D, I) for fp32/bf16/fp16 (torch tensors or numpy arrays:
         float32, bfloat16 / uint16 bits, float16), or raw bytes as uint8 in any format (ggml block bytes
         for the quant formats):
         uint8 w1, w3 (E, I, D // block * block_bytes) and w2 (E, D, I // block * block_bytes).
-        `fmt` is the format of w1 and w3, `fmt_down` that of w2 (default: fmt)."""
+        `fmt` is the format of w1 and w3, `fmt_down` that of w2 (default: fmt). `act`: "fp32" or
+        "int8" (see the module docstring); an attribute, may be changed between calls."""
         super().__init__()
+        self.act = act
         self.fmt13, self.fmt2 = get_format(fmt), get_format(fmt_down or fmt)
         self._keep = (w1, w3, w2)  # the raw arrays below may be views of these
         self.w1 = _as_bytes(w1, self.fmt13, "w1")
@@ -58,11 +65,21 @@ class NumbaExperts(nn.Module):
                              f"I={self.inter_dim} in {self.fmt2.name} expected {want}")
         self.threads = threads or default_threads()
         self.lut = fp16_table()
+
+    @property
+    def act(self) -> str:
+        return self._act
+
+    @act.setter
+    def act(self, value: str) -> None:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"numba experts: act must be one of {ACTIVATIONS}, got {value!r}")
+        self._act = value
         self.compile_seconds: float | None = None
 
     @classmethod
     def from_torch(cls, experts, fmt: str = "bf16", threads: int | None = None,
-                   fmt_down: str | None = None) -> "NumbaExperts":
+                   fmt_down: str | None = None, act: str = "fp32") -> "NumbaExperts":
         """Convert a TorchExperts (w1, w3 (E, I, D), w2 (E, D, I)), quantizing to `fmt`. K-quant
         w2 whose I is not a multiple of 256 falls back to KQUANT_FALLBACK unless fmt_down is given."""
         f = get_format(fmt)
@@ -71,7 +88,7 @@ class NumbaExperts(nn.Module):
             fmt_down = KQUANT_FALLBACK[fmt] if f.block == 256 and inter % 256 else fmt
         ws = [experts.w1, experts.w3, experts.w2]
         return cls(*(_convert(w.detach(), name) for w, name in zip(ws, [fmt, fmt, fmt_down])),
-                   fmt=fmt, fmt_down=fmt_down, threads=threads)
+                   fmt=fmt, fmt_down=fmt_down, threads=threads, act=act)
 
     def weight_bytes(self, n_experts: int = 1) -> int:
         """Bytes of weights read for n_experts experts."""
@@ -100,7 +117,7 @@ class NumbaExperts(nn.Module):
         tile = PREFILL_TILE if tokens_per_expert >= PREFILL_MIN_TOKENS_PER_EXPERT else DECODE_TILE
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         return moe_forward(x, ids, weights, self.w1, self.w3, self.w2, self.fmt13.code, self.fmt2.code,
-                           tile_up or tile, tile_down or tile, self.lut)
+                           tile_up or tile, tile_down or tile, self.lut, self._act == "int8")
 
     def _check_inputs(self, x, ids, weights) -> None:
         for name, a, dt in (("x", x, np.float32), ("ids", ids, np.int64), ("weights", weights, np.float32)):
@@ -120,7 +137,7 @@ class NumbaExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"E={self.n_experts}, D={self.dim}, I={self.inter_dim}, fmt={self.fmt13.name}, "
-                f"fmt_down={self.fmt2.name}, threads={self.threads}")
+                f"fmt_down={self.fmt2.name}, threads={self.threads}, act={self._act}")
 
 
 def _cpu_array(t: torch.Tensor, dtype, name: str) -> np.ndarray:

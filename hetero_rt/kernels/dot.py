@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .intrinsics import f16_to_f32, f32_from_bits, prefetch, q5_to_f32, q6_to_f32, u8_to_f32
+from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
+                         q6_to_i32, u8_to_f32)
 
 FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
@@ -281,3 +282,166 @@ def dot_row(fmt, row, x, xs):
     if fmt == Q5_0:
         return _dot_q5_0(row, x, xs)
     return _dot_q6_k(row, x)
+
+
+# --- int8 activations ---------------------------------------------------------------------------
+# x is quantized per 32 columns like Q8_0 (xq int8, xd = max|x| / 127 per block), so every product
+# of a block is an integer: int32 sums of (small int weight) x (int8 activation), the block scales
+# applied once per 32 (Q6_K: 16) products. xs = xd * sum(xq) per block replaces block_sums(x).
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def quantize_act(x, xq, xd, xs):
+    """x (C,) fp32 -> xq (C,) int8, xd (C // 32,) scales, xs (C // 32,) = xd * sum of the block's xq."""
+    for b in range(xd.shape[0]):
+        o = U(32 * b)
+        amax = F0
+        for k in range(32):
+            amax = max(amax, abs(x[o + U(k)]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else F0
+        isum = 0
+        for k in range(32):
+            q = np.int32(np.rint(x[o + U(k)] * inv))
+            xq[o + U(k)] = q
+            isum += q
+        xd[b] = d
+        xs[b] = d * np.float32(isum)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q8_0_i8(row, xq, xd):
+    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
+    qi = row.view(np.int8)
+    nb = xq.shape[0] // 32
+    s0 = s1 = F0
+    for b in range(0, nb - 1, 2):
+        o, xo = U(34 * b), U(32 * b)
+        _prefetch_ahead(row, o, 68)
+        t0 = t1 = np.int32(0)
+        for k in range(n32):
+            t0 = mac_i32(t0, qi[o + U(2 + k)], xq[xo + U(k)])
+            t1 = mac_i32(t1, qi[o + U(36 + k)], xq[xo + U(32 + k)])
+        s0 += f16_at(row, o) * xd[b] * np.float32(t0)
+        s1 += f16_at(row, o + U(34)) * xd[b + 1] * np.float32(t1)
+    if nb % 2:
+        b = nb - 1
+        o, xo = U(34 * b), U(32 * b)
+        t0 = np.int32(0)
+        for k in range(n32):
+            t0 = mac_i32(t0, qi[o + U(2 + k)], xq[xo + U(k)])
+        s0 += f16_at(row, o) * xd[b] * np.float32(t0)
+    return s0 + s1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q4_0_i8(row, xq, xd, xs):
+    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
+    nb = xq.shape[0] // 32
+    s0 = s1 = F0
+    for b in range(0, nb - 1, 2):
+        o, xo = U(18 * b + 2), U(32 * b)
+        _prefetch_ahead(row, o, 36)
+        t0 = t1 = np.int32(0)
+        for k in range(n16):
+            q0, q1 = row[o + U(k)], row[o + U(18 + k)]
+            t0 = mac_i32(mac_i32(t0, q4_to_i32(q0, 0), xq[xo + U(k)]), q4_to_i32(q0, 4), xq[xo + U(16 + k)])
+            t1 = mac_i32(mac_i32(t1, q4_to_i32(q1, 0), xq[xo + U(32 + k)]), q4_to_i32(q1, 4), xq[xo + U(48 + k)])
+        s0 += f16_at(row, o - U(2)) * (xd[b] * np.float32(t0) - np.float32(8.0) * xs[b])
+        s1 += f16_at(row, o + U(16)) * (xd[b + 1] * np.float32(t1) - np.float32(8.0) * xs[b + 1])
+    if nb % 2:
+        b = nb - 1
+        o, xo = U(18 * b + 2), U(32 * b)
+        t0 = np.int32(0)
+        for k in range(n16):
+            q0 = row[o + U(k)]
+            t0 = mac_i32(mac_i32(t0, q4_to_i32(q0, 0), xq[xo + U(k)]), q4_to_i32(q0, 4), xq[xo + U(16 + k)])
+        s0 += f16_at(row, o - U(2)) * (xd[b] * np.float32(t0) - np.float32(8.0) * xs[b])
+    return s0 + s1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q45_k_i8(fmt, row, xq, xd, xs):
+    """Q4_K / Q5_K: eight int32 sub-block sums per 256 block, then _k_combine on xd-scaled sums."""
+    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
+    s = F0
+    size = 144 if fmt == Q4_K else 176
+    for b in range(xq.shape[0] // 256):
+        o, xo = U(size * b), U(256 * b)
+        _prefetch_ahead(row, o, size)
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
+        if fmt == Q4_K:
+            q = o + U(16)
+            for k in range(n32):
+                a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
+                t0 = mac_i32(t0, q4_to_i32(a, 0), xq[xo + U(k)])
+                t1 = mac_i32(t1, q4_to_i32(a, 4), xq[xo + U(32 + k)])
+                t2 = mac_i32(t2, q4_to_i32(c, 0), xq[xo + U(64 + k)])
+                t3 = mac_i32(t3, q4_to_i32(c, 4), xq[xo + U(96 + k)])
+                t4 = mac_i32(t4, q4_to_i32(e, 0), xq[xo + U(128 + k)])
+                t5 = mac_i32(t5, q4_to_i32(e, 4), xq[xo + U(160 + k)])
+                t6 = mac_i32(t6, q4_to_i32(g, 0), xq[xo + U(192 + k)])
+                t7 = mac_i32(t7, q4_to_i32(g, 4), xq[xo + U(224 + k)])
+        else:
+            hq, q = o + U(16), o + U(48)
+            for k in range(n32):
+                h = row[hq + U(k)]
+                a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
+                t0 = mac_i32(t0, q5_to_i32(a, h, 0, 0), xq[xo + U(k)])
+                t1 = mac_i32(t1, q5_to_i32(a, h, 4, 1), xq[xo + U(32 + k)])
+                t2 = mac_i32(t2, q5_to_i32(c, h, 0, 2), xq[xo + U(64 + k)])
+                t3 = mac_i32(t3, q5_to_i32(c, h, 4, 3), xq[xo + U(96 + k)])
+                t4 = mac_i32(t4, q5_to_i32(e, h, 0, 4), xq[xo + U(128 + k)])
+                t5 = mac_i32(t5, q5_to_i32(e, h, 4, 5), xq[xo + U(160 + k)])
+                t6 = mac_i32(t6, q5_to_i32(g, h, 0, 6), xq[xo + U(192 + k)])
+                t7 = mac_i32(t7, q5_to_i32(g, h, 4, 7), xq[xo + U(224 + k)])
+        xb = 8 * b
+        s += _k_combine(row, o, xs, xb, xd[xb] * np.float32(t0), xd[xb + 1] * np.float32(t1),
+                        xd[xb + 2] * np.float32(t2), xd[xb + 3] * np.float32(t3), xd[xb + 4] * np.float32(t4),
+                        xd[xb + 5] * np.float32(t5), xd[xb + 6] * np.float32(t6), xd[xb + 7] * np.float32(t7))
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q6_k_i8(row, xq, xd):
+    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
+    s = F0
+    for b in range(xq.shape[0] // 256):
+        o = U(210 * b)
+        _prefetch_ahead(row, o, 210)
+        d = f16_at(row, o + U(208))
+        sc = o + U(192)
+        for h in range(2):
+            lq, hq, xo = o + U(64 * h), o + U(128 + 32 * h), U(256 * b + 128 * h)
+            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
+            for l in range(n16):
+                a, c = row[lq + U(l)], row[lq + U(32 + l)]
+                a2, c2 = row[lq + U(16 + l)], row[lq + U(48 + l)]
+                hb, hb2 = row[hq + U(l)], row[hq + U(16 + l)]
+                t0 = mac_i32(t0, q6_to_i32(a, hb, 0, 0), xq[xo + U(l)])
+                t1 = mac_i32(t1, q6_to_i32(a2, hb2, 0, 0), xq[xo + U(16 + l)])
+                t2 = mac_i32(t2, q6_to_i32(c, hb, 0, 2), xq[xo + U(32 + l)])
+                t3 = mac_i32(t3, q6_to_i32(c2, hb2, 0, 2), xq[xo + U(48 + l)])
+                t4 = mac_i32(t4, q6_to_i32(a, hb, 4, 4), xq[xo + U(64 + l)])
+                t5 = mac_i32(t5, q6_to_i32(a2, hb2, 4, 4), xq[xo + U(80 + l)])
+                t6 = mac_i32(t6, q6_to_i32(c, hb, 4, 6), xq[xo + U(96 + l)])
+                t7 = mac_i32(t7, q6_to_i32(c2, hb2, 4, 6), xq[xo + U(112 + l)])
+            si, xb = sc + U(8 * h), 8 * b + 4 * h
+            acc = (xd[xb] * (_i8(row[si]) * np.float32(t0) + _i8(row[si + U(1)]) * np.float32(t1))
+                   + xd[xb + 1] * (_i8(row[si + U(2)]) * np.float32(t2) + _i8(row[si + U(3)]) * np.float32(t3))
+                   + xd[xb + 2] * (_i8(row[si + U(4)]) * np.float32(t4) + _i8(row[si + U(5)]) * np.float32(t5))
+                   + xd[xb + 3] * (_i8(row[si + U(6)]) * np.float32(t6) + _i8(row[si + U(7)]) * np.float32(t7)))
+            s += d * acc
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def dot_row_i8(fmt, row, xq, xd, xs):
+    """dot(weights of the stored row, x) for the block formats with x given as quantize_act(x)."""
+    if fmt == Q8_0:
+        return _dot_q8_0_i8(row, xq, xd)
+    if fmt == Q4_0:
+        return _dot_q4_0_i8(row, xq, xd, xs)
+    if fmt == Q4_K or fmt == Q5_K:
+        return _dot_q45_k_i8(fmt, row, xq, xd, xs)
+    return _dot_q6_k_i8(row, xq, xd)

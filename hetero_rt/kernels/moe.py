@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dequant import CHUNK, decode_chunk
-from .dot import block_sums, dot_row
+from .dot import Q8_0, block_sums, dot_row, dot_row_i8, quantize_act
 
 DECODE_MAX_TOKENS = 4   # largest group (tokens of one expert) that takes the decode kernels
 DECODE_ROWS = 32        # weight rows per parallel decode task
@@ -173,9 +173,18 @@ def down(fmt, w2, h, active, offsets, slot_token, slot_weight, y, rt, lut):
                     y[t, r0 + r] += wt * acc[r, j]
 
 
+@njit(inline="always", cache=True)
+def _dot(fmt, row, act, t):
+    """dot of a stored row with activation row t; act = activations(...)."""
+    x, xs, xq, xd, int8 = act
+    if int8:
+        return dot_row_i8(fmt, row, xq[t], xd[t], xs[t])
+    return dot_row(fmt, row, x[t], xs[t])
+
+
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gate_up_decode(fmt, w1, w3, x, xs, active, offsets, slot_token, h, rt):
-    """As gate_up, each row dotted from its bytes; xs (T, D // 32) = block sums of x."""
+def gate_up_decode(fmt, w1, w3, act, active, offsets, slot_token, h, rt):
+    """As gate_up, each row dotted from its bytes; act = activations(x, int8)."""
     inter = w1.shape[1]
     tiles = (inter + rt - 1) // rt
     for task in prange(active.shape[0] * tiles):
@@ -184,14 +193,14 @@ def gate_up_decode(fmt, w1, w3, x, xs, active, offsets, slot_token, h, rt):
         for r in range(tile * rt, min(inter, tile * rt + rt)):
             for s in range(offsets[u], offsets[u + 1]):
                 t = slot_token[s]
-                g = dot_row(fmt, w1[e, r], x[t], xs[t])
-                v = dot_row(fmt, w3[e, r], x[t], xs[t])
+                g = _dot(fmt, w1[e, r], act, t)
+                v = _dot(fmt, w3[e, r], act, t)
                 h[s, r] = g / (np.float32(1.0) + np.exp(-g)) * v
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def down_decode(fmt, w2, h, hs, active, offsets, slot_token, slot_weight, y, rt):
-    """As down, each row dotted from its bytes; hs (S, I // 32) = block sums of h."""
+def down_decode(fmt, w2, act, active, offsets, slot_token, slot_weight, y, rt):
+    """As down, each row dotted from its bytes; act = activations(h, int8)."""
     dim = w2.shape[1]
     tiles = (dim + rt - 1) // rt
     for tile in prange(tiles):
@@ -199,23 +208,31 @@ def down_decode(fmt, w2, h, hs, active, offsets, slot_token, slot_weight, y, rt)
             e = active[u]
             for r in range(tile * rt, min(dim, tile * rt + rt)):
                 for s in range(offsets[u], offsets[u + 1]):
-                    y[slot_token[s], r] += slot_weight[s] * dot_row(fmt, w2[e, r], h[s], hs[s])
+                    y[slot_token[s], r] += slot_weight[s] * _dot(fmt, w2[e, r], act, s)
 
 
 @njit(nogil=True, cache=True)
-def _block_sums_rows(a):
-    """(N, C) -> (N, C // 32) sums of 32 consecutive columns."""
-    out = np.empty((a.shape[0], a.shape[1] // 32), np.float32)
-    for i in range(a.shape[0]):
-        block_sums(a[i], out[i])
-    return out
+def activations(a, int8):
+    """(N, C) fp32 rows -> (a, xs, xq, xd, int8): xs (N, C // 32) block sums of a; with int8 also a
+    quantized per 32 columns (xq (N, C) int8, scales xd (N, C // 32)), xs then of the quantized rows."""
+    n, c = a.shape
+    xs = np.empty((n, c // 32), np.float32)
+    xq = np.empty((n, c if int8 else 0), np.int8)
+    xd = np.empty((n, c // 32 if int8 else 0), np.float32)
+    for i in range(n):
+        if int8:
+            quantize_act(a[i], xq[i], xd[i], xs[i])
+        else:
+            block_sums(a[i], xs[i])
+    return a, xs, xq, xd, int8
 
 
 @njit(nogil=True, cache=True)
-def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut):
+def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut, int8):
     """x (T, D) fp32, ids (T, K) int64, weights (T, K) fp32, w1/w3 (E, I, RB13) and w2 (E, D, RB2)
     uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend).
-    rt_up, rt_down: row-tile heights of the prefill kernels."""
+    rt_up, rt_down: row-tile heights of the prefill kernels. int8: the decode kernels quantize the
+    activations of block-format weights to int8 per 32 columns (integer dots); prefill stays fp32."""
     active, offsets, slot_token, slot_weight = route(ids, weights, w1.shape[0])
     largest = 0
     for u in range(active.shape[0]):
@@ -223,9 +240,10 @@ def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut):
     h = np.empty((slot_token.shape[0], w1.shape[1]), np.float32)        # (S, I)
     y = np.zeros(x.shape, np.float32)                                    # (T, D)
     if largest <= DECODE_MAX_TOKENS:
-        gate_up_decode(fmt13, w1, w3, x, _block_sums_rows(x), active, offsets, slot_token, h, DECODE_ROWS)
-        down_decode(fmt2, w2, h, _block_sums_rows(h), active, offsets, slot_token, slot_weight, y,
-                    DECODE_ROWS)
+        gate_up_decode(fmt13, w1, w3, activations(x, int8 and fmt13 >= Q8_0), active, offsets, slot_token,
+                       h, DECODE_ROWS)
+        down_decode(fmt2, w2, activations(h, int8 and fmt2 >= Q8_0), active, offsets, slot_token,
+                    slot_weight, y, DECODE_ROWS)
     else:
         gate_up(fmt13, w1, w3, x, active, offsets, slot_token, h, rt_up, lut)
         down(fmt2, w2, h, active, offsets, slot_token, slot_weight, y, rt_down, lut)
