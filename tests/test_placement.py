@@ -212,7 +212,7 @@ def test_shipped_rules_give_the_default_logits(rules, five_layers, tmp_path):
     same expert backend per layer (backends differ in accumulation order, placements must not)."""
     rt = hetero_rt.load(five_layers, rules, dtype="float32", cpu_fallback=True)
     layers = [p.module.layer for p in rt.plan.placements
-              if p.module.kind == "routed_experts" and p.backend == "numba"]
+              if p.module.kind == "routed_experts" and p.backend in ("numba", "hetero")]
     reference = tmp_path / "reference.yaml"
     reference.write_text("defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n"
                          "    place: {backend: torch}\n" + (
@@ -220,7 +220,11 @@ def test_shipped_rules_give_the_default_logits(rules, five_layers, tmp_path):
                              "    place: {backend: numba}\n" if layers else ""))
     default = hetero_rt.load(five_layers, reference, dtype=rt.dtype).logits(IDS)
     got = rt.logits(IDS)
-    assert np.abs(got - default).max() <= 1e-5 * np.abs(default).max()
+    # hetero: experts in the GPU cache compute in the run dtype (bf16 here), numba in fp32, so results
+    # differ by bf16 rounding (fp32 runs are identical: tests/test_scheduler.py)
+    cached = any(p.hetero is not None and p.hetero.slots(1, 1) for p in rt.plan.placements)
+    tol = 2 ** -6 if cached and rt.dtype != torch.float32 else 1e-5
+    assert np.abs(got - default).max() <= tol * np.abs(default).max()
 
 
 FP8_RULES = ("defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n    place: {device: cpu}\n"

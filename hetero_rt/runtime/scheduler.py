@@ -147,21 +147,34 @@ class GpuTimer:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.start_ev, self.end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.t0 = 0.0
+        self.t0, self.pending = 0.0, False
 
-    def start(self) -> None:
+    def start(self) -> float:
+        """Returns the seconds of a previous interval not collected yet (see stop)."""
+        late = self.collect()
         if self.cuda:
             self.start_ev.record()
         else:
             self.t0 = time.perf_counter()
+        return late
 
-    def stop(self) -> float:
-        """Seconds of GPU work since start(); on CUDA waits for that work (the caller is about to
-        wait for the CPU result anyway, and then measures exactly the GPU's idle time)."""
+    def stop(self, wait: bool) -> float:
+        """Seconds of GPU work since start(). On CUDA with wait=True, waits for that work (the caller
+        is about to wait for the CPU result anyway, and then measures exactly the GPU's idle time);
+        with wait=False the interval is collected by a later start() once complete (no sync)."""
         if not self.cuda:
             return time.perf_counter() - self.t0
         self.end_ev.record()
+        self.pending = True
+        if not wait:
+            return 0.0
         self.end_ev.synchronize()
+        return self.collect()
+
+    def collect(self) -> float:
+        if not self.cuda or not self.pending or not self.end_ev.query():
+            return 0.0
+        self.pending = False
         return self.start_ev.elapsed_time(self.end_ev) / 1e3
 
 
@@ -181,6 +194,10 @@ class HeteroSession:
         self.y_gpu = torch.empty(max_tokens, dim, dtype=torch.float32, device=self.device)  # (T, D)
         self.y_cpu = torch.empty_like(self.y_gpu) if self.cuda else None
         self.h2d_done = torch.cuda.Event() if self.cuda else None
+        self.predicted_t = torch.empty(max_tokens, topk, dtype=torch.int64, pin_memory=self.cuda)  # (T, K)
+        self.predicted = self.predicted_t.numpy()
+        self.predicted_done = torch.cuda.Event() if self.cuda else None
+        self.later_copied = torch.cuda.Event() if self.cuda else None   # deferred result read by the GPU
         self.layers: dict[int, "HeteroExperts"] = {}
 
     def counters(self) -> dict[int, LayerCounters]:
@@ -273,7 +290,8 @@ class HeteroExperts(nn.Module):
             if not self.overlap:
                 self.wait(job)
         predicted = self.predict(x)
-        y, z = self.gpu_part(x, ids_h, w_h, hit, slot, cpu_flat if mode == "stream" else None, shared)
+        y, z = self.gpu_part(x, ids_h, w_h, hit, slot, cpu_flat if mode == "stream" else None, shared,
+                             cpu_pending=bool(len(cpu_flat)) and mode == "cpu")
         if len(cpu_flat) and mode == "cpu":
             self.wait(job)
             c.bytes_activations += t * x.shape[1] * 4
@@ -322,14 +340,21 @@ class HeteroExperts(nn.Module):
         return mode
 
     def predict(self, x: torch.Tensor):
-        """Queue the next layer's gate on this x; its ids are read after the CPU wait (no extra sync)."""
+        """Queue the next layer's gate on this x and the copy of its ids to a pinned buffer; they are
+        read after the GPU part (by then complete: no extra wait)."""
         if not self.prefetch or not self.next or self.next[1].cache.slots == 0:
             return None
+        t = x.shape[0]
         with torch.no_grad():
-            return self.next[0](x)[1]                                     # (T, K) ids on the device
+            ids = self.next[0](x)[1]                                      # (T, K) on the device
+        s = self.session
+        s.predicted_t[:t].copy_(ids, non_blocking=True)
+        if s.cuda:
+            s.predicted_done.record()
+        return s.predicted[:t]
 
-    def gpu_part(self, x, ids_h, w_h, hit, slot, stream_flat, shared):
-        self.timer.start()
+    def gpu_part(self, x, ids_h, w_h, hit, slot, stream_flat, shared, cpu_pending: bool):
+        self.counters.gpu_busy_s += self.timer.start()
         t = x.shape[0]
         y = self.session.y_gpu[:t].zero_()                                # (T, D) fp32
         if hit.any():
@@ -340,7 +365,7 @@ class HeteroExperts(nn.Module):
         if stream_flat is not None:
             self.stream(x, y, ids_h, w_h, stream_flat)
         z = shared(x) if shared is not None else None
-        self.counters.gpu_busy_s += self.timer.stop()
+        self.counters.gpu_busy_s += self.timer.stop(wait=cpu_pending)
         return y, z
 
     def wait(self, job: Job) -> None:
@@ -381,10 +406,14 @@ class HeteroExperts(nn.Module):
         self.wait(job)
         if target == self.layer and job.tokens == t:   # else a stale result of an aborted forward
             y += s.from_host(job.bufs.y[:t], job.bufs)
+            if s.cuda:
+                s.later_copied.record()
 
     def submit_deferred(self, bufs: HostBuffers, ids_h, w_h, flat, t: int) -> None:
         s = self.session
         job = s.later
+        if s.cuda:   # the GPU may still be reading the previous deferred result from these buffers
+            s.later_copied.synchronize()
         np.copyto(job.bufs.x[:t], bufs.x[:t])
         job.fill(self.host, self.layer, ids_h, w_h, flat)
         s.worker.submit(job)
@@ -394,9 +423,10 @@ class HeteroExperts(nn.Module):
     def after(self, predicted) -> None:
         if predicted is not None:
             nxt = self.next[1]
-            ids = predicted.cpu().numpy()      # done already: the GPU part was waited for
-            limit = self.prefetch_max or ids.shape[1]
-            nxt.cache.prefetch(rank_experts(ids, nxt.n_experts), limit)
+            if self.session.cuda:
+                self.session.predicted_done.synchronize()   # queued before the GPU part: long done
+            limit = self.prefetch_max or predicted.shape[1]
+            nxt.cache.prefetch(rank_experts(predicted, nxt.n_experts), limit)
         self.cache.promote()
 
 
