@@ -80,9 +80,8 @@ def run_llama(ns, prompt, agree) -> dict:
 
 
 def run_hetero(ns, prompt, agree) -> dict:
+    import hetero_rt  # before torch: sets the OpenMP wait policy (hetero_rt/__init__.py)
     import torch
-
-    import hetero_rt
     from hetero_rt.experts.numba_backend import NumbaExperts
 
     torch.set_num_threads(ns.threads)
