@@ -19,9 +19,9 @@ if not available():
 def test_ggml_moe_matches_numba_experts(fmt, tol):
     dim, inter, k, n_exp = 512, 256, 4, 8
     ne = bench.make_experts(fmt, n_exp, dim, inter, threads=2)
-    g = GgmlMoE(ne.w1, ne.w3, ne.w2, ne.fmt13.name, ne.fmt2.name, dim, inter, 16, k, threads=2)
+    g = GgmlMoE(ne.w1, ne.w3, ne.w2, ne.fmt13.name, ne.fmt2.name, dim, inter, 64, k, threads=2)
     rng = np.random.default_rng(0)
-    for tokens in (1, 16):
+    for tokens in (1, 64):
         x = rng.standard_normal((tokens, dim)).astype(np.float32)
         ids = np.stack([rng.permutation(n_exp)[:k] for _ in range(tokens)]).astype(np.int64)
         w = rng.random((tokens, k)).astype(np.float32)

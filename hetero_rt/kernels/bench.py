@@ -24,7 +24,8 @@ import numba
 
 from ..experts.numba_backend import NumbaExperts, default_threads
 from ..experts.torch_backend import TorchExperts
-from ..quant.ggml import FORMATS
+from ..quant.ggml import FORMATS, quantize
+from .dot import block_sums, dot_row, dot_row_i8, quantize_act
 
 SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
 MIN_BYTES = 2 << 30      # experts in memory per format: at least this many bytes (L3 here: 480 MiB)
@@ -154,7 +155,7 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
     flops = lambda t: 6.0 * t * k * dim * inter
     baseline = lambda t: read_bandwidth(probe, 2) if t == 1 else torch_matmul_gflops(t, dim, inter, 2)
     for fmt in formats:
-        n_exp = experts_in_memory(fmt, dim, inter, 4 * k)
+        n_exp = experts_in_memory(fmt, dim, inter, 2 * k)
         ne = make_experts(fmt, n_exp, dim, inter, threads)
         compile_s = ne.warmup()
         per_expert = ne.weight_bytes()
@@ -185,7 +186,7 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         if ref is not None:
             ref.close()
         del ne, ref
-    n_exp = experts_in_memory("fp32", dim, inter, 4 * k)
+    n_exp = experts_in_memory("fp32", dim, inter, 2 * k)
     te = make_torch(n_exp, dim, inter)
     per_expert = 3 * dim * inter * 4
     call = lambda x, ids, w: te(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w))
@@ -267,4 +268,35 @@ def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads
         vs = f"{r.vs_llama:.2f}" if r.vs_llama is not None else ""
         out.append(f"| {r.shape} ({r.n_experts}) | {r.backend} | {r.fmt} | {r.tokens} | {r.seconds * 1e3:.2f} | "
                    f"{r.gbps:.2f} | {r.gflops:.1f} | {r.baseline:.1f} {unit} | {r.ratio:.2f} | {vs} |")
+    return "\n".join(out)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_rows(fmt, w, x, xs, xq, xd, int8, out):
+    for r in range(w.shape[0]):
+        out[r] = dot_row_i8(fmt, w[r], xq, xd, xs) if int8 else dot_row(fmt, w[r], x, xs)
+
+
+def dot_rates(formats: list[str], dim: int = 7168, rows: int = 64, repeats: int = 30, log=print) -> str:
+    """One core, weights in L2 (rows x dim): G weights/s and GB/s of the fused row dots (fp32 and
+    int8 activations): the compute ceiling of decode per core, independent of memory."""
+    out = ["| format | activations | G weights/s per core | GB/s per core |", "|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(dim).astype(np.float32)
+    xs, xd = np.empty(dim // 32, np.float32), np.empty(dim // 32, np.float32)
+    xq = np.empty(dim, np.int8)
+    block_sums(x, xs)
+    xs8 = np.empty_like(xs)
+    quantize_act(x, xq, xd, xs8)
+    res = np.empty(rows, np.float32)
+    for fmt in formats:
+        f = FORMATS[fmt]
+        w = quantize(rng.standard_normal((rows, dim)).astype(np.float32), fmt)
+        for int8 in ((False, True) if f.block > 1 else (False,)):
+            sums = xs8 if int8 else xs
+            _dot_rows(f.code, w, x, sums, xq, xd, int8, res)
+            t = float(np.median([_timed(lambda: _dot_rows(f.code, w, x, sums, xq, xd, int8, res))
+                                 for _ in range(repeats)]))
+            out.append(f"| {fmt} | {'int8' if int8 else 'fp32'} | {rows * dim / t / 1e9:.2f} | {w.nbytes / t / 1e9:.2f} |")
+            log(out[-1])
     return "\n".join(out)

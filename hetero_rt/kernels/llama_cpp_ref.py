@@ -74,9 +74,11 @@ class GgmlMoE:
             if self.base.ggml_type_name(GGML_TYPES[f]).decode().lower().replace("_", "") != f.replace("_", "").replace("fp", "f"):
                 raise RuntimeError(f"ggml type code {GGML_TYPES[f]} is not {f} in this llama.cpp build")
         n_exp = w1.shape[0]
-        t, self.threads, self.k, self.dim = max_tokens, threads, k, dim
+        t, self.threads, self.k, self.dim, self.n_experts = max_tokens, threads, k, dim, n_exp
+        self.max_tokens = max_tokens
         act = 4 * t * k * (4 * inter + 3 * dim) + 8 * t * (dim + k)          # fp32 intermediates
-        size = w1.nbytes + w3.nbytes + w2.nbytes + 2 * act + (64 << 20)      # + ggml work buffer
+        # + work buffers: ggml_graph_compute_with_ctx takes a new one from the context on every call
+        size = w1.nbytes + w3.nbytes + w2.nbytes + 2 * act + (512 << 20)
         self.ctx = self.base.ggml_init(_InitParams(size, None, False))
         if not self.ctx:
             raise MemoryError(f"ggml_init of {size / 2**30:.2f} GiB failed")
@@ -116,12 +118,16 @@ class GgmlMoE:
     def compute(self, x, ids, weights):
         """Runs the graph; returns ((T, K, D) weighted expert outputs, seconds of graph compute)."""
         t = x.shape[0]
+        if x.shape != (t, self.dim) or ids.shape != (t, self.k) or weights.shape != (t, self.k) or t > self.max_tokens:
+            raise ValueError(f"x {x.shape}, ids {ids.shape}, weights {weights.shape}: expected (T, {self.dim}), "
+                             f"(T, {self.k}), (T, {self.k}) with T <= {self.max_tokens}")
         graph, tx, tids, twts, out = self._graph(t)
         b = self.base
-        ctypes.memmove(b.ggml_get_data(tx), np.ascontiguousarray(x, np.float32).ctypes.data, x.size * 4)
-        ctypes.memmove(b.ggml_get_data(tids), np.ascontiguousarray(ids, np.int32).ctypes.data, ids.size * 4)
-        ctypes.memmove(b.ggml_get_data(twts), np.ascontiguousarray(weights, np.float32).ctypes.data,
-                       weights.size * 4)
+        for tensor, a, dt in ((tx, x, np.float32), (tids, ids, np.int32), (twts, weights, np.float32)):
+            a = np.ascontiguousarray(a, dt)            # held in `a` while memmove reads it
+            if tensor == tids and a.size and (a.min() < 0 or a.max() >= self.n_experts):
+                raise ValueError(f"expert ids must lie in [0, {self.n_experts})")
+            ctypes.memmove(b.ggml_get_data(tensor), a.ctypes.data, a.nbytes)
         t0 = time.perf_counter()
         status = self.cpu.ggml_graph_compute_with_ctx(self.ctx, graph, self.threads)
         seconds = time.perf_counter() - t0
