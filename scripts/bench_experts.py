@@ -1,5 +1,6 @@
 """Routed-expert kernel benchmark: numba backend per weight format vs memory read bandwidth, torch
-fp32 matmul and the torch reference backend, measured in one run. Logic: hetero_rt.kernels.bench."""
+fp32 matmul, the torch reference backend and llama.cpp (when llama_cpp is importable), measured in
+one run. Logic: hetero_rt.kernels.bench."""
 import argparse
 
 from hetero_rt.kernels import bench
@@ -11,11 +12,16 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(bench.SHAPES), choices=list(bench.SHAPES))
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 128, 512], help="1 = decode; more = prefill")
-    p.add_argument("--experts-v3", type=int, default=16, help="experts in memory for the V3 shape")
-    p.add_argument("--experts-v2-lite", type=int, default=64, help="experts in memory for the V2-Lite shape")
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8-activation decode rows")
+    p.add_argument("--dot-rates", action="store_true",
+                   help="only the per-core rates of the fused row dots (weights in L2, one thread)")
     a = p.parse_args()
-    print(bench.run(a.shapes, a.formats, a.tokens, {"v3": a.experts_v3, "v2-lite": a.experts_v2_lite}, a.threads))
+    if a.dot_rates:
+        print(bench.dot_rates(a.formats))
+        return
+    print(bench.run(a.shapes, a.formats, a.tokens, a.threads, llama=not a.no_llama, int8=not a.no_int8))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 judged by, all measured in one run on one machine:
   - memory read bandwidth: a numba parallel sum over a buffer far larger than the caches;
   - torch fp32 matmul GFLOP/s on the prefill shape (torch's own BLAS, same thread count);
-  - the torch reference backend (TorchExperts, fp32) on the same routing.
+  - the torch reference backend (TorchExperts, fp32) on the same routing;
+  - llama.cpp (when llama_cpp is importable): the ggml MoE graph llama.cpp builds, on a copy of the
+    same bytes, same routing, same thread count (hetero_rt.kernels.llama_cpp_ref).
 Decode reads k fresh experts per call (rotating through E experts, so no call finds the previous
-one's weights in cache); prefill routes T random tokens top-k over the E experts in memory.
+one's weights in cache); prefill routes T random tokens top-k over the E experts in memory. E is
+chosen per format so the experts in memory exceed MIN_BYTES (far more than the last-level cache).
 
 Legend: T tokens, K experts per token, E experts in memory, D hidden, I expert inter size.
 """
@@ -21,9 +24,11 @@ import numba
 
 from ..experts.numba_backend import NumbaExperts, default_threads
 from ..experts.torch_backend import TorchExperts
-from ..quant.ggml import FORMATS
+from ..quant.ggml import FORMATS, quantize
+from .dot import block_sums, dot_row, dot_row_i8, quantize_act
 
 SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
+MIN_BYTES = 2 << 30      # experts in memory per format: at least this many bytes (L3 here: 480 MiB)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,13 @@ class Row:
     weight_bytes: int
     flops: float
     baseline: float  # measured right before this row: read GB/s (decode) or torch matmul GFLOP/s
+    n_experts: int = 0
+    llama_seconds: float | None = None   # llama.cpp on the same bytes and routing, if measured
+
+    @property
+    def vs_llama(self) -> float | None:
+        """llama.cpp time / this row's time (> 1: faster than llama.cpp)."""
+        return None if self.llama_seconds is None else self.llama_seconds / self.seconds
 
     @property
     def ratio(self) -> float:
@@ -113,20 +125,29 @@ def bytes_read(ids: np.ndarray, per_expert: int) -> int:
     return len(np.unique(ids)) * per_expert
 
 
-def time_backend(call, tokens: int, k: int, dim: int, n_experts: int, repeats: int, rng) -> tuple[float, np.ndarray]:
-    """Best time over repeats and the ids of the best call."""
+def time_backend(call, tokens: int, k: int, dim: int, n_experts: int, repeats: int, rng,
+                 self_timed: bool = False) -> tuple[float, np.ndarray]:
+    """Best time over repeats and the ids of the best call (self_timed: call returns its seconds)."""
     best, best_ids = float("inf"), None
     for step in range(repeats):
         ids, w = routing(tokens, k, n_experts, step, rng)
         x = rng.standard_normal((tokens, dim)).astype(np.float32)
-        t = _timed(lambda: call(x, ids, w))
+        t = call(x, ids, w) if self_timed else _timed(lambda: call(x, ids, w))
         if t < best:
             best, best_ids = t, ids
     return best, best_ids
 
 
-def bench_shape(name: str, n_experts: int, formats: list[str], token_counts: list[int], threads: int,
-                log, probe: np.ndarray) -> list[Row]:
+def experts_in_memory(fmt: str, dim: int, inter: int, at_least: int) -> int:
+    """Experts to hold in memory so that their bytes exceed MIN_BYTES (and at least `at_least`)."""
+    f = FORMATS[fmt]
+    down = FORMATS["q8_0"] if f.block == 256 and inter % 256 else f
+    per_expert = 2 * inter * f.row_bytes(dim) + dim * down.row_bytes(inter)
+    return max(at_least, -(-MIN_BYTES // per_expert))
+
+
+def bench_shape(name: str, formats: list[str], token_counts: list[int], threads: int, log,
+                probe: np.ndarray, llama: bool, int8: bool) -> list[Row]:
     """Every row carries its own baseline, measured just before it: the machine may be shared."""
     dim, inter, k = SHAPES[name]
     rng = np.random.default_rng(0)
@@ -134,29 +155,62 @@ def bench_shape(name: str, n_experts: int, formats: list[str], token_counts: lis
     flops = lambda t: 6.0 * t * k * dim * inter
     baseline = lambda t: read_bandwidth(probe, 2) if t == 1 else torch_matmul_gflops(t, dim, inter, 2)
     for fmt in formats:
-        ne = make_experts(fmt, n_experts, dim, inter, threads)
+        n_exp = experts_in_memory(fmt, dim, inter, 2 * k)
+        ne = make_experts(fmt, n_exp, dim, inter, threads)
         compile_s = ne.warmup()
         per_expert = ne.weight_bytes()
-        log(f"{name} {fmt}: {n_experts} experts, {ne.weight_bytes(n_experts) / 2**30:.2f} GiB, "
+        ref = _llama(ne, dim, inter, max(token_counts), k, threads, log) if llama else None
+        log(f"{name} {fmt}: {n_exp} experts, {ne.weight_bytes(n_exp) / 2**30:.2f} GiB, "
             f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
         for tokens in token_counts:
             repeats = 8 if tokens == 1 else 1
             base = baseline(tokens)
-            t, ids = time_backend(ne.run, tokens, k, dim, n_experts, repeats, rng)
-            rows.append(Row(name, "numba", fmt, tokens, t, bytes_read(ids, per_expert), flops(tokens), base))
+            t, ids = time_backend(ne.run, tokens, k, dim, n_exp, repeats, rng)
+            t_ref = None
+            if ref is not None:
+                t_ref, _ = time_backend(lambda x, i, w: ref.compute(x, i, w)[1], tokens, k, dim, n_exp,
+                                        repeats, rng, self_timed=True)
+            row = lambda backend, s, tr=None: Row(name, backend, fmt, tokens, s, bytes_read(ids, per_expert),
+                                                  flops(tokens), base, n_exp, tr)
+            rows.append(row("numba", t, t_ref))
             log(_fmt_row(rows[-1]))
-        del ne
-    te = make_torch(n_experts, dim, inter)
+            if int8 and tokens == 1 and fmt not in ("fp32", "bf16", "fp16"):
+                ne.act = "int8"
+                t8, ids = time_backend(ne.run, tokens, k, dim, n_exp, repeats, rng)
+                ne.act = "fp32"
+                rows.append(row("numba int8", t8, t_ref))
+                log(_fmt_row(rows[-1]))
+            if t_ref is not None:
+                rows.append(row("llama.cpp", t_ref))
+                log(_fmt_row(rows[-1]))
+        if ref is not None:
+            ref.close()
+        del ne, ref
+    n_exp = experts_in_memory("fp32", dim, inter, 2 * k)
+    te = make_torch(n_exp, dim, inter)
     per_expert = 3 * dim * inter * 4
     call = lambda x, ids, w: te(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w))
     with torch.no_grad():
         call(np.zeros((1, dim), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32))
         for tokens in token_counts:
             base = baseline(tokens)
-            t, ids = time_backend(call, tokens, k, dim, n_experts, 6 if tokens == 1 else 1, rng)
-            rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens), base))
+            t, ids = time_backend(call, tokens, k, dim, n_exp, 6 if tokens == 1 else 1, rng)
+            rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens), base,
+                            n_exp))
             log(_fmt_row(rows[-1]))
     return rows
+
+
+def _llama(ne: NumbaExperts, dim: int, inter: int, max_tokens: int, k: int, threads: int, log):
+    """llama.cpp's MoE graph over a copy of ne's bytes; None (logged) when it cannot run here."""
+    from . import llama_cpp_ref
+    if not llama_cpp_ref.available():
+        return None
+    ref = llama_cpp_ref.GgmlMoE(ne.w1, ne.w3, ne.w2, ne.fmt13.name, ne.fmt2.name, dim, inter, max_tokens, k,
+                                threads)
+    x = np.zeros((1, dim), np.float32)
+    ref.compute(x, np.zeros((1, k), np.int64), np.ones((1, k), np.float32))   # first call outside timing
+    return ref
 
 
 def make_torch(n_experts: int, dim: int, inter: int) -> TorchExperts:
@@ -168,19 +222,28 @@ def make_torch(n_experts: int, dim: int, inter: int) -> TorchExperts:
 
 
 def _fmt_row(r: Row) -> str:
-    return (f"  {r.shape:8s} {r.backend:6s} {r.fmt:5s} T={r.tokens:<4d} {r.seconds * 1e3:9.2f} ms "
-            f"{r.gbps:7.2f} GB/s {r.gflops:8.1f} GFLOP/s  {r.ratio:5.2f} x {'read BW' if r.tokens == 1 else 'torch mm'}")
+    vs = f"  llama.cpp/this {r.vs_llama:.2f}" if r.vs_llama is not None else ""
+    return (f"  {r.shape:8s} {r.backend:10s} {r.fmt:5s} T={r.tokens:<4d} {r.seconds * 1e3:9.2f} ms "
+            f"{r.gbps:7.2f} GB/s {r.gflops:8.1f} GFLOP/s  {r.ratio:5.2f} x "
+            f"{'read BW' if r.tokens == 1 else 'torch mm'}{vs}")
 
 
-def run(shapes: list[str], formats: list[str], token_counts: list[int], experts: dict[str, int],
-        threads: int | None = None, log=print) -> str:
-    """Run the benchmark; returns a markdown report."""
+def run(shapes: list[str], formats: list[str], token_counts: list[int], threads: int | None = None,
+        llama: bool = True, int8: bool = True, log=print) -> str:
+    """Run the benchmark; returns a markdown report. llama: add llama.cpp rows when llama_cpp is
+    importable; int8: add decode rows with int8 activations for the block formats."""
     threads = threads or default_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"unknown format {f!r}; expected some of {sorted(FORMATS)}")
+    if llama:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            log("llama_cpp is not importable: no llama.cpp rows")
+            llama = False
     probe = np.ones(1 << 28, np.float32)  # 1 GiB
     bw = read_bandwidth(probe)
     log(f"memory read bandwidth (numba parallel sum, 1 GiB, {threads} threads): {bw:.2f} GB/s")
@@ -188,20 +251,52 @@ def run(shapes: list[str], formats: list[str], token_counts: list[int], experts:
     mm = {s: torch_matmul_gflops(big_t, SHAPES[s][0], SHAPES[s][1]) for s in shapes}
     for s in shapes:
         log(f"torch fp32 matmul ({big_t} x {SHAPES[s][0]}) @ ({SHAPES[s][0]} x {SHAPES[s][1]}): {mm[s]:.1f} GFLOP/s")
-    rows = [r for s in shapes for r in bench_shape(s, experts[s], formats, token_counts, threads, log, probe)]
-    return report(rows, bw, mm, big_t, threads, experts)
+    rows = [r for s in shapes for r in bench_shape(s, formats, token_counts, threads, log, probe, llama, int8)]
+    return report(rows, bw, mm, big_t, threads)
 
 
-def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads: int,
-           experts: dict[str, int]) -> str:
+def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads: int) -> str:
     out = [f"read bandwidth {bw:.2f} GB/s; threads {threads}; torch fp32 matmul at {big_t} tokens: "
            + ", ".join(f"{s} {g:.1f} GFLOP/s" for s, g in mm.items()), "",
            "ratio: decode rows = GB/s / read bandwidth, prefill rows = GFLOP/s / torch fp32 matmul GFLOP/s "
-           "(same T x D x I), each baseline measured right before its row", "",
-           "| shape (E in memory) | backend | format | tokens | time ms | GB/s | GFLOP/s | baseline | ratio |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "(same T x D x I), each baseline measured right before its row; llama.cpp/this = llama.cpp's "
+           "time over this row's time on the same bytes and routing (> 1: faster than llama.cpp)", "",
+           "| shape (E in memory) | backend | format | tokens | time ms | GB/s | GFLOP/s | baseline | ratio | llama.cpp/this |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         unit = "GB/s" if r.tokens == 1 else "GFLOP/s"
-        out.append(f"| {r.shape} ({experts[r.shape]}) | {r.backend} | {r.fmt} | {r.tokens} | {r.seconds * 1e3:.2f} | "
-                   f"{r.gbps:.2f} | {r.gflops:.1f} | {r.baseline:.1f} {unit} | {r.ratio:.2f} |")
+        vs = f"{r.vs_llama:.2f}" if r.vs_llama is not None else ""
+        out.append(f"| {r.shape} ({r.n_experts}) | {r.backend} | {r.fmt} | {r.tokens} | {r.seconds * 1e3:.2f} | "
+                   f"{r.gbps:.2f} | {r.gflops:.1f} | {r.baseline:.1f} {unit} | {r.ratio:.2f} | {vs} |")
+    return "\n".join(out)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_rows(fmt, w, x, xs, xq, xd, int8, out):
+    for r in range(w.shape[0]):
+        out[r] = dot_row_i8(fmt, w[r], xq, xd, xs) if int8 else dot_row(fmt, w[r], x, xs)
+
+
+def dot_rates(formats: list[str], dim: int = 7168, rows: int = 64, repeats: int = 30, log=print) -> str:
+    """One core, weights in L2 (rows x dim): G weights/s and GB/s of the fused row dots (fp32 and
+    int8 activations): the compute ceiling of decode per core, independent of memory."""
+    out = ["| format | activations | G weights/s per core | GB/s per core |", "|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(dim).astype(np.float32)
+    xs, xd = np.empty(dim // 32, np.float32), np.empty(dim // 32, np.float32)
+    xq = np.empty(dim, np.int8)
+    block_sums(x, xs)
+    xs8 = np.empty_like(xs)
+    quantize_act(x, xq, xd, xs8)
+    res = np.empty(rows, np.float32)
+    for fmt in formats:
+        f = FORMATS[fmt]
+        w = quantize(rng.standard_normal((rows, dim)).astype(np.float32), fmt)
+        for int8 in ((False, True) if f.block > 1 else (False,)):
+            sums = xs8 if int8 else xs
+            _dot_rows(f.code, w, x, sums, xq, xd, int8, res)
+            t = float(np.median([_timed(lambda: _dot_rows(f.code, w, x, sums, xq, xd, int8, res))
+                                 for _ in range(repeats)]))
+            out.append(f"| {fmt} | {'int8' if int8 else 'fp32'} | {rows * dim / t / 1e9:.2f} | {w.nbytes / t / 1e9:.2f} |")
+            log(out[-1])
     return "\n".join(out)
