@@ -58,7 +58,31 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
         traces[name] = rec.calls
         rows.append((name, slots, pre, dec, session.total()))
         session.close()
-    return report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype)
+    text = report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype)
+    return text + "\n\n" + deferral_effect(rt, moe, prompt, new_tokens)
+
+
+def deferral_effect(rt, moe, prompt, new_tokens, ds=(1, 2)) -> str:
+    """Logits of the prompt with deferral d against without (same scheduler, no cache), and speed."""
+    out = ["Expert deferral (d lowest-weighted experts of each token added one MoE layer later; not in the "
+           "last MoE layer), prompt logits against no deferral:", "",
+           "| d | max abs diff / max abs logit | mean abs diff | top-1 agreement (prompt positions) | "
+           "greedy tokens equal (of new) | decode tok/s |", "|---|---|---|---|---|---|"]
+    ref = None
+    for d in (0, *ds):
+        session = install(rt.model, {i: HeteroSpec(cache_slots=0, prefetch=False, defer=d) for i in moe}, "cpu")
+        logits = rt.logits(prompt)
+        res = rt.generate(prompt, max_new_tokens=new_tokens)
+        session.close()
+        if ref is None:
+            ref, ref_ids = logits, res.new_ids
+            continue
+        diff = np.abs(logits - ref)
+        same = sum(a == b for a, b in zip(res.new_ids, ref_ids))
+        out.append(f"| {d} | {diff.max() / np.abs(ref).max():.4f} | {diff.mean():.4f} | "
+                   f"{(logits.argmax(-1) == ref.argmax(-1)).mean():.3f} | {same} / {len(ref_ids)} | "
+                   f"{res.decode_tokens_per_s:.2f} |")
+    return "\n".join(out)
 
 
 def timed(rt, prompt, new_tokens, repeats) -> tuple[float, float]:
