@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from hetero_rt.checkpoint.synthetic import ensure_demo_checkpoint, synthetic_config, write_synthetic_checkpoint
+from hetero_rt.runtime.cost_model import CostModel
 from hetero_rt.runtime.hetero_bench import bench
 
 
@@ -19,13 +20,18 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cpu-gflops", type=float, default=100.0,
+                   help="cost model: CPU expert throughput (docs/benchmarks.md measures ~60-120 here)")
+    p.add_argument("--pcie-gbps", type=float, default=25.0, help="cost model: host->GPU bandwidth")
     a = p.parse_args()
     model = a.model
     if model is None and a.tiny:
         model = write_synthetic_checkpoint(Path(tempfile.mkdtemp()) / "tiny", synthetic_config(
             "tiny", num_hidden_layers=4, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4,
             hidden_size=256, moe_intermediate_size=128))
-    print(bench(model or ensure_demo_checkpoint(), a.sizes, a.prompt_len, a.new_tokens, a.dtype, repeats=a.repeats))
+    cost = CostModel(pcie_gbps=a.pcie_gbps, cpu_gflops=a.cpu_gflops)
+    print(bench(model or ensure_demo_checkpoint(), a.sizes, a.prompt_len, a.new_tokens, a.dtype, repeats=a.repeats,
+                cost=cost))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,79 @@ def test_gpu_cache_and_prefetch_match_the_cpu(ckpt, reference, tmp_path):
     total = session.total()
     assert total.hits > 0 and total.prefetches_issued > 0 and total.stream_calls > 0
     session.close()
+
+
+# ---- one or two HeteroExperts layers driven directly, with scripted routing ----
+
+from hetero_rt.runtime.expert_cache import DynamicPolicy, ExpertCache  # noqa: E402
+from hetero_rt.runtime.scheduler import HeteroExperts, HeteroSession  # noqa: E402
+from test_expert_cache import host_experts  # noqa: E402
+from test_numba_experts import reference as dequantized_reference  # noqa: E402
+
+
+class ScriptedGate:
+    """Stands in for the next layer's gate: returns the scripted ids, one (1, K) row per call."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, 0
+
+    def __call__(self, x):
+        ids = torch.tensor([self.rows[self.calls]])
+        self.calls += 1
+        return None, ids
+
+
+def layer(src, index, session, slots, **kw):
+    cache = None
+    if slots:
+        cache = ExpertCache(src, slots, "cpu", torch.float32, DynamicPolicy(src.n_experts, decay=0.5,
+                                                                                max_promotions=1),
+                            session.copier, index)
+    return HeteroExperts(src, index, session, cache, **kw)
+
+
+def test_prefetch_counters_exact_through_the_scheduler():
+    """Layer A predicts B's experts with a scripted gate; worked out by hand (docstring of
+    test_expert_cache.test_counters_exact_on_a_scripted_trace for the policy's arithmetic):
+    1: prefetch 3, 4 (empty slots); B needs {3, 5}: 3 hit (prefetch used), 5 miss; 5 evicts 4 (score 0)
+    2: prefetch 4 over 5 (3 is predicted, kept); B needs {4, 5}: 4 hit (used), 5 miss; 5 evicts 3
+    3: predicted 5, 4 resident: nothing issued; B needs {5, 4}: 2 hits, no prefetch used."""
+    src_a, src_b = host_experts(6, seed=1), host_experts(6, seed=2)
+    session = HeteroSession("cpu", torch.float32, src_a.dim, 2, max_tokens=4, copier=Copier("cpu", threaded=False))
+    a = layer(src_a, 0, session, 0, prefetch=True)
+    b = layer(src_b, 1, session, 2)
+    a.next = (ScriptedGate([[3, 4], [4, 3], [5, 4]]), b)
+    ref_a, ref_b = dequantized_reference(src_a), dequantized_reference(src_b)
+    w = torch.tensor([[0.7, 0.3]])
+    resident = []
+    for ids_b in ([[3, 5]], [[4, 5]], [[5, 4]]):
+        x = torch.randn(1, src_a.dim)
+        ids_a, ids_b = torch.tensor([[0, 1]]), torch.tensor(ids_b)
+        torch.testing.assert_close(a(x, ids_a, w), ref_a(x, ids_a, w), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b(x, ids_b, w), ref_b(x, ids_b, w), atol=1e-5, rtol=1e-5)
+        resident.append(sorted(b.cache.resident()))
+    assert resident == [[3, 5], [4, 5], [4, 5]]
+    cb = b.counters
+    assert (cb.calls, cb.hits, cb.misses, cb.hit_pairs, cb.miss_pairs) == (3, 4, 2, 4, 2)
+    assert (cb.prefetches_issued, cb.prefetches_used, cb.promotions) == (3, 2, 2)
+    assert cb.bytes_experts == 5 * b.cache.expert_bytes
+    ca = a.counters
+    assert (ca.calls, ca.hits, ca.misses, ca.prefetches_issued) == (3, 0, 6, 0)
+    session.close()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "q8_0", "q4_k"])
+def test_layer_equals_the_dequantized_reference(fmt):
+    """Cache hits, misses, several tokens per expert, and chunking above max_tokens, in a stored format."""
+    src = host_experts(8, dim=256, inter=256, fmt=fmt, seed=4)
+    session = HeteroSession("cpu", torch.float32, src.dim, 3, max_tokens=5, copier=Copier("cpu", threaded=False))
+    e = layer(src, 0, session, 3)
+    ref = dequantized_reference(src)
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 1, 4, 13, 1, 2):
+        x = torch.randn(tokens, src.dim, generator=g)
+        ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(tokens)])
+        w = torch.rand(tokens, 3, generator=g)
+        torch.testing.assert_close(e(x, ids, w), ref(x, ids, w), atol=1e-4, rtol=1e-4)
+    assert e.counters.hits > 0 and e.counters.misses > 0 and e.counters.calls == 1 + 1 + 1 + 3 + 1 + 1
+    session.close()

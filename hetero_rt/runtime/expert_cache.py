@@ -155,7 +155,7 @@ class ExpertCache:
         self.expert_in = np.full(slots, -1, np.int64)   # (S,)
         self.tickets: list = [None] * slots             # copy completion per slot
         self.pending: list[int] = []                    # slots whose copy may be in flight
-        self.by_prefetch = np.zeros(slots, bool)        # loaded by the prefetcher and not hit yet
+        self.by_prefetch = np.zeros(slots, bool)        # prefetched, no call since it became usable
         self.counts = np.zeros(e, np.float64)           # (E,) scratch: tokens per expert in one call
         self.counters = counters if counters is not None else LayerCounters()
         for slot, expert in enumerate(policy.initial(slots)):
@@ -227,9 +227,11 @@ class ExpertCache:
         hit_experts = used[self.ready_slot[used] >= 0]
         c.hits += len(hit_experts)
         c.misses += len(used) - len(hit_experts)
-        slots = self.ready_slot[hit_experts]
-        c.prefetches_used += int(self.by_prefetch[slots].sum())
-        self.by_prefetch[slots] = False
+        c.prefetches_used += int(self.by_prefetch[self.ready_slot[hit_experts]].sum())
+        # a prefetched expert is protected from promotions until the first call it could serve
+        usable = self.expert_in >= 0
+        usable[usable] = self.ready_slot[self.expert_in[usable]] >= 0
+        self.by_prefetch[usable] = False
         self.policy.observe(self.counts)
 
     def promote(self) -> int:
@@ -237,13 +239,14 @@ class ExpertCache:
         scores = self.policy.score()
         if scores is None or self.slots == 0:
             return 0
+        self.refresh()
         done = 0
         for expert in np.argsort(-scores, kind="stable")[: self.slots + self.policy.max_promotions]:
             if done >= self.policy.max_promotions or scores[expert] <= 0:
                 break
             if self.slot_of[expert] >= 0:
                 continue
-            slot = self.victim(scores)
+            slot = self.victim(scores, protect_prefetched=True)
             if slot is None:
                 break
             old = self.expert_in[slot]
@@ -253,15 +256,19 @@ class ExpertCache:
             done += 1
         return done
 
-    def victim(self, scores: np.ndarray, keep: np.ndarray | None = None) -> int | None:
+    def victim(self, scores: np.ndarray, keep: np.ndarray | None = None,
+               protect_prefetched: bool = False) -> int | None:
         """An empty slot, else the slot of the lowest-scored usable resident not in `keep` (E,) bool;
-        slots with a copy in flight are never chosen."""
+        slots with a copy in flight are never chosen, nor (protect_prefetched) prefetched experts
+        that have not had a call to serve yet."""
         empty = np.flatnonzero(self.expert_in < 0)
         if len(empty):
             return int(empty[0])
         best, best_score = None, math.inf
         for slot, e in enumerate(self.expert_in):
             if slot in self.pending or (keep is not None and keep[e]):
+                continue
+            if protect_prefetched and self.by_prefetch[slot]:
                 continue
             if scores[e] < best_score:
                 best, best_score = slot, scores[e]
@@ -273,6 +280,7 @@ class ExpertCache:
         scores = self.policy.score()
         if scores is None or self.slots == 0:
             return 0
+        self.refresh()
         keep = np.zeros(len(self.slot_of), bool)
         keep[list(experts)] = True
         issued = 0

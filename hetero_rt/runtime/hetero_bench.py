@@ -23,7 +23,7 @@ from .scheduler import install, make_policy
 
 
 def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
-          profile_prompts: int = 4, seed: int = 0, repeats: int = 2) -> str:
+          profile_prompts: int = 4, seed: int = 0, repeats: int = 2, cost: CostModel = CostModel()) -> str:
     import hetero_rt
     rules = Path(tempfile.mkdtemp()) / "numba.yaml"
     rules.write_text(f"defaults: {{device: cuda, dtype: {dtype}}}\nrules:\n  - match: {{kind: routed_experts}}\n"
@@ -47,7 +47,8 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
     configs.append((f"dynamic cache {mid} + prefetch, overlap off", mid,
                     HeteroSpec(cache_slots=mid, profile=str(profile), overlap=False)))
     configs.append((f"dynamic cache {mid} + prefetch + stream (cost model)", mid,
-                    HeteroSpec(cache_slots=mid, profile=str(profile), stream=True)))
+                    HeteroSpec(cache_slots=mid, profile=str(profile), stream=True, pcie_gbps=cost.pcie_gbps,
+                               cpu_gflops=cost.cpu_gflops)))
     for name, slots, spec in configs:
         session = install(rt.model, {i: spec for i in moe}, "cpu", copier=Copier("cpu"))
         timed(rt, prompt, 4, 1)                     # warm-up (compiles, fills dynamic caches)
@@ -58,7 +59,31 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
         traces[name] = rec.calls
         rows.append((name, slots, pre, dec, session.total()))
         session.close()
-    return report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype)
+    text = report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, cost)
+    return text + "\n\n" + deferral_effect(rt, moe, prompt, new_tokens)
+
+
+def deferral_effect(rt, moe, prompt, new_tokens, ds=(1, 2)) -> str:
+    """Logits of the prompt with deferral d against without (same scheduler, no cache), and speed."""
+    out = ["Expert deferral (d lowest-weighted experts of each token added one MoE layer later; not in the "
+           "last MoE layer), prompt logits against no deferral:", "",
+           "| d | max abs diff / max abs logit | mean abs diff | top-1 agreement (prompt positions) | "
+           "greedy tokens equal (of new) | decode tok/s |", "|---|---|---|---|---|---|"]
+    ref = None
+    for d in (0, *ds):
+        session = install(rt.model, {i: HeteroSpec(cache_slots=0, prefetch=False, defer=d) for i in moe}, "cpu")
+        logits = rt.logits(prompt)
+        res = rt.generate(prompt, max_new_tokens=new_tokens)
+        session.close()
+        if ref is None:
+            ref, ref_ids = logits, res.new_ids
+            continue
+        diff = np.abs(logits - ref)
+        same = sum(a == b for a, b in zip(res.new_ids, ref_ids))
+        out.append(f"| {d} | {diff.max() / np.abs(ref).max():.4f} | {diff.mean():.4f} | "
+                   f"{(logits.argmax(-1) == ref.argmax(-1)).mean():.3f} | {same} / {len(ref_ids)} | "
+                   f"{res.decode_tokens_per_s:.2f} |")
+    return "\n".join(out)
 
 
 def timed(rt, prompt, new_tokens, repeats) -> tuple[float, float]:
@@ -92,7 +117,7 @@ def simulated_dynamic(rt, calls_by_layer, slots: int, profile: Path) -> float:
     return hits / requests if requests else 0.0
 
 
-def report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype) -> str:
+def report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, cost) -> str:
     base_pre, base_dec = rows[0][2], rows[0][3]
     out = [f"model: {path} ({rt.args.num_hidden_layers} layers, {len(moe)} MoE, {rt.args.n_routed_experts} experts "
            f"top-{rt.args.num_experts_per_tok}, hidden {rt.args.hidden_size}, expert inter "
@@ -118,25 +143,26 @@ def report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype) 
     for name, _, _, _, c in rows[1:]:
         out.append(f"| {name} | {c.cpu_busy_s:.3f} | {c.gpu_busy_s:.3f} | {c.gpu_wait_s:.3f} | {c.stream_calls} | "
                    f"{c.est_cpu_s * 1e3:.2f} ms | {c.est_stream_s * 1e3:.2f} ms |")
-    out += ["", cost_table(rt)]
+    out += ["", cost_table(rt, cost)]
     return "\n".join(out)
 
 
-def cost_table(rt, model: CostModel = CostModel()) -> str:
-    """Per layer of this model and of DeepSeek-V3's shape: CPU vs stream estimates by prompt length
-    (uniform routing: T K / E tokens per expert), with the model's default parameters."""
+def cost_table(rt, model: CostModel) -> str:
+    """CPU vs stream estimates by prompt length for one layer of this model (bf16 on both sides) and of
+    DeepSeek-V3 (Q4_K in host memory, bf16 on the GPU), uniform routing (T K / E tokens per expert)."""
     a = rt.args
-    lines = [f"Cost model ({model}), uniform routing, all experts missed:", "",
-             "| expert shape (I x D, dtype) | prompt tokens | tokens/expert | est. CPU | est. stream | choice |",
+    shapes = [(a.moe_intermediate_size, a.hidden_size, a.n_routed_experts, a.num_experts_per_tok, "bf16", 2.0),
+              (2048, 7168, 256, 8, "q4_k", 0.5625)]                    # Q4_K: 144 bytes per 256 weights
+    lines = [f"Cost model ({model}), uniform routing, every expert missed:", "",
+             "| layer (I x D, E top-K, host format) | prompt tokens | tokens/expert | est. CPU | est. stream "
+             "| choice |",
              "|---|---|---|---|---|---|"]
-    for (i, d, e, k, host_b) in ((a.moe_intermediate_size, a.hidden_size, a.n_routed_experts, a.num_experts_per_tok,
-                                  2), (2048, 7168, 256, 8, 0.5625)):
-        flops, gpu_bytes, host_bytes = 6 * i * d, 3 * i * d * 2, int(3 * i * d * host_b)
+    for i, d, e, k, fmt, host_bytes_per_weight in shapes:
+        flops, gpu_bytes, host_bytes = 6 * i * d, 3 * i * d * 2, int(3 * i * d * host_bytes_per_weight)
         for t in (1, 32, 128, 512, 2048, 8192):
-            counts = np.full(e, min(t * k / e, t), np.float64) if t * k >= e else np.r_[np.ones(t * k), np.zeros(e - t * k)]
+            pairs = t * k
+            counts = np.full(e, pairs / e) if pairs >= e else np.r_[np.ones(pairs), np.zeros(e - pairs)]
             choice, cpu, stream = model.choose(counts, host_bytes, gpu_bytes, flops)
-            fmt = "bf16" if host_b == 2 else "q4_k"
-            lines.append(f"| {i} x {d}, host {fmt} | {t} | {t * k / e:.2f} | {cpu * 1e3:.2f} ms | {stream * 1e3:.2f} ms "
-                         f"| {choice} |")
+            lines.append(f"| {i} x {d}, {e} top-{k}, {fmt} | {t} | {pairs / e:.2f} | {cpu * 1e3:.2f} ms | "
+                         f"{stream * 1e3:.2f} ms | {choice} |")
     return "\n".join(lines)
-

@@ -273,6 +273,9 @@ class HeteroExperts(nn.Module):
         """routed(x) + shared(x), x (T, D) -> (T, D) in x's dtype; see the module docstring."""
         m = self.session.max_tokens
         if x.shape[0] > m:
+            if self.defer and self.next:  # a chunk's deferred experts belong to the next layer's same chunk
+                raise HeteroRTError(f"layer {self.layer}: expert deferral needs calls of at most {m} tokens, got "
+                                    f"{x.shape[0]}; Runtime.step chunks prompts to {m}")
             return torch.cat([self.combine(x[i:i + m], ids[i:i + m], weights[i:i + m], shared)
                               for i in range(0, x.shape[0], m)])
         s, c, t = self.session, self.counters, x.shape[0]
