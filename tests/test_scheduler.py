@@ -280,6 +280,9 @@ def test_planner_counts_the_expert_cache():
     want = 56 * 16 * expert + 2 * ((2 ** 30 // expert) * expert + 2 * expert)
     assert mem.devices["cuda"].weights["expert_cache"] == want
     assert "expert_cache" in mem.format() and "hetero={cache: 16, policy: dynamic" in plan.format()
+    budget = {"cuda": mem.devices["cuda"].total - 2 ** 30}
+    short = plan_memory(args, plan, read_tensor_meta(V3), 4096, "bfloat16", budget)
+    assert "cuda is short by 1.00 GiB; lower hetero.cache" in short.verdict()
 
 
 def test_cost_model_crossover():

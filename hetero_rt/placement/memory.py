@@ -83,7 +83,9 @@ class MemoryPlan:
             if dev != "cpu":
                 movable = sorted(self.expert_layer_bytes.values(), reverse=True)
                 gpu_expert_layers = self.devices[dev].weights.get("routed_experts", 0)
-                if gpu_expert_layers and movable:
+                if self.devices[dev].weights.get("expert_cache", 0) >= missing:
+                    hint = "; lower hetero.cache (the GPU expert caches) in the rules"
+                elif gpu_expert_layers and movable:
                     n = math.ceil(missing / movable[0])
                     hint = f"; move routed experts of at least {n} layer(s) to the CPU"
                 else:

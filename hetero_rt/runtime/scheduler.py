@@ -26,6 +26,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ class Job:
 
     def __init__(self, bufs: HostBuffers):
         self.bufs, self.done = bufs, threading.Event()
-        self.experts, self.layer, self.tokens, self.pairs = None, -1, 0, 0
+        self.experts, self.layer, self.tokens, self.pairs, self.topk = None, -1, 0, 0, 0
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.consumed = True          # its result (and time) has been taken by a layer
@@ -71,19 +72,22 @@ class Job:
     def fill(self, experts, layer: int, ids: np.ndarray, w: np.ndarray, flat: np.ndarray) -> None:
         """Pairs at flat indices `flat` (ascending) of ids/w (T, K)."""
         b, k, p = self.bufs, ids.shape[1], len(flat)
-        self.experts, self.layer, self.tokens, self.pairs = experts, layer, ids.shape[0], p
+        self.experts, self.layer, self.tokens, self.pairs, self.topk = experts, layer, ids.shape[0], p, k
         np.floor_divide(flat, k, out=b.pair_tok[:p])
         np.take(ids.reshape(-1), flat, out=b.pair_ids[:p, 0])
         np.take(w.reshape(-1), flat, out=b.pair_w[:p, 0])
 
     def run(self) -> None:
-        b, p, t = self.bufs, self.pairs, self.tokens
+        b, p, t, k = self.bufs, self.pairs, self.tokens, self.topk
+        if p == t * k:      # every pair on the CPU: the (T, K) call as it came, no gather
+            b.y[:t] = self.experts.run(b.x[:t], b.ids[:t], b.w[:t])
+            return
+        if t == 1:          # one token: its P experts as one (1, P) row
+            b.y[:1] = self.experts.run(b.x[:1], b.pair_ids[:p].reshape(1, p), b.pair_w[:p].reshape(1, p))
+            return
         tok = b.pair_tok[:p]
         np.take(b.x[:t], tok, axis=0, out=b.pair_x[:p])
         yp = self.experts.run(b.pair_x[:p], b.pair_ids[:p], b.pair_w[:p])  # (P, D)
-        if t == 1:
-            np.sum(yp, axis=0, out=b.y[0])
-            return
         y = b.y[:t]
         y.fill(0.0)
         starts = np.flatnonzero(np.diff(tok, prepend=-1))                  # first pair of each token
@@ -199,6 +203,8 @@ class HeteroSession:
         self.predicted_done = torch.cuda.Event() if self.cuda else None
         self.later_copied = torch.cuda.Event() if self.cuda else None   # deferred result read by the GPU
         self.layers: dict[int, "HeteroExperts"] = {}
+        # stop the threads when the session is dropped with its model (they hold no reference to it)
+        weakref.finalize(self, _stop_threads, self.worker, self.copier)
 
     def counters(self) -> dict[int, LayerCounters]:
         return {layer: e.counters for layer, e in sorted(self.layers.items())}
@@ -236,6 +242,11 @@ class HeteroSession:
         if not self.cuda:
             return torch.from_numpy(y)
         return self.y_cpu[:t].copy_(bufs.y_t[:t], non_blocking=True)
+
+
+def _stop_threads(worker: CpuWorker, copier: Copier) -> None:
+    worker.queue.put(None)
+    copier.queue.put(None)
 
 
 class HeteroExperts(nn.Module):
