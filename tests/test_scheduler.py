@@ -296,3 +296,40 @@ def test_cost_model_crossover():
         counts = np.full(16, tokens)
         assert m.choose(counts, host_b, gpu_b, flops)[0] == want
     assert m.crossover_tokens(host_b, gpu_b // 8, flops) == 0.0     # copying cheaper than reading on the CPU
+
+
+@pytest.mark.parametrize("variant", ["v2_lite", "v2", "v3"])
+def test_transformers_models_with_cache_and_prefetch(variant, tmp_path):
+    """Against transformers directly: V2-Lite (softmax, greedy, 2 shared experts), V2 (group-limited,
+    scaling), V3 (sigmoid, noaux_tc, correction bias)."""
+    from hf_models import build_hf_model, hf_logits, save_hf_model
+    hf = build_hf_model(variant, seed=7)
+    path = save_hf_model(hf, variant, tmp_path / "ckpt")
+    rt = hetero_rt.load(path, hetero_rules(tmp_path, "{cache: 3, decay: 0.5}"), cpu_fallback=True, context=64)
+    ids = PROMPT[:12]
+    want = hf_logits(hf, [i % 96 for i in ids]).numpy()
+    for _ in range(2):                                 # second pass: the cache is warm
+        got = rt.logits([i % 96 for i in ids])
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert hetero_session(rt.model).total().hits > 0
+    hetero_session(rt.model).close()
+
+
+@pytest.mark.slow
+def test_bench_script_runs(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_hetero.py"), "--tiny", "--sizes", "4", "8",
+                          "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1"], capture_output=True, text=True,
+                         cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "| dynamic cache 8 + prefetch |" in out.stdout and "Belady" in out.stdout
+    profile, trace = tmp_path / "p.json", tmp_path / "t.npz"
+    ckpt = write_synthetic_checkpoint(tmp_path / "ck", synthetic_config("tiny", **CFG), dtype="float32")
+    out = subprocess.run([sys.executable, str(root / "scripts" / "record_routing.py"), "--model", str(ckpt),
+                          "--random", "2", "--prompt-len", "8", "--new-tokens", "3", "--profile", str(profile),
+                          "--trace", str(trace)], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert sum(load_trace(trace)[1][0].shape) > 0 and profile.is_file()
