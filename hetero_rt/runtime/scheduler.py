@@ -197,7 +197,7 @@ class HeteroSession:
         self.copier = copier or Copier(self.device)
         self.y_gpu = torch.empty(max_tokens, dim, dtype=torch.float32, device=self.device)  # (T, D)
         self.y_cpu = torch.empty_like(self.y_gpu) if self.cuda else None
-        self.h2d_done = torch.cuda.Event() if self.cuda else None
+        self.d2h_done = torch.cuda.Event() if self.cuda else None
         self.predicted_t = torch.empty(max_tokens, topk, dtype=torch.int64, pin_memory=self.cuda)  # (T, K)
         self.predicted = self.predicted_t.numpy()
         self.predicted_done = torch.cuda.Event() if self.cuda else None
@@ -234,8 +234,8 @@ class HeteroSession:
         bufs.ids_t[:t].copy_(ids, non_blocking=True)
         bufs.w_t[:t].copy_(w, non_blocking=True)
         if self.cuda:
-            self.h2d_done.record()
-            self.h2d_done.synchronize()
+            self.d2h_done.record()
+            self.d2h_done.synchronize()
 
     def from_host(self, y: np.ndarray, bufs: HostBuffers) -> torch.Tensor:
         t = y.shape[0]
