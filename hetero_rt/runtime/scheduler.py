@@ -15,7 +15,7 @@ One call (HeteroExperts.combine), with x (T, D), ids (T, K), weights (T, K) from
 Overlap off runs the same steps but waits for the worker right after step 3.
 
 Without a GPU every device is the CPU and the same code runs: the "GPU" part is torch on the CPU in
-the calling thread, the worker is the same thread, and copies go through the same copier.
+the calling thread, beside the same CPU worker thread, and copies go through the same copier.
 
 Legend: T tokens, D hidden size, K experts per token, P (token, expert) pairs sent to the CPU,
 E experts, S cache slots.
