@@ -98,6 +98,8 @@ def test_logits_equal_the_torch_backend(name, ckpt, reference, tmp_path):
         assert total.hits > 0                          # cached experts did run on the "GPU" path
     if name == "stream":
         assert total.stream_calls == 2 * moe_layers and total.streamed_experts > 0
+        profile = hetero_session(rt.model).format()
+        assert profile.count("\n") == 2 + moe_layers and "| all | 42 |" in profile
     if "no-prefetch" in name or "serial" in name or name == "no-cache":
         assert total.prefetches_issued == 0
     elif name in ("cache-3", "cache-8-no-overlap"):

@@ -215,6 +215,17 @@ class HeteroSession:
             out += c
         return out
 
+    def format(self) -> str:
+        """Per-layer profile: cache, prefetch, transfers, times, and the cost model's view."""
+        rows = ["| layer | calls | hit rate | prefetch issued / used | MiB over PCIe | CPU busy s | GPU busy s | "
+                "GPU wait s | overlap | stream calls | est. CPU s | est. stream s |", "|" + "---|" * 12]
+        for layer, c in [*self.counters().items(), ("all", self.total())]:
+            rows.append(f"| {layer} | {c.calls} | {c.hit_rate:.3f} | {c.prefetches_issued} / {c.prefetches_used} | "
+                        f"{c.bytes_pcie / 2 ** 20:.1f} | {c.cpu_busy_s:.3f} | {c.gpu_busy_s:.3f} | "
+                        f"{c.gpu_wait_s:.3f} | {c.overlap:.2f} | {c.stream_calls} | {c.est_cpu_s:.4f} | "
+                        f"{c.est_stream_s:.4f} |")
+        return "\n".join(rows)
+
     def reset_counters(self) -> None:
         for e in self.layers.values():
             e.counters.__init__()
