@@ -112,7 +112,7 @@ class ScriptedGate:
     def __init__(self, rows):
         self.rows, self.calls = rows, 0
 
-    def __call__(self, x):
+    def forward(self, x):
         ids = torch.tensor([self.rows[self.calls]])
         self.calls += 1
         return None, ids

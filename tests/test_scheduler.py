@@ -107,6 +107,20 @@ def test_logits_equal_the_torch_backend(name, ckpt, reference, tmp_path):
     hetero_session(rt.model).close()
 
 
+def test_prediction_is_not_recorded_as_routing(ckpt, profile, tmp_path):
+    """The prefetcher applies the next layer's gate early; a RoutingRecorder must not see those calls."""
+    rt = hetero_rt.load(ckpt, hetero_rules(tmp_path, "{cache: 4}"), cpu_fallback=True, context=64)
+    with RoutingRecorder(rt.model) as rec:
+        run(rt)
+    want = load_trace(profile.parent / "trace.npz")
+    assert hetero_session(rt.model).total().prefetches_issued > 0
+    for layer, calls in want.items():
+        assert len(rec.calls[layer]) == len(calls)
+        for got, ref in zip(rec.calls[layer], calls):
+            np.testing.assert_array_equal(got, ref)
+    hetero_session(rt.model).close()
+
+
 def test_static_policy_from_a_recorded_profile(ckpt, reference, profile, tmp_path):
     rules = hetero_rules(tmp_path, f"{{cache: 6, policy: static, profile: {profile}}}")
     rt = hetero_rt.load(ckpt, rules, cpu_fallback=True, context=64)

@@ -370,8 +370,8 @@ class HeteroExperts(nn.Module):
         if not self.prefetch or not self.next or self.next[1].cache.slots == 0:
             return None
         t = x.shape[0]
-        with torch.no_grad():
-            ids = self.next[0](x)[1]                                      # (T, K) on the device
+        with torch.no_grad():   # forward, not __call__: hooks (routing recorders) see real routing only
+            ids = self.next[0].forward(x)[1]                              # (T, K) on the device
         s = self.session
         s.predicted_t[:t].copy_(ids, non_blocking=True)
         if s.cuda:
