@@ -10,7 +10,8 @@ Accounting (documented in docs/placement_rules.md):
   dequantized at load, so their `*_scale_inv` tensors take no memory after loading; the gate's
   correction bias stays fp32; MTP layers are not loaded;
 - the GPU expert cache of layers on backend hetero (kind expert_cache): slots x 3 x I x D x dtype
-  bytes per layer (+ 2 streaming slots with hetero.stream), on the main device;
+  bytes per layer (+ 2 streaming slots with hetero.stream), on the main device, and two fp32
+  (512, hidden) accumulators of the scheduler among the working buffers;
 - KV cache: layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main device;
 - working buffers on the main device, for a prefill chunk of C tokens against S = context positions:
   fp32 attention scores and probabilities 2 x heads x C x S x 4, the naive path's expanded K/V
@@ -89,7 +90,9 @@ class MemoryPlan:
             if dev != "cpu":
                 movable = sorted(self.expert_layer_bytes.values(), reverse=True)
                 gpu_expert_layers = self.devices[dev].weights.get("routed_experts", 0)
-                if gpu_expert_layers and movable:
+                if self.devices[dev].weights.get("expert_cache", 0) >= missing:
+                    hint = "; lower hetero.cache (the GPU expert caches) in the rules"
+                elif gpu_expert_layers and movable:
                     n = math.ceil(missing / movable[0])
                     hint = f"; move routed experts of at least {n} layer(s) to the CPU"
                 else:
@@ -185,6 +188,8 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
         main.weights["expert_cache"] = cache
     main.kv_cache = kv_cache_bytes(args, context, main_dtype)
     main.working = working_bytes(args, context, main_dtype) + expand
+    if any(p.backend == "hetero" for p in plan.placements):  # the scheduler's fp32 (T, D) accumulators
+        main.working += 2 * PREFILL_CHUNK * args.hidden_size * 4
     return MemoryPlan(devices, budgets or {}, context, expert_layers)
 
 

@@ -35,8 +35,8 @@ class LayerCounters:
     """Exact event counts and times of one MoE layer (or a sum over layers).
 
     hits / misses: distinct experts a call needed, served from the cache / by the CPU; the *_pairs
-    counts are the same per (token, expert) pair. prefetches_used: prefetched experts that served at
-    least one hit before leaving the cache. bytes_pcie: expert copies host->GPU plus activations both
+    counts are the same per (token, expert) pair. prefetches_used: prefetched experts that served a hit
+    in the first call at which they were usable. bytes_pcie: expert copies host->GPU plus activations both
     ways (in CPU fallback: the bytes a GPU would move). Times in seconds: cpu_busy (the CPU worker
     running experts), gpu_busy (the GPU part: shared + cached experts, streamed experts), gpu_wait
     (the GPU side waiting for the CPU result). est_*: cost-model estimates for long prompts."""

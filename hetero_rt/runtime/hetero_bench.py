@@ -36,7 +36,7 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
     rec = record_routing(rt, random_prompts(profile_prompts, prompt_len, args.vocab_size, seed), new_tokens)
     rec.save(profile)
 
-    rows, traces = [], {}
+    rows, traces, profiles = [], {}, {}
     rows.append(("all experts on the CPU (numba)", None, *timed(rt, prompt, new_tokens, repeats), None))
     configs = [("scheduler, no cache", 0, HeteroSpec(cache_slots=0, prefetch=False))]
     for s in sizes:
@@ -58,8 +58,12 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
             pre, dec = timed(rt, prompt, new_tokens, 1)
         traces[name] = rec.calls
         rows.append((name, slots, pre, dec, session.total()))
+        if spec.stream:
+            profiles[name] = session.format()
         session.close()
     text = report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, cost)
+    for name, table in profiles.items():
+        text += f"\n\nPer-layer profile, {name} (hetero_session(model).format()):\n\n{table}"
     return text + "\n\n" + deferral_effect(rt, moe, prompt, new_tokens)
 
 

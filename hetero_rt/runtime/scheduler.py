@@ -15,7 +15,7 @@ One call (HeteroExperts.combine), with x (T, D), ids (T, K), weights (T, K) from
 Overlap off runs the same steps but waits for the worker right after step 3.
 
 Without a GPU every device is the CPU and the same code runs: the "GPU" part is torch on the CPU in
-the calling thread, the worker is the same thread, and copies go through the same copier.
+the calling thread, beside the same CPU worker thread, and copies go through the same copier.
 
 Legend: T tokens, D hidden size, K experts per token, P (token, expert) pairs sent to the CPU,
 E experts, S cache slots.
@@ -26,6 +26,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ class Job:
 
     def __init__(self, bufs: HostBuffers):
         self.bufs, self.done = bufs, threading.Event()
-        self.experts, self.layer, self.tokens, self.pairs = None, -1, 0, 0
+        self.experts, self.layer, self.tokens, self.pairs, self.topk = None, -1, 0, 0, 0
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.consumed = True          # its result (and time) has been taken by a layer
@@ -71,19 +72,22 @@ class Job:
     def fill(self, experts, layer: int, ids: np.ndarray, w: np.ndarray, flat: np.ndarray) -> None:
         """Pairs at flat indices `flat` (ascending) of ids/w (T, K)."""
         b, k, p = self.bufs, ids.shape[1], len(flat)
-        self.experts, self.layer, self.tokens, self.pairs = experts, layer, ids.shape[0], p
+        self.experts, self.layer, self.tokens, self.pairs, self.topk = experts, layer, ids.shape[0], p, k
         np.floor_divide(flat, k, out=b.pair_tok[:p])
         np.take(ids.reshape(-1), flat, out=b.pair_ids[:p, 0])
         np.take(w.reshape(-1), flat, out=b.pair_w[:p, 0])
 
     def run(self) -> None:
-        b, p, t = self.bufs, self.pairs, self.tokens
+        b, p, t, k = self.bufs, self.pairs, self.tokens, self.topk
+        if p == t * k:      # every pair on the CPU: the (T, K) call as it came, no gather
+            b.y[:t] = self.experts.run(b.x[:t], b.ids[:t], b.w[:t])
+            return
+        if t == 1:          # one token: its P experts as one (1, P) row
+            b.y[:1] = self.experts.run(b.x[:1], b.pair_ids[:p].reshape(1, p), b.pair_w[:p].reshape(1, p))
+            return
         tok = b.pair_tok[:p]
         np.take(b.x[:t], tok, axis=0, out=b.pair_x[:p])
         yp = self.experts.run(b.pair_x[:p], b.pair_ids[:p], b.pair_w[:p])  # (P, D)
-        if t == 1:
-            np.sum(yp, axis=0, out=b.y[0])
-            return
         y = b.y[:t]
         y.fill(0.0)
         starts = np.flatnonzero(np.diff(tok, prepend=-1))                  # first pair of each token
@@ -193,12 +197,14 @@ class HeteroSession:
         self.copier = copier or Copier(self.device)
         self.y_gpu = torch.empty(max_tokens, dim, dtype=torch.float32, device=self.device)  # (T, D)
         self.y_cpu = torch.empty_like(self.y_gpu) if self.cuda else None
-        self.h2d_done = torch.cuda.Event() if self.cuda else None
+        self.d2h_done = torch.cuda.Event() if self.cuda else None
         self.predicted_t = torch.empty(max_tokens, topk, dtype=torch.int64, pin_memory=self.cuda)  # (T, K)
         self.predicted = self.predicted_t.numpy()
         self.predicted_done = torch.cuda.Event() if self.cuda else None
         self.later_copied = torch.cuda.Event() if self.cuda else None   # deferred result read by the GPU
         self.layers: dict[int, "HeteroExperts"] = {}
+        # stop the threads when the session is dropped with its model (they hold no reference to it)
+        weakref.finalize(self, _stop_threads, self.worker, self.copier)
 
     def counters(self) -> dict[int, LayerCounters]:
         return {layer: e.counters for layer, e in sorted(self.layers.items())}
@@ -208,6 +214,17 @@ class HeteroSession:
         for c in self.counters().values():
             out += c
         return out
+
+    def format(self) -> str:
+        """Per-layer profile: cache, prefetch, transfers, times, and the cost model's view."""
+        rows = ["| layer | calls | hit rate | prefetch issued / used | MiB over PCIe | CPU busy s | GPU busy s | "
+                "GPU wait s | overlap | stream calls | est. CPU s | est. stream s |", "|" + "---|" * 12]
+        for layer, c in [*self.counters().items(), ("all", self.total())]:
+            rows.append(f"| {layer} | {c.calls} | {c.hit_rate:.3f} | {c.prefetches_issued} / {c.prefetches_used} | "
+                        f"{c.bytes_pcie / 2 ** 20:.1f} | {c.cpu_busy_s:.3f} | {c.gpu_busy_s:.3f} | "
+                        f"{c.gpu_wait_s:.3f} | {c.overlap:.2f} | {c.stream_calls} | {c.est_cpu_s:.4f} | "
+                        f"{c.est_stream_s:.4f} |")
+        return "\n".join(rows)
 
     def reset_counters(self) -> None:
         for e in self.layers.values():
@@ -228,14 +245,19 @@ class HeteroSession:
         bufs.ids_t[:t].copy_(ids, non_blocking=True)
         bufs.w_t[:t].copy_(w, non_blocking=True)
         if self.cuda:
-            self.h2d_done.record()
-            self.h2d_done.synchronize()
+            self.d2h_done.record()
+            self.d2h_done.synchronize()
 
     def from_host(self, y: np.ndarray, bufs: HostBuffers) -> torch.Tensor:
         t = y.shape[0]
         if not self.cuda:
             return torch.from_numpy(y)
         return self.y_cpu[:t].copy_(bufs.y_t[:t], non_blocking=True)
+
+
+def _stop_threads(worker: CpuWorker, copier: Copier) -> None:
+    worker.queue.put(None)
+    copier.queue.put(None)
 
 
 class HeteroExperts(nn.Module):
@@ -348,8 +370,8 @@ class HeteroExperts(nn.Module):
         if not self.prefetch or not self.next or self.next[1].cache.slots == 0:
             return None
         t = x.shape[0]
-        with torch.no_grad():
-            ids = self.next[0](x)[1]                                      # (T, K) on the device
+        with torch.no_grad():   # forward, not __call__: hooks (routing recorders) see real routing only
+            ids = self.next[0].forward(x)[1]                              # (T, K) on the device
         s = self.session
         s.predicted_t[:t].copy_(ids, non_blocking=True)
         if s.cuda:
