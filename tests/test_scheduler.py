@@ -95,10 +95,7 @@ def test_logits_equal_the_torch_backend(name, ckpt, reference, tmp_path):
     if name == "no-cache":
         assert total.hits == 0 and total.bytes_experts == 0
     else:
-        # the cache was used: experts were promoted into it. Whether a promoted expert's threaded copy
-        # lands before its next use is timing (a cold-JIT CI machine saw 0 hits for cache-5-serial),
-        # so hits are only required where the copies are inline; counters are exact in test_expert_cache.
-        assert total.promotions > 0 or total.hits > 0
+        assert total.hits > 0                          # after drain(): cached experts ran on the "GPU" path
     if name == "stream":
         assert total.stream_calls == 2 * moe_layers and total.streamed_experts > 0
         profile = hetero_session(rt.model).format()
