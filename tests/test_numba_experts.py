@@ -95,6 +95,17 @@ def test_duplicate_and_unused_experts(fmt):
     check(ne, ref, torch.randn(64, 512), torch.full((64, 2), 11), torch.rand(64, 2))  # one expert only
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "q4_k", "q6_k"])
+def test_mixed_small_and_large_groups(fmt):
+    """One call where some experts get many tokens (tiled kernels) and others few (decode kernels),
+    both adding into the same output rows."""
+    ne, ref = backend(fmt, 16, 512, 256)
+    tokens = 24
+    ids = torch.stack([torch.tensor([0, 1 + t % 15]) for t in range(tokens)])   # expert 0: 24 tokens
+    ids[:12, 1] = 5                                                             # expert 5: 12 + 1 tokens
+    check(ne, ref, torch.randn(tokens, 512), ids, torch.rand(tokens, 2))
+
+
 def test_output_dtype_and_empty_batch():
     ne, ref = backend("bf16", 16, 512, 256)
     x = torch.randn(3, 512, dtype=torch.bfloat16)

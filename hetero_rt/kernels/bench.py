@@ -6,8 +6,10 @@ judged by, all measured in one run on one machine:
   - llama.cpp (when llama_cpp is importable): the ggml MoE graph llama.cpp builds, on a copy of the
     same bytes, same routing, same thread count (hetero_rt.kernels.llama_cpp_ref).
 Decode reads k fresh experts per call (rotating through E experts, so no call finds the previous
-one's weights in cache); prefill routes T random tokens top-k over the E experts in memory. E is
-chosen per format so the experts in memory exceed MIN_BYTES (far more than the last-level cache).
+one's weights in cache); prefill routes T random tokens top-k over min(E, the model's routed
+experts) of the E experts in memory, so each expert gets about as many tokens as in the real model
+(or more, where E is smaller). E is chosen per format so the experts in memory exceed MIN_BYTES
+(far more than the last-level cache).
 
 Legend: T tokens, K experts per token, E experts in memory, D hidden, I expert inter size.
 """
@@ -28,6 +30,7 @@ from ..quant.ggml import FORMATS, quantize
 from .dot import block_sums, dot_row, dot_row_i8, quantize_act
 
 SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
+MODEL_EXPERTS = {"v3": 256, "v2-lite": 64}   # routed experts per layer of the real model
 MIN_BYTES = 2 << 30      # experts in memory per format: at least this many bytes (L3 here: 480 MiB)
 
 
@@ -164,11 +167,12 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
             f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
         for tokens in token_counts:
             repeats = 8 if tokens == 1 else 1
+            n_route = n_exp if tokens == 1 else min(n_exp, MODEL_EXPERTS[name])
             base = baseline(tokens)
-            t, ids = time_backend(ne.run, tokens, k, dim, n_exp, repeats, rng)
+            t, ids = time_backend(ne.run, tokens, k, dim, n_route, repeats, rng)
             t_ref = None
             if ref is not None:
-                t_ref, _ = time_backend(lambda x, i, w: ref.compute(x, i, w)[1], tokens, k, dim, n_exp,
+                t_ref, _ = time_backend(lambda x, i, w: ref.compute(x, i, w)[1], tokens, k, dim, n_route,
                                         repeats, rng, self_timed=True)
             row = lambda backend, s, tr=None: Row(name, backend, fmt, tokens, s, bytes_read(ids, per_expert),
                                                   flops(tokens), base, n_exp, tr)
@@ -176,7 +180,7 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
             log(_fmt_row(rows[-1]))
             if int8 and tokens == 1 and fmt not in ("fp32", "bf16", "fp16"):
                 ne.act = "int8"
-                t8, ids = time_backend(ne.run, tokens, k, dim, n_exp, repeats, rng)
+                t8, ids = time_backend(ne.run, tokens, k, dim, n_route, repeats, rng)
                 ne.act = "fp32"
                 rows.append(row("numba int8", t8, t_ref))
                 log(_fmt_row(rows[-1]))
@@ -194,7 +198,8 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         call(np.zeros((1, dim), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32))
         for tokens in token_counts:
             base = baseline(tokens)
-            t, ids = time_backend(call, tokens, k, dim, n_exp, 6 if tokens == 1 else 1, rng)
+            n_route = n_exp if tokens == 1 else min(n_exp, MODEL_EXPERTS[name])
+            t, ids = time_backend(call, tokens, k, dim, n_route, 6 if tokens == 1 else 1, rng)
             rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens), base,
                             n_exp))
             log(_fmt_row(rows[-1]))
