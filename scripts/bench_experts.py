@@ -18,7 +18,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="decode rows: medians over this many rounds")
     p.add_argument("--dot-rates", action="store_true",
                    help="only the per-core rates of the fused row dots (weights in L2, one thread)")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the first-call (compile) time and the wrapper's per-call overhead at decode")
     a = p.parse_args()
+    if a.overhead:
+        bench.wrapper_overhead()
+        return
     if a.dot_rates:
         print(bench.dot_rates(a.formats))
         return

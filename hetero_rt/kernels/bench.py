@@ -319,3 +319,24 @@ def dot_rates(formats: list[str], dim: int = 7168, rows: int = 64, repeats: int 
             out.append(f"| {fmt} | {'int8' if int8 else 'fp32'} | {rows * dim / t / 1e9:.2f} | {w.nbytes / t / 1e9:.2f} |")
             log(out[-1])
     return "\n".join(out)
+
+
+def wrapper_overhead(fmt: str = "q4_k", calls: int = 2000, log=print) -> str:
+    """First-call time (JIT compile, or numba cache load) and the per-call cost of the Python wrapper
+    at decode: NumbaExperts.run and forward (torch in/out) against moe_forward called directly, on
+    experts so small (E=8, D=256, I=256, top-2) that the kernels' own work is a few microseconds."""
+    from .moe import moe_forward
+    ne = make_experts(fmt, 8, 256, 256, threads=default_threads())
+    first = ne.warmup()
+    x = np.ones((1, 256), np.float32)
+    ids, w = np.array([[1, 5]], np.int64), np.full((1, 2), 0.5, np.float32)
+    xt, it, wt = torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)
+    direct = lambda: moe_forward(x, ids, w, ne.w1, ne.w3, ne.w2, ne.fmt13.code, ne.fmt2.code, 16, 16, ne.lut, False)
+    med = lambda fn: float(np.median([_timed(fn) for _ in range(calls)])) * 1e6
+    us = {"moe_forward (kernels, no wrapper)": med(direct), "NumbaExperts.run (numpy)": med(lambda: ne.run(x, ids, w)),
+          "NumbaExperts.forward (torch)": med(lambda: ne(xt, it, wt))}
+    out = [f"first call of the {fmt} kernels (JIT compile or numba cache load): {first:.2f} s",
+           f"per decode call, median of {calls}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())]
+    for line in out:
+        log(line)
+    return "\n".join(out)
