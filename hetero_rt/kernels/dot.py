@@ -2,7 +2,7 @@
 format, fp32 activations. Nothing is written back: each block is decoded into registers and
 multiplied with x (L1-resident; the same x serves every row of a matrix).
 
-How they stay vectorized (measured on AVX-512, 1 core; 2-4x the decode-to-buffer path):
+How they stay vectorized (rates per core: scripts/bench_experts.py --dot-rates):
   - indexes are uint64 offsets into the whole row (no per-block slices or views: building a numba
     array per 32 weights cost more than the block's FMAs; unsigned: no negative-index wraparound);
   - each inner loop is a plain reduction of <= 32 steps with several independent sums (two blocks
@@ -73,9 +73,9 @@ def _fp_at(fmt, w32, w16, i):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_fp(fmt, row, x):
-    """fp32/bf16/fp16 in 128-column steps, each prefetching its lines AHEAD bytes in advance (the
-    hardware prefetcher alone left one core at ~9-11 GB/s on bf16 rows from DRAM, with it ~12-15);
-    the step's trip count is opaque so LLVM vectorizes the inner loop instead of unrolling it."""
+    """fp32/bf16/fp16 in 128-column steps, each prefetching its lines AHEAD bytes in advance (more
+    misses in flight than the hardware prefetcher alone keeps for one core); the step's trip count
+    is opaque so LLVM vectorizes the inner loop instead of unrolling it."""
     s = F0
     n, size = x.shape[0], 4 if fmt == FP32 else 2
     w32 = row[:4 * n if fmt == FP32 else 0].view(np.float32)      # only the view of this format is used

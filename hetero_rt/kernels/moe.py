@@ -11,8 +11,8 @@ Two kernels per step, chosen per expert from its number of tokens (moe_forward):
   - tiled (more tokens): each tile of rows is decoded CHUNK columns at a time into an L1 buffer
     and multiplied with every token of the group, so a weight is read from memory once per call
     however many tokens use it, and each decoded chunk is reused from cache many times.
-    (Below ~8 tokens the fused dots win: they re-decode a row per token, but from L1 and without
-    the buffer round trip.)
+    (The fused dots re-decode a row per token, from L1; the tiled kernels pay a buffer round trip
+    per weight once: an estimate from the per-core rates puts the break-even near 8 tokens.)
 
 All kernels are @njit(nogil=True, cache=True); the parallel ones use prange.
 Legend: T tokens, K experts per token, S = T*K slots, U active experts, D hidden, I expert inter,
