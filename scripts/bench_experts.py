@@ -15,13 +15,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
     p.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
     p.add_argument("--no-int8", action="store_true", help="skip the int8-activation decode rows")
+    p.add_argument("--rounds", type=int, default=3, help="decode rows: medians over this many rounds")
     p.add_argument("--dot-rates", action="store_true",
                    help="only the per-core rates of the fused row dots (weights in L2, one thread)")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the first-call (compile) time and the wrapper's per-call overhead at decode")
     a = p.parse_args()
+    if a.overhead:
+        bench.wrapper_overhead()
+        return
     if a.dot_rates:
         print(bench.dot_rates(a.formats))
         return
-    print(bench.run(a.shapes, a.formats, a.tokens, a.threads, llama=not a.no_llama, int8=not a.no_int8))
+    print(bench.run(a.shapes, a.formats, a.tokens, a.threads, llama=not a.no_llama, int8=not a.no_int8,
+                    rounds=a.rounds))
 
 
 if __name__ == "__main__":

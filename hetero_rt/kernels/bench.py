@@ -6,8 +6,10 @@ judged by, all measured in one run on one machine:
   - llama.cpp (when llama_cpp is importable): the ggml MoE graph llama.cpp builds, on a copy of the
     same bytes, same routing, same thread count (hetero_rt.kernels.llama_cpp_ref).
 Decode reads k fresh experts per call (rotating through E experts, so no call finds the previous
-one's weights in cache); prefill routes T random tokens top-k over the E experts in memory. E is
-chosen per format so the experts in memory exceed MIN_BYTES (far more than the last-level cache).
+one's weights in cache); prefill routes T random tokens top-k over min(E, the model's routed
+experts) of the E experts in memory, so each expert gets about as many tokens as in the real model
+(or more, where E is smaller). E is chosen per format so the experts in memory exceed MIN_BYTES
+(far more than the last-level cache).
 
 Legend: T tokens, K experts per token, E experts in memory, D hidden, I expert inter size.
 """
@@ -28,6 +30,7 @@ from ..quant.ggml import FORMATS, quantize
 from .dot import block_sums, dot_row, dot_row_i8, quantize_act
 
 SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
+MODEL_EXPERTS = {"v3": 256, "v2-lite": 64}   # routed experts per layer of the real model
 MIN_BYTES = 2 << 30      # experts in memory per format: at least this many bytes (L3 here: 480 MiB)
 
 
@@ -147,8 +150,9 @@ def experts_in_memory(fmt: str, dim: int, inter: int, at_least: int) -> int:
 
 
 def bench_shape(name: str, formats: list[str], token_counts: list[int], threads: int, log,
-                probe: np.ndarray, llama: bool, int8: bool) -> list[Row]:
-    """Every row carries its own baseline, measured just before it: the machine may be shared."""
+                probe: np.ndarray, llama: bool, int8: bool, rounds: int = 3) -> list[Row]:
+    """Every row carries its own baseline, measured just before it: the machine may be shared.
+    Decode rows: `rounds` rounds of (baseline, numba, numba int8, llama.cpp), medians reported."""
     dim, inter, k = SHAPES[name]
     rng = np.random.default_rng(0)
     rows: list[Row] = []
@@ -162,27 +166,23 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         ref = _llama(ne, dim, inter, max(token_counts), k, threads, log) if llama else None
         log(f"{name} {fmt}: {n_exp} experts, {ne.weight_bytes(n_exp) / 2**30:.2f} GiB, "
             f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
+        with_int8 = int8 and FORMATS[fmt].block > 1
         for tokens in token_counts:
-            repeats = 8 if tokens == 1 else 1
-            base = baseline(tokens)
-            t, ids = time_backend(ne.run, tokens, k, dim, n_exp, repeats, rng)
-            t_ref = None
-            if ref is not None:
-                t_ref, _ = time_backend(lambda x, i, w: ref.compute(x, i, w)[1], tokens, k, dim, n_exp,
-                                        repeats, rng, self_timed=True)
+            n_route = n_exp if tokens == 1 else min(n_exp, MODEL_EXPERTS[name])
+            runs = [_round(ne, ref, with_int8 and tokens == 1, baseline, tokens, k, dim, n_route, rng)
+                    for _ in range(rounds if tokens == 1 else 1)]
+            base, t, t8, t_ref = (None if any(r[i] is None for r in runs) else float(np.median([r[i] for r in runs]))
+                                  for i in range(4))
+            ids = runs[0][4]
             row = lambda backend, s, tr=None: Row(name, backend, fmt, tokens, s, bytes_read(ids, per_expert),
                                                   flops(tokens), base, n_exp, tr)
             rows.append(row("numba", t, t_ref))
-            log(_fmt_row(rows[-1]))
-            if int8 and tokens == 1 and fmt not in ("fp32", "bf16", "fp16"):
-                ne.act = "int8"
-                t8, ids = time_backend(ne.run, tokens, k, dim, n_exp, repeats, rng)
-                ne.act = "fp32"
+            if t8 is not None:
                 rows.append(row("numba int8", t8, t_ref))
-                log(_fmt_row(rows[-1]))
             if t_ref is not None:
                 rows.append(row("llama.cpp", t_ref))
-                log(_fmt_row(rows[-1]))
+            for r in rows[-1 - (t8 is not None) - (t_ref is not None):]:
+                log(_fmt_row(r))
         if ref is not None:
             ref.close()
         del ne, ref
@@ -194,11 +194,28 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         call(np.zeros((1, dim), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32))
         for tokens in token_counts:
             base = baseline(tokens)
-            t, ids = time_backend(call, tokens, k, dim, n_exp, 6 if tokens == 1 else 1, rng)
+            n_route = n_exp if tokens == 1 else min(n_exp, MODEL_EXPERTS[name])
+            t, ids = time_backend(call, tokens, k, dim, n_route, 6 if tokens == 1 else 1, rng)
             rows.append(Row(name, "torch", "fp32", tokens, t, bytes_read(ids, per_expert), flops(tokens), base,
                             n_exp))
             log(_fmt_row(rows[-1]))
     return rows
+
+
+def _round(ne, ref, int8: bool, baseline, tokens: int, k: int, dim: int, n_route: int, rng):
+    """One measurement round: (baseline, numba s, numba int8 s or None, llama.cpp s or None, ids)."""
+    repeats = 8 if tokens == 1 else 1
+    base = baseline(tokens)
+    t, ids = time_backend(ne.run, tokens, k, dim, n_route, repeats, rng)
+    t8 = t_ref = None
+    if int8:
+        ne.act = "int8"
+        t8, _ = time_backend(ne.run, tokens, k, dim, n_route, repeats, rng)
+        ne.act = "fp32"
+    if ref is not None:
+        t_ref, _ = time_backend(lambda x, i, w: ref.compute(x, i, w)[1], tokens, k, dim, n_route, repeats, rng,
+                                self_timed=True)
+    return base, t, t8, t_ref, ids
 
 
 def _llama(ne: NumbaExperts, dim: int, inter: int, max_tokens: int, k: int, threads: int, log):
@@ -229,7 +246,7 @@ def _fmt_row(r: Row) -> str:
 
 
 def run(shapes: list[str], formats: list[str], token_counts: list[int], threads: int | None = None,
-        llama: bool = True, int8: bool = True, log=print) -> str:
+        llama: bool = True, int8: bool = True, rounds: int = 3, log=print) -> str:
     """Run the benchmark; returns a markdown report. llama: add llama.cpp rows when llama_cpp is
     importable; int8: add decode rows with int8 activations for the block formats."""
     threads = threads or default_threads()
@@ -251,15 +268,17 @@ def run(shapes: list[str], formats: list[str], token_counts: list[int], threads:
     mm = {s: torch_matmul_gflops(big_t, SHAPES[s][0], SHAPES[s][1]) for s in shapes}
     for s in shapes:
         log(f"torch fp32 matmul ({big_t} x {SHAPES[s][0]}) @ ({SHAPES[s][0]} x {SHAPES[s][1]}): {mm[s]:.1f} GFLOP/s")
-    rows = [r for s in shapes for r in bench_shape(s, formats, token_counts, threads, log, probe, llama, int8)]
-    return report(rows, bw, mm, big_t, threads)
+    rows = [r for s in shapes for r in bench_shape(s, formats, token_counts, threads, log, probe, llama, int8,
+                                                   rounds)]
+    return report(rows, bw, mm, big_t, threads, rounds)
 
 
-def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads: int) -> str:
+def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads: int, rounds: int) -> str:
     out = [f"read bandwidth {bw:.2f} GB/s; threads {threads}; torch fp32 matmul at {big_t} tokens: "
            + ", ".join(f"{s} {g:.1f} GFLOP/s" for s, g in mm.items()), "",
            "ratio: decode rows = GB/s / read bandwidth, prefill rows = GFLOP/s / torch fp32 matmul GFLOP/s "
-           "(same T x D x I), each baseline measured right before its row; llama.cpp/this = llama.cpp's "
+           "(same T x D x I), each baseline measured right before its row; decode rows: medians of "
+           f"{rounds} rounds (baseline, numba, numba int8, llama.cpp in turn); llama.cpp/this = llama.cpp's "
            "time over this row's time on the same bytes and routing (> 1: faster than llama.cpp)", "",
            "| shape (E in memory) | backend | format | tokens | time ms | GB/s | GFLOP/s | baseline | ratio | llama.cpp/this |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -299,4 +318,25 @@ def dot_rates(formats: list[str], dim: int = 7168, rows: int = 64, repeats: int 
                                  for _ in range(repeats)]))
             out.append(f"| {fmt} | {'int8' if int8 else 'fp32'} | {rows * dim / t / 1e9:.2f} | {w.nbytes / t / 1e9:.2f} |")
             log(out[-1])
+    return "\n".join(out)
+
+
+def wrapper_overhead(fmt: str = "q4_k", calls: int = 2000, log=print) -> str:
+    """First-call time (JIT compile, or numba cache load) and the per-call cost of the Python wrapper
+    at decode: NumbaExperts.run and forward (torch in/out) against moe_forward called directly, on
+    experts so small (E=8, D=256, I=256, top-2) that the kernels' own work is a few microseconds."""
+    from .moe import moe_forward
+    ne = make_experts(fmt, 8, 256, 256, threads=default_threads())
+    first = ne.warmup()
+    x = np.ones((1, 256), np.float32)
+    ids, w = np.array([[1, 5]], np.int64), np.full((1, 2), 0.5, np.float32)
+    xt, it, wt = torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)
+    direct = lambda: moe_forward(x, ids, w, ne.w1, ne.w3, ne.w2, ne.fmt13.code, ne.fmt2.code, 16, 16, ne.lut, False)
+    med = lambda fn: float(np.median([_timed(fn) for _ in range(calls)])) * 1e6
+    us = {"moe_forward (kernels, no wrapper)": med(direct), "NumbaExperts.run (numpy)": med(lambda: ne.run(x, ids, w)),
+          "NumbaExperts.forward (torch)": med(lambda: ne(xt, it, wt))}
+    out = [f"first call of the {fmt} kernels (JIT compile or numba cache load): {first:.2f} s",
+           f"per decode call, median of {calls}: " + ", ".join(f"{k} {v:.1f} us" for k, v in us.items())]
+    for line in out:
+        log(line)
     return "\n".join(out)

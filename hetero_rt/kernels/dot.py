@@ -2,7 +2,7 @@
 format, fp32 activations. Nothing is written back: each block is decoded into registers and
 multiplied with x (L1-resident; the same x serves every row of a matrix).
 
-How they stay vectorized (measured on AVX-512, 1 core; 2-4x the decode-to-buffer path):
+How they stay vectorized (rates per core: scripts/bench_experts.py --dot-rates):
   - indexes are uint64 offsets into the whole row (no per-block slices or views: building a numba
     array per 32 weights cost more than the block's FMAs; unsigned: no negative-index wraparound);
   - each inner loop is a plain reduction of <= 32 steps with several independent sums (two blocks
@@ -61,22 +61,41 @@ def _prefetch_ahead(row, o, nbytes):
         prefetch(row, o + AHEAD + U(c))
 
 
+@njit(inline="always", cache=True)
+def _fp_at(fmt, w32, w16, i):
+    """Weight i of an fp32/bf16/fp16 row (views w32, w16 of its bytes), i uint64."""
+    if fmt == FP32:
+        return w32[i]
+    if fmt == BF16:
+        return f32_from_bits(np.uint32(w16[i]) << np.uint32(16))
+    return f16_to_f32(w16[i])
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_fp(fmt, row, x):
-    """fp32/bf16/fp16: plain streams, which the hardware prefetcher follows on its own."""
+    """fp32/bf16/fp16 in 128-column steps, each prefetching its lines AHEAD bytes in advance (more
+    misses in flight than the hardware prefetcher alone keeps for one core); the step's trip count
+    is opaque so LLVM vectorizes the inner loop instead of unrolling it."""
     s = F0
-    if fmt == FP32:
-        w = row.view(np.float32)
-        for k in range(x.shape[0]):
-            s += w[k] * x[k]
-    elif fmt == BF16:
-        w16 = row.view(np.uint16)
-        for k in range(x.shape[0]):
-            s += f32_from_bits(np.uint32(w16[k]) << np.uint32(16)) * x[k]
-    else:
-        w16 = row.view(np.uint16)
-        for k in range(x.shape[0]):
-            s += f16_to_f32(w16[k]) * x[k]
+    n, size = x.shape[0], 4 if fmt == FP32 else 2
+    w32 = row[:4 * n if fmt == FP32 else 0].view(np.float32)      # only the view of this format is used
+    w16 = row[:0 if fmt == FP32 else 2 * n].view(np.uint16)
+    step = opaque(128)
+    for c in range(0, n - 127, 128):
+        _prefetch_ahead(row, U(c * size), 128 * size)
+        t = F0
+        if fmt == FP32:                 # one loop per format: no branch inside the vector loop
+            for k in range(step):
+                t += w32[U(c + k)] * x[U(c + k)]
+        elif fmt == BF16:
+            for k in range(step):
+                t += f32_from_bits(np.uint32(w16[U(c + k)]) << np.uint32(16)) * x[U(c + k)]
+        else:
+            for k in range(step):
+                t += f16_to_f32(w16[U(c + k)]) * x[U(c + k)]
+        s += t
+    for k in range(n - n % 128, n):
+        s += _fp_at(fmt, w32, w16, U(k)) * x[k]
     return s
 
 

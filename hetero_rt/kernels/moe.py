@@ -4,13 +4,15 @@
   2. gate+up, parallel over (active expert, tile of I rows); h = silu(g) * u;
   3. down, parallel over tiles of D rows (each task owns its rows of y: no races), looping over
      the active experts: W2 rows times the group's h rows, scaled by w.
-Two kernels per step, chosen per call from the largest group (moe_forward):
-  - decode (every expert has <= DECODE_MAX_TOKENS tokens): each weight row is dotted straight from
+Two kernels per step, chosen per expert from its number of tokens (moe_forward):
+  - decode (experts with <= DECODE_MAX_TOKENS tokens): each weight row is dotted straight from
     its bytes with the fused per-format dots of hetero_rt.kernels.dot, one sequential stream per
     row, tasks of equal size (rows) split evenly over the threads; nothing is allocated per task;
-  - prefill: each tile of rows is decoded CHUNK columns at a time into an L1 buffer and multiplied
-    with every token of the group, so a weight is read from memory once per call however many
-    tokens use it, and each decoded chunk is reused from cache many times.
+  - tiled (more tokens): each tile of rows is decoded CHUNK columns at a time into an L1 buffer
+    and multiplied with every token of the group, so a weight is read from memory once per call
+    however many tokens use it, and each decoded chunk is reused from cache many times.
+    (The fused dots re-decode a row per token, from L1; the tiled kernels pay a buffer round trip
+    per weight once: an estimate from the per-core rates puts the break-even near 8 tokens.)
 
 All kernels are @njit(nogil=True, cache=True); the parallel ones use prange.
 Legend: T tokens, K experts per token, S = T*K slots, U active experts, D hidden, I expert inter,
@@ -24,7 +26,7 @@ from numba import njit, prange
 from .dequant import CHUNK, decode_chunk
 from .dot import Q8_0, block_sums, dot_row, dot_row_i8, quantize_act
 
-DECODE_MAX_TOKENS = 4   # largest group (tokens of one expert) that takes the decode kernels
+DECODE_MAX_TOKENS = 8   # experts with at most this many tokens take the decode kernels
 DECODE_ROWS = 32        # weight rows per parallel decode task
 
 
@@ -124,7 +126,7 @@ def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gate_up(fmt, w1, w3, x, active, offsets, slot_token, h, rt, lut):
+def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, h, rt, lut):
     """h[s] = silu(W1_e x[t]) * W3_e x[t] for every slot s = (t, e); x (T, D), h (S, I)."""
     inter = w1.shape[1]
     dim = x.shape[1]
@@ -134,7 +136,7 @@ def gate_up(fmt, w1, w3, x, active, offsets, slot_token, h, rt, lut):
         e = active[u]
         r0 = tile * rt
         rows = min(rt, inter - r0)
-        toks = slot_token[offsets[u]:offsets[u + 1]]
+        toks = slot_token[starts[u]:ends[u]]
         n = toks.shape[0]
         buf = np.empty((rt, CHUNK), np.float32)
         g = np.empty((rt, n), np.float32)
@@ -142,28 +144,28 @@ def gate_up(fmt, w1, w3, x, active, offsets, slot_token, h, rt, lut):
         tile_matmul(fmt, w1[e], r0, rows, x, toks, dim, g, buf, lut)
         tile_matmul(fmt, w3[e], r0, rows, x, toks, dim, up, buf, lut)
         for j in range(n):
-            s = offsets[u] + j
+            s = starts[u] + j
             for r in range(rows):
                 gv = g[r, j]
                 h[s, r0 + r] = gv / (np.float32(1.0) + np.exp(-gv)) * up[r, j]
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def down(fmt, w2, h, active, offsets, slot_token, slot_weight, y, rt, lut):
+def down(fmt, w2, h, active, starts, ends, slot_token, slot_weight, y, rt, lut):
     """y[t] += w * W2_e h[s] for every slot s = (t, e) with weight w; h (S, I), y (T, D) zeroed."""
     dim = w2.shape[1]
     inter = h.shape[1]
     tiles = (dim + rt - 1) // rt
     max_n = 0
     for u in range(active.shape[0]):
-        max_n = max(max_n, offsets[u + 1] - offsets[u])
+        max_n = max(max_n, ends[u] - starts[u])
     for tile in prange(tiles):
         r0 = tile * rt
         rows = min(rt, dim - r0)
         buf = np.empty((rt, CHUNK), np.float32)
         acc = np.empty((rt, max_n), np.float32)
         for u in range(active.shape[0]):
-            slots = np.arange(offsets[u], offsets[u + 1])
+            slots = np.arange(starts[u], ends[u])
             tile_matmul(fmt, w2[active[u]], r0, rows, h, slots, inter, acc, buf, lut)
             for j in range(slots.shape[0]):
                 s = slots[j]
@@ -183,7 +185,7 @@ def _dot(fmt, row, act, t):
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gate_up_decode(fmt, w1, w3, act, active, offsets, slot_token, h, rt):
+def gate_up_decode(fmt, w1, w3, act, active, starts, ends, slot_token, h, rt):
     """As gate_up, each row dotted from its bytes; act = activations(x, int8)."""
     inter = w1.shape[1]
     tiles = (inter + rt - 1) // rt
@@ -191,7 +193,7 @@ def gate_up_decode(fmt, w1, w3, act, active, offsets, slot_token, h, rt):
         u, tile = task // tiles, task % tiles
         e = active[u]
         for r in range(tile * rt, min(inter, tile * rt + rt)):
-            for s in range(offsets[u], offsets[u + 1]):
+            for s in range(starts[u], ends[u]):
                 t = slot_token[s]
                 g = _dot(fmt, w1[e, r], act, t)
                 v = _dot(fmt, w3[e, r], act, t)
@@ -199,7 +201,7 @@ def gate_up_decode(fmt, w1, w3, act, active, offsets, slot_token, h, rt):
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def down_decode(fmt, w2, act, active, offsets, slot_token, slot_weight, y, rt):
+def down_decode(fmt, w2, act, active, starts, ends, slot_token, slot_weight, y, rt):
     """As down, each row dotted from its bytes; act = activations(h, int8)."""
     dim = w2.shape[1]
     tiles = (dim + rt - 1) // rt
@@ -207,7 +209,7 @@ def down_decode(fmt, w2, act, active, offsets, slot_token, slot_weight, y, rt):
         for u in range(active.shape[0]):      # expert outer: each expert's rows are one stream
             e = active[u]
             for r in range(tile * rt, min(dim, tile * rt + rt)):
-                for s in range(offsets[u], offsets[u + 1]):
+                for s in range(starts[u], ends[u]):
                     y[slot_token[s], r] += slot_weight[s] * _dot(fmt, w2[e, r], act, s)
 
 
@@ -231,20 +233,23 @@ def activations(a, int8):
 def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut, int8):
     """x (T, D) fp32, ids (T, K) int64, weights (T, K) fp32, w1/w3 (E, I, RB13) and w2 (E, D, RB2)
     uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend).
-    rt_up, rt_down: row-tile heights of the prefill kernels. int8: the decode kernels quantize the
-    activations of block-format weights to int8 per 32 columns (integer dots); prefill stays fp32."""
+    Experts with <= DECODE_MAX_TOKENS tokens take the decode kernels, the others the tiled ones.
+    rt_up, rt_down: row-tile heights of the tiled kernels. int8: the decode kernels quantize the
+    activations of block-format weights to int8 per 32 columns (integer dots); the tiled stay fp32."""
     active, offsets, slot_token, slot_weight = route(ids, weights, w1.shape[0])
-    largest = 0
-    for u in range(active.shape[0]):
-        largest = max(largest, offsets[u + 1] - offsets[u])
+    starts, ends = offsets[:-1], offsets[1:]
+    small = ends - starts <= DECODE_MAX_TOKENS                           # (U,)
+    large = ~small
     h = np.empty((slot_token.shape[0], w1.shape[1]), np.float32)        # (S, I)
     y = np.zeros(x.shape, np.float32)                                    # (T, D)
-    if largest <= DECODE_MAX_TOKENS:
-        gate_up_decode(fmt13, w1, w3, activations(x, int8 and fmt13 >= Q8_0), active, offsets, slot_token,
-                       h, DECODE_ROWS)
-        down_decode(fmt2, w2, activations(h, int8 and fmt2 >= Q8_0), active, offsets, slot_token,
-                    slot_weight, y, DECODE_ROWS)
-    else:
-        gate_up(fmt13, w1, w3, x, active, offsets, slot_token, h, rt_up, lut)
-        down(fmt2, w2, h, active, offsets, slot_token, slot_weight, y, rt_down, lut)
+    if small.any():
+        gate_up_decode(fmt13, w1, w3, activations(x, int8 and fmt13 >= Q8_0), active[small], starts[small],
+                       ends[small], slot_token, h, DECODE_ROWS)
+    if large.any():
+        gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, h, rt_up, lut)
+    if small.any():
+        down_decode(fmt2, w2, activations(h, int8 and fmt2 >= Q8_0), active[small], starts[small], ends[small],
+                    slot_token, slot_weight, y, DECODE_ROWS)
+    if large.any():
+        down(fmt2, w2, h, active[large], starts[large], ends[large], slot_token, slot_weight, y, rt_down, lut)
     return y
