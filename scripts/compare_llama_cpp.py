@@ -10,7 +10,7 @@ The prompt is fixed pseudo-random token ids (seeded) drawn from the ordinary tok
 after BOS, identical for both engines. Both compute the lm_head for the last prompt token only.
 
     python scripts/compare_llama_cpp.py MODEL.gguf [--threads N] [--prompt-tokens 512] [--gen 32]
-        [--rules placement_rules/cpu-only.yaml] [--dtype float32]
+        [--rules placement_rules/gguf-cpu-only.yaml] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen", type=int, default=32)
     p.add_argument("--agree-tokens", type=int, default=64)
-    p.add_argument("--rules", default="placement_rules/cpu-only.yaml")
+    p.add_argument("--rules", default="placement_rules/gguf-cpu-only.yaml",
+                   help="hetero_rt placement (default: every weight in its stored ggml type, like llama.cpp)")
     p.add_argument("--dtype", default="float32", help="hetero_rt's dtype for the dequantized dense part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-llama-extra-bufts", dest="llama_extra_bufts", action="store_false",

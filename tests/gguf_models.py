@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from hetero_rt.checkpoint.gguf import GGUFCheckpoint
 from hetero_rt.checkpoint.gguf_write import write_gguf
-from hetero_rt.checkpoint.names import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, LAYER_NAMES
+from hetero_rt.checkpoint.names import (GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES,
+                                       gguf_expert_hf_names)
 from hetero_rt.checkpoint.tokenizer_builder import build_tokenizer
 from hf_models import build_hf_model, save_hf_model
 
@@ -42,7 +43,7 @@ def make_gguf(variant: str, directory: Path, types="F32", *, tokenizer: bool = F
 def dequantized_reference(model, gguf_path: Path, cfg: dict):
     """A copy of the transformers model holding the GGUF's weights, each dequantized to fp32."""
     ours_to_hf = {v: k for k, v in LAYER_NAMES.items()}
-    glob = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head": "lm_head.weight"}
+    glob = {v: k for k, v in GLOBAL_NAMES.items()}
     sd = {}
     with GGUFCheckpoint(gguf_path) as ck:
         for name in ck.names():
@@ -58,10 +59,8 @@ def dequantized_reference(model, gguf_path: Path, cfg: dict):
                 sd[p + "self_attn.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
             elif suffix == "attn_v_b.weight":
                 continue
-            elif suffix.endswith("_exps.weight"):
-                proj = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-                for e in range(w.shape[0]):
-                    sd[f"{p}mlp.experts.{e}.{proj[suffix[:-7]]}.weight"] = w[e]
+            elif gguf_expert_hf_names(name, w.shape[0]) is not None:
+                sd.update(zip(gguf_expert_hf_names(name, w.shape[0]), w))
             else:
                 sd[p + ours_to_hf[GGUF_LAYER_NAMES[suffix]]] = w
     if cfg.get("tie_word_embeddings"):

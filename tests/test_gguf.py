@@ -268,3 +268,35 @@ def test_hetero_backend_over_quantized_gguf_experts(tmp_path, hetero):
     steps = [rt.step(torch.tensor(IDS[:5]), 0).numpy()]
     steps += [rt.step(torch.tensor([t]), p).numpy() for p, t in enumerate(IDS[5:], start=5)]
     assert rel_err(np.concatenate(steps), ref) <= 1e-4
+
+
+def test_split_parts_out_of_order_are_named(tmp_path):
+    _, first, _ = make_gguf("v3", tmp_path, "F32", split_max_tensors=12)
+    parts = sorted(first.parent.glob("model-*-of-*.gguf"))
+    a, b = parts[1], parts[2]
+    tmp = a.with_suffix(".tmp")
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    with pytest.raises(CheckpointError, match="split.no=2 .* but its name says part 2"):
+        hetero_rt.load(first)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("deepseek2.expert_gating_func", 3, "expected 1 \\(softmax\\) or 2 \\(sigmoid\\)"),
+    ("deepseek2.rope.scaling.type", "longrope", "DeepSeek models use 'yarn'"),
+    ("deepseek2.attention.key_length", 999, "expected kv_lora_rank \\+ rope dims"),
+])
+def test_bad_metadata_values_are_named(tmp_path, key, value, needle):
+    from hetero_rt.checkpoint.gguf import config_dict
+    _, path, _ = make_gguf("v3", tmp_path, "F32")
+    with GGUFCheckpoint(path) as ck:
+        meta, names = {**ck.meta, key: value}, ck.names()
+    with pytest.raises(ConfigError, match=needle):
+        config_dict(meta, names, str(path))
+
+
+def test_cli_runs_a_gguf(tmp_path, capsys):
+    from hetero_rt.cli import main
+    _, path, _ = make_gguf("v3", tmp_path, "Q8_0", tokenizer=True, **KQUANT_DIMS)
+    assert main(["run", "--model", str(path), "--rules", "placement_rules/gguf-cpu-only.yaml",
+                 "--prompt", "The quick brown fox", "-n", "4", "--chat"]) == 0
+    assert "decode" in capsys.readouterr().err

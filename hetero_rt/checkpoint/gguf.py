@@ -7,7 +7,7 @@ Contract:
   model, tensor data inside the file (a truncated download is named as such), architecture
   `deepseek2`, no tensor name twice. Each error names the file and the key or tensor.
 - `args()` turns the metadata into ModelArgs through the same parser as config.json
-  (`config_dict()` builds the config.json-shaped dict; GGUF_KEYS lists the keys read).
+  (`config_dict()` builds the config.json-shaped dict and is the one list of keys read).
 - raw(name) is the stored tensor as the memory map holds it (numpy, read-only, zero-copy): quantized
   types are uint8 (..., rows, row_bytes) in ggml's block layout. dequantize(name) is fp32 via
   `gguf.quants.dequantize`, the reference the issue names.
@@ -33,18 +33,6 @@ GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 # ggml types whose bytes the numba expert kernels read in place, by our format name.
 KERNEL_FORMATS = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "Q8_0": "q8_0", "Q4_0": "q4_0",
                   "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q5_0": "q5_0"}
-# Metadata keys read (after "deepseek2."), for the docs and error messages.
-GGUF_KEYS = (
-    "block_count", "context_length", "embedding_length", "feed_forward_length", "expert_feed_forward_length",
-    "attention.head_count", "attention.q_lora_rank", "attention.kv_lora_rank", "attention.key_length",
-    "attention.value_length", "attention.key_length_mla", "attention.value_length_mla",
-    "attention.layer_norm_rms_epsilon", "rope.dimension_count", "rope.freq_base", "rope.scaling.type",
-    "rope.scaling.factor", "rope.scaling.original_context_length", "rope.scaling.yarn_log_multiplier",
-    "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow", "expert_count", "expert_used_count",
-    "expert_shared_count", "leading_dense_block_count", "expert_gating_func", "expert_weights_scale",
-    "expert_weights_norm", "expert_group_count", "expert_group_used_count", "nextn_predict_layers", "vocab_size",
-)
-
 
 @dataclass(frozen=True)
 class GGUFTensorInfo:

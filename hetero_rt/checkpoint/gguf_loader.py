@@ -32,7 +32,6 @@ _EXPERTS = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w[123])$")
 _FP32 = re.compile(r"ffn\.gate\.bias$")
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.nextn\..*)$")
 _FALLBACK_FORMAT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_GGUF_EXPERT = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
 
 Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
 ExpertBackend = Callable[[int], tuple[str, int | None]]
@@ -133,7 +132,7 @@ def _load_experts(model, ckpt: GGUFCheckpoint, layer: int, device, dtype, backen
                   used: set[str], log) -> None:
     experts = model.get_submodule(f"layers.{layer}.ffn.experts")
     shapes = {w: tuple(getattr(experts, w).shape) for w in ("w1", "w3", "w2")}  # (E,I,D) (E,I,D) (E,D,I)
-    names = {w: f"blk.{layer}.{_GGUF_EXPERT[w]}" for w in shapes}
+    names = {w: gguf_name(f"layers.{layer}.ffn.experts.{w}") for w in shapes}
     for w, src in names.items():
         _require(ckpt, src, f"layers.{layer}.ffn.experts.{w}")
         info = ckpt.info(src)

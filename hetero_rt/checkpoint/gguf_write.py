@@ -4,7 +4,7 @@ scripts/make_synthetic_gguf.py (real layer shapes). Not a replacement for llama.
 real checkpoints: use that one for downloads.
 
 Layout written (the reader in gguf.py reads exactly this, and llama.cpp loads it):
-- metadata `deepseek2.*` (GGUF_KEYS of gguf.py) incl. the MLA key/value lengths, and the tokenizer
+- metadata `deepseek2.*` (the keys gguf.config_dict reads) incl. the MLA key/value lengths, and the tokenizer
   of a HF tokenizer.json (byte-level BPE) as `tokenizer.ggml.*` with the chat template;
 - kv_b_proj split per head into attn_k_b (H, C, N; transposed) and attn_v_b (H, V, C) (or kept
   whole as attn_kv_b with kv_b="whole", the older layout);
@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from ..quant.ggml import quantize as ggml_quantize
-from .names import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, LAYER_NAMES
+from .names import EXPERT_NAMES, GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES
 
 _HF_LAYER_TO_GGUF = {hf: next(g for g, o in GGUF_LAYER_NAMES.items() if o == ours)
                      for hf, ours in LAYER_NAMES.items()}
-_HF_GLOBAL_TO_GGUF = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                      "lm_head.weight": "output.weight"}
-assert set(_HF_GLOBAL_TO_GGUF.values()) == set(GGUF_GLOBAL_NAMES)
+_HF_GLOBAL_TO_GGUF = {hf: g for g, ours in GGUF_GLOBAL_NAMES.items() for hf, o in GLOBAL_NAMES.items() if o == ours}
+_HF_EXPERT_TO_GGUF = {proj: g.removesuffix(".weight") for g, ours in GGUF_LAYER_NAMES.items()
+                      if ours.startswith("ffn.experts.")
+                      for proj, w in EXPERT_NAMES.items() if ours.endswith("." + w)}   # gate_proj -> ffn_gate_exps
 _OUR_QUANTS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 # llama.cpp's token types
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5
@@ -218,7 +219,7 @@ def _gguf_tensors(c: Mapping, tensors: Mapping, kv_b: str):
             yield f"blk.{i}.{g}", tuple(t.shape), _thunk(t)
         if p + "mlp.experts.0.gate_proj.weight" in tensors:
             n_exp = c["n_routed_experts"]
-            for proj, g in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            for proj, g in _HF_EXPERT_TO_GGUF.items():
                 names = [f"{p}mlp.experts.{e}.{proj}.weight" for e in range(n_exp)]
                 shape = (n_exp, *tensors[names[0]].shape)
                 yield f"blk.{i}.{g}.weight", shape, lambda names=names: np.stack([_np(tensors[n]) for n in names])

@@ -151,6 +151,16 @@ def gguf_name(ours: str) -> str:
     return _OURS_TO_GGUF_GLOBAL[ours]
 
 
+def gguf_expert_hf_names(name: str, n_experts: int) -> list[str] | None:
+    """A fused GGUF expert tensor (blk.{i}.ffn_*_exps.weight) -> the HF names of its n_experts slices,
+    in order; None for any other name."""
+    m = _GGUF_LAYER.match(name)
+    ours = GGUF_LAYER_NAMES.get(m.group(2)) if m else None
+    if ours is None or not ours.startswith("ffn.experts."):
+        return None
+    return [expert_hf_name(int(m.group(1)), e, ours.rsplit(".", 1)[1]) for e in range(n_experts)]
+
+
 def gguf_to_hf(name: str) -> list[str]:
     """A GGUF tensor name -> the HF tensor name(s) holding the same weights (fused experts: one per
     expert is not enumerated here; the expert module path is returned instead)."""

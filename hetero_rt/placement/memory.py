@@ -28,13 +28,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.gguf import KERNEL_FORMATS
 from ..checkpoint.names import hf_tensor_shapes
 from ..config import ModelArgs
 from ..errors import CheckpointError, HeteroRTError
 from .plan import Plan
 
-# GGUF tensor types the numba expert kernels read in place (checkpoint.gguf.KERNEL_FORMATS).
-GGUF_KERNEL_TYPES = frozenset({"F32", "BF16", "F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0"})
 
 PREFILL_CHUNK = 512
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
@@ -129,7 +128,7 @@ def gguf_tensor_meta(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """A GGUF's tensors under the HF names the placement rules match: fused experts become one entry
     per expert, attn_k_b + attn_v_b the kv_b projection; dtype is the GGML type name."""
     from ..checkpoint.gguf import GGUFCheckpoint
-    from ..checkpoint.names import gguf_to_hf
+    from ..checkpoint.names import gguf_expert_hf_names, gguf_to_hf
 
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     with GGUFCheckpoint(path) as ck:
@@ -138,11 +137,9 @@ def gguf_tensor_meta(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             hf = gguf_to_hf(name)
             if not hf:
                 continue
-            if hf[0].endswith("mlp.experts"):
-                proj = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-                p = proj[name.split(".")[2]]
-                for e in range(info.shape[0]):
-                    out[f"{hf[0]}.{e}.{p}.weight"] = (info.type, info.shape[1:])
+            per_expert = gguf_expert_hf_names(name, info.shape[0])
+            if per_expert is not None:
+                out.update({n: (info.type, info.shape[1:]) for n in per_expert})
             elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
                 h, a, b = info.shape
                 rows = h * (b if name.endswith("attn_k_b.weight") else a)     # k_b (H, C, N), v_b (H, V, C)
@@ -172,7 +169,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
-        if dtype in GGUF_KERNEL_TYPES and ((p.module.kind == "routed_experts" and p.backend in ("numba", "hetero"))
+        if dtype in KERNEL_FORMATS and ((p.module.kind == "routed_experts" and p.backend in ("numba", "hetero"))
                                            or (p.format == "stored" and len(shape) == 2)):
             nbytes = _ggml_bytes(dtype, shape)  # GGUF weights kept in the memory map, in their stored format
         if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
