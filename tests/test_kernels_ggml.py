@@ -1,9 +1,10 @@
 """Weight formats and the row-chunk decoder: hetero_rt.quant.ggml against the gguf package's numpy
-dequantizers (the reference), and hetero_rt.kernels.dequant.decode_chunk against both."""
+dequantizers (the reference), and hetero_rt.kernels.dequant.decode_tile against both."""
 import numpy as np
 import pytest
 
-from hetero_rt.kernels.dequant import CHUNK, decode_chunk
+from hetero_rt.kernels.dequant import CHUNK, decode_tile
+from hetero_rt.kernels.gemm import block_matmul
 from hetero_rt.quant import ggml
 
 FORMATS = sorted(ggml.FORMATS)
@@ -37,19 +38,20 @@ def test_kquant_uses_all_levels(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cols", [256, 768, 320])
-def test_decode_chunk_matches_gguf(fmt, cols):
+def test_decode_tile_matches_gguf(fmt, cols):
     f = ggml.get_format(fmt)
     if cols % f.block:
         pytest.skip(f"{fmt} rows must be multiples of {f.block}")
     raw = ggml.quantize(weights(3, cols, seed=2), fmt)
     ref = ggml.dequantize(raw, fmt)                          # gguf's numpy dequantizer
-    lut = ggml.fp16_table()
-    buf = np.empty(CHUNK, np.float32)
-    for r in range(3):
-        for c0 in range(0, cols, CHUNK):
-            n = min(CHUNK, cols - c0)
-            decode_chunk(f.code, raw[r], c0, n, buf, lut)
-            np.testing.assert_array_equal(buf[:n], ref[r, c0:c0 + n])
+    buf = np.full((3, CHUNK + 1), np.nan, np.float32)
+    for c0 in range(0, cols, CHUNK):
+        n = min(CHUNK, cols - c0)
+        decode_tile(f.code, raw, 0, 3, c0, n, buf)
+        np.testing.assert_array_equal(buf[:, :n], ref[:, c0:c0 + n])
+        assert np.isnan(buf[:, CHUNK]).all()                   # nothing written past n
+    decode_tile(f.code, raw, 1, 2, 0, CHUNK, buf)              # a row offset: rows 1 and 2
+    np.testing.assert_array_equal(buf[:2, :CHUNK], ref[1:3, :CHUNK])
 
 
 def test_format_errors_name_the_block():
@@ -96,3 +98,23 @@ def test_int8_activation_dot_within_stated_tolerance(fmt):
     got = np.array([dot_row_i8(f.code, raw[r], xq, xd, xs) for r in range(64)])
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert 1e-5 < err < 2e-2
+
+
+@pytest.mark.parametrize("rows,n_pad,kc", [(1, 8, 1), (7, 16, 33), (8, 24, 256), (19, 40, 100), (64, 56, 256)])
+def test_block_matmul_against_numpy(rows, n_pad, kc):
+    """The register-blocked kernel (every 8-row / 1-row and 24 / 16 / 8-token block shape) with row
+    and column offsets into xp and acc, against a float64 matmul; cells outside the target stay."""
+    rng = np.random.default_rng(rows)
+    buf = rng.standard_normal((rows + 3, kc + 5)).astype(np.float32)
+    xp = rng.standard_normal((kc + 9, n_pad + 16)).astype(np.float32)
+    acc = rng.standard_normal((rows + 2, n_pad + 24)).astype(np.float32)
+    before = acc.copy()
+    k0, xt, at = 4, 8, 16
+    block_matmul(buf, rows, xp, k0, xt, kc, acc, at, n_pad, np.zeros((1, 64), np.uint8), 0, 0, 0)
+    want = before[:rows, at:at + n_pad] + buf[:rows, :kc].astype(np.float64) @ xp[k0:k0 + kc, xt:xt + n_pad]
+    np.testing.assert_allclose(acc[:rows, at:at + n_pad], want, rtol=1e-5, atol=1e-4)
+    untouched = np.ones(acc.shape, bool)
+    untouched[:rows, at:at + n_pad] = False
+    np.testing.assert_array_equal(acc[untouched], before[untouched])
+    with pytest.raises(ValueError, match="shapes do not match"):
+        block_matmul(buf, rows, xp, k0, xt, kc, acc, at + 16, n_pad, np.zeros((1, 64), np.uint8), 0, 0, 0)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..kernels.moe import moe_forward
-from ..quant.ggml import FORMATS, QUANT_FORMATS, fp16_table, get_format, quantize
+from ..quant.ggml import FORMATS, QUANT_FORMATS, get_format, quantize
 
 # Row-tile heights: decode wants many small parallel tasks, prefill wants each decoded weight
 # chunk reused over many rows of activations (see hetero_rt.kernels.moe).
@@ -65,7 +65,6 @@ class NumbaExperts(nn.Module):
             raise ValueError(f"w2 has shape {self.w2.shape} as bytes; for E={self.n_experts}, D={self.dim}, "
                              f"I={self.inter_dim} in {self.fmt2.name} expected {want}")
         self.threads = threads or default_threads()
-        self.lut = fp16_table()
 
     @property
     def act(self) -> str:
@@ -118,7 +117,7 @@ class NumbaExperts(nn.Module):
         tile = PREFILL_TILE if tokens_per_expert >= PREFILL_MIN_TOKENS_PER_EXPERT else DECODE_TILE
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         return moe_forward(x, ids, weights, self.w1, self.w3, self.w2, self.fmt13.code, self.fmt2.code,
-                           tile_up or tile, tile_down or tile, self.lut, self._act == "int8")
+                           tile_up or tile, tile_down or tile, self._act == "int8")
 
     def _check_inputs(self, x, ids, weights) -> None:
         for name, a, dt in (("x", x, np.float32), ("ids", ids, np.int64), ("weights", weights, np.float32)):

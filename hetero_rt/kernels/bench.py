@@ -331,7 +331,7 @@ def wrapper_overhead(fmt: str = "q4_k", calls: int = 2000, log=print) -> str:
     x = np.ones((1, 256), np.float32)
     ids, w = np.array([[1, 5]], np.int64), np.full((1, 2), 0.5, np.float32)
     xt, it, wt = torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)
-    direct = lambda: moe_forward(x, ids, w, ne.w1, ne.w3, ne.w2, ne.fmt13.code, ne.fmt2.code, 16, 16, ne.lut, False)
+    direct = lambda: moe_forward(x, ids, w, ne.w1, ne.w3, ne.w2, ne.fmt13.code, ne.fmt2.code, 16, 16, False)
     med = lambda fn: float(np.median([_timed(fn) for _ in range(calls)])) * 1e6
     us = {"moe_forward (kernels, no wrapper)": med(direct), "NumbaExperts.run (numpy)": med(lambda: ne.run(x, ids, w)),
           "NumbaExperts.forward (torch)": med(lambda: ne(xt, it, wt))}

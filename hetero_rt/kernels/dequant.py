@@ -1,6 +1,6 @@
-"""Row-chunk decoders: turn `n` weights of one row, starting at column c0, from their stored bytes
-into fp32 in a small caller-owned buffer (L1-resident). The matmul kernels call these on one tile
-at a time, so no dequantized copy of an expert ever exists in memory.
+"""Tile decoder: turn `n` weights of some rows, starting at column c0, from their stored bytes into
+fp32 in a small caller-owned buffer (cache-resident). The matmul kernels call it on one tile at a
+time, so no dequantized copy of an expert ever exists in memory.
 
 Format codes and byte layouts: hetero_rt.quant.ggml. c0 and n are multiples of the format's block
 (the caller walks rows in CHUNK-column steps; CHUNK is a multiple of every block size).
@@ -11,112 +11,99 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .dot import _i8, f16_at, k_scale_min
+from .intrinsics import f16_to_f32, f32_from_bits, opaque, q5_to_f32, q6_to_f32, u8_to_f32
+
 CHUNK = 256
 FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
-
-
-@njit(inline="always", cache=True)
-def _f16(row, i, lut):
-    return lut[np.int64(row[i]) | (np.int64(row[i + 1]) << 8)]
-
-
-@njit(inline="always", cache=True)
-def _k_scale_min(row, base, j):
-    """6-bit scale and min of sub-block j (0..7) from the 12 bytes at row[base:]."""
-    if j < 4:
-        return np.float32(row[base + j] & 63), np.float32(row[base + 4 + j] & 63)
-    sc = (row[base + 4 + j] & 15) | ((row[base + j - 4] >> 6) << 4)
-    mn = (row[base + 4 + j] >> 4) | ((row[base + j] >> 6) << 4)
-    return np.float32(sc), np.float32(mn)
+U = np.uint64
 
 
 @njit(fastmath=True, cache=True)
-def decode_chunk(fmt, row, c0, n, out, lut):
-    """row (RB,) uint8 -> out[:n] fp32 = weights c0 .. c0+n-1 of the row.
-    Loops index slices from 0 (never c0 + k): numba then drops its negative-index wraparound and
-    LLVM vectorizes them."""
-    if fmt == FP32:
-        src = row.view(np.float32)[c0:c0 + n]
-        for k in range(n):
-            out[k] = src[k]
-    elif fmt == BF16:
-        src16 = row.view(np.uint16)[c0:c0 + n]
-        outu = out.view(np.uint32)
-        for k in range(n):
-            outu[k] = np.uint32(src16[k]) << 16
-    elif fmt == FP16:
-        src16 = row.view(np.uint16)[c0:c0 + n]
-        for k in range(n):
-            out[k] = lut[src16[k]]
-    elif fmt == Q8_0:
-        for b in range(n // 32):
-            blk = row[(c0 // 32 + b) * 34:(c0 // 32 + b + 1) * 34]
-            o = out[b * 32:b * 32 + 32]
-            d = _f16(blk, 0, lut)
-            q = blk[2:34].view(np.int8)
-            for k in range(32):
-                o[k] = d * np.float32(q[k])
-    elif fmt == Q4_0:
-        for b in range(n // 32):
-            blk = row[(c0 // 32 + b) * 18:(c0 // 32 + b + 1) * 18]
-            o = out[b * 32:b * 32 + 32]
-            d = _f16(blk, 0, lut)
-            qs = blk[2:18]
-            for k in range(16):
-                o[k] = d * np.float32(np.int32(qs[k] & 15) - 8)
-                o[16 + k] = d * np.float32(np.int32(qs[k] >> 4) - 8)
-    elif fmt == Q5_0:
-        for b in range(n // 32):
-            blk = row[(c0 // 32 + b) * 22:(c0 // 32 + b + 1) * 22]
-            o = out[b * 32:b * 32 + 32]
-            d = _f16(blk, 0, lut)
-            qh = np.uint32(blk[2]) | (np.uint32(blk[3]) << 8) | (np.uint32(blk[4]) << 16) | (np.uint32(blk[5]) << 24)
-            qs = blk[6:22]
-            for k in range(16):
-                lo = np.int32(qs[k] & 15) | np.int32(((qh >> np.uint32(k)) & np.uint32(1)) << np.uint32(4))
-                hi = np.int32(qs[k] >> 4) | np.int32(((qh >> np.uint32(k + 16)) & np.uint32(1)) << np.uint32(4))
-                o[k] = d * np.float32(lo - 16)
-                o[16 + k] = d * np.float32(hi - 16)
-    elif fmt == Q4_K or fmt == Q5_K:
-        size = 144 if fmt == Q4_K else 176
-        for b in range(n // 256):
-            blk = row[(c0 // 256 + b) * size:(c0 // 256 + b + 1) * size]
-            d = _f16(blk, 0, lut)
-            dmin = _f16(blk, 2, lut)
-            qh = blk[16:48]
-            for j in range(8):
-                sc, mn = _k_scale_min(blk, 4, j)
-                dj = d * sc
-                mj = dmin * mn
-                shift = np.uint8(4 * (j & 1))
-                start = (16 if fmt == Q4_K else 48) + 32 * (j >> 1)
-                qs = blk[start:start + 32]
-                o = out[b * 256 + 32 * j:b * 256 + 32 * j + 32]
-                if fmt == Q4_K:
-                    for k in range(32):
-                        o[k] = dj * np.float32((qs[k] >> shift) & np.uint8(15)) - mj
-                else:
-                    hb = np.uint8(j)
-                    for k in range(32):
-                        q = ((qs[k] >> shift) & np.uint8(15)) | (((qh[k] >> hb) & np.uint8(1)) << np.uint8(4))
-                        o[k] = dj * np.float32(q) - mj
-    elif fmt == Q6_K:
-        for b in range(n // 256):
-            blk = row[(c0 // 256 + b) * 210:(c0 // 256 + b + 1) * 210]
-            d = _f16(blk, 208, lut)
-            scales = blk[192:208].view(np.int8)
-            for h in range(2):
-                qh = blk[128 + h * 32:160 + h * 32]
-                for kk in range(4):
-                    ql = blk[h * 64 + (kk & 1) * 32:h * 64 + (kk & 1) * 32 + 32]
-                    lshift = np.uint8(4 * (kk >> 1))
-                    hshift = np.uint8(2 * kk)
-                    o = out[b * 256 + h * 128 + kk * 32:b * 256 + h * 128 + kk * 32 + 32]
-                    s0 = d * np.float32(scales[h * 8 + kk * 2])
-                    s1 = d * np.float32(scales[h * 8 + kk * 2 + 1])
-                    for k in range(16):
-                        q = ((ql[k] >> lshift) & np.uint8(15)) | (((qh[k] >> hshift) & np.uint8(3)) << np.uint8(4))
-                        o[k] = s0 * np.float32(np.int32(q) - 32)
-                    for k in range(16, 32):
-                        q = ((ql[k] >> lshift) & np.uint8(15)) | (((qh[k] >> hshift) & np.uint8(3)) << np.uint8(4))
-                        o[k] = s1 * np.float32(np.int32(q) - 32)
+def decode_tile(fmt, w, r0, rows, c0, n, out):
+    """out[r, :n] = weights c0 .. c0+n-1 of stored row r0 + r of w (2-D uint8, rows of RB bytes), as
+    fp32, for r < rows; out any 2-D fp32 array of at least (rows, n).
+    Written as the fused dots of kernels.dot are (see there): uint64 offsets into whole rows, no
+    per-block views, sub-byte fields unpacked on 8-bit integers, so every inner loop vectorizes
+    (per-block slices and views ran the decoders at 1-2 G weights/s per core)."""
+    if fmt == FP32 or fmt == BF16 or fmt == FP16:
+        size = 4 if fmt == FP32 else 2
+        for r in range(rows):
+            o = out[r]
+            row = w[r0 + r, :w.shape[1] - w.shape[1] % size]
+            if fmt == FP32:
+                src = row.view(np.float32)
+                for k in range(n):
+                    o[U(k)] = src[U(c0 + k)]
+            elif fmt == BF16:
+                src16 = row.view(np.uint16)
+                for k in range(n):
+                    o[U(k)] = f32_from_bits(np.uint32(src16[U(c0 + k)]) << np.uint32(16))
+            else:
+                src16 = row.view(np.uint16)
+                for k in range(n):
+                    o[U(k)] = f16_to_f32(src16[U(c0 + k)])
+        return
+    for r in range(rows):
+        row = w[r0 + r]
+        o = out[r]
+        if fmt == Q8_0:
+            qi = row.view(np.int8)
+            for b in range(n // 32):
+                src, dst = U(34 * (c0 // 32 + b)), U(32 * b)
+                d = f16_at(row, src)
+                for k in range(opaque(32)):
+                    o[dst + U(k)] = d * np.float32(qi[src + U(2 + k)])
+        elif fmt == Q4_0:
+            for b in range(n // 32):
+                src, dst = U(18 * (c0 // 32 + b)), U(32 * b)
+                d = f16_at(row, src)
+                for k in range(opaque(16)):
+                    q = row[src + U(2 + k)]
+                    o[dst + U(k)] = d * (u8_to_f32(q, 0, 15) - np.float32(8.0))
+                    o[dst + U(16 + k)] = d * (u8_to_f32(q, 4, 15) - np.float32(8.0))
+        elif fmt == Q5_0:
+            for b in range(n // 32):
+                src, dst = U(22 * (c0 // 32 + b)), U(32 * b)
+                d = f16_at(row, src)
+                qh = (np.uint32(row[src + U(2)]) | (np.uint32(row[src + U(3)]) << np.uint32(8))
+                      | (np.uint32(row[src + U(4)]) << np.uint32(16)) | (np.uint32(row[src + U(5)]) << np.uint32(24)))
+                for k in range(opaque(16)):
+                    q = row[src + U(6 + k)]
+                    lo = np.int32(q & 15) | np.int32(((qh >> np.uint32(k)) & np.uint32(1)) << np.uint32(4))
+                    hi = np.int32(q >> 4) | np.int32(((qh >> np.uint32(k + 16)) & np.uint32(1)) << np.uint32(4))
+                    o[dst + U(k)] = d * np.float32(lo - 16)
+                    o[dst + U(16 + k)] = d * np.float32(hi - 16)
+        elif fmt == Q4_K or fmt == Q5_K:
+            size = 144 if fmt == Q4_K else 176
+            for b in range(n // 256):
+                src, dst = U(size * (c0 // 256 + b)), U(256 * b)
+                d = f16_at(row, src)
+                dmin = f16_at(row, src + U(2))
+                hq = src + U(16)
+                for j in range(8):
+                    sc, mn = k_scale_min(row, src + U(4), j)
+                    dj, mj = d * sc, dmin * mn
+                    q = src + U((16 if fmt == Q4_K else 48) + 32 * (j >> 1))
+                    oj = dst + U(32 * j)
+                    if fmt == Q4_K:
+                        for k in range(32):
+                            o[oj + U(k)] = dj * u8_to_f32(row[q + U(k)], 4 * (j & 1), 15) - mj
+                    else:
+                        for k in range(32):
+                            o[oj + U(k)] = dj * q5_to_f32(row[q + U(k)], row[hq + U(k)], 4 * (j & 1), j) - mj
+        else:  # Q6_K: element 128h + 32kk + l, as in kernels.dot._dot_q6_k
+            for b in range(n // 256):
+                src, dst = U(210 * (c0 // 256 + b)), U(256 * b)
+                d = f16_at(row, src + U(208))
+                for h in range(2):
+                    lq, hq = src + U(64 * h), src + U(128 + 32 * h)
+                    for kk in range(4):
+                        q = lq + U(32 * (kk & 1))
+                        s0 = d * _i8(row[src + U(192 + 8 * h + 2 * kk)])
+                        s1 = d * _i8(row[src + U(192 + 8 * h + 2 * kk + 1)])
+                        oo = dst + U(128 * h + 32 * kk)
+                        for l in range(opaque(16)):
+                            o[oo + U(l)] = s0 * q6_to_f32(row[q + U(l)], row[hq + U(l)], 4 * (kk >> 1), 2 * kk)
+                        for l in range(16, 16 + opaque(16)):
+                            o[oo + U(l)] = s1 * q6_to_f32(row[q + U(l)], row[hq + U(l)], 4 * (kk >> 1), 2 * kk)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .dequant import CHUNK, decode_chunk
+from .dequant import decode_tile
 from .dot import block_sums, dot_row
 
 ROWS_PER_TASK = 16
@@ -39,13 +39,11 @@ def gemv(fmt, w, x, y):
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def decode_rows(fmt, w, r0, out, lut):
+def decode_rows(fmt, w, r0, out):
     """out (n, C) fp32 = rows r0 .. r0+n-1 of W decoded from its stored bytes w (R, RB)."""
     n = out.shape[0]
     cols = out.shape[1]
-    for i in prange(n):
-        row = w[r0 + i]
-        o = out[i]
-        for c0 in range(0, cols, CHUNK):
-            nc = min(CHUNK, cols - c0)
-            decode_chunk(fmt, row, c0, nc, o[c0:c0 + nc], lut)
+    for task in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        i = task * ROWS_PER_TASK
+        rows = min(ROWS_PER_TASK, n - i)
+        decode_tile(fmt, w, r0 + i, rows, 0, cols, out[i:i + rows])

@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .dequant import CHUNK, decode_chunk
+from .dequant import CHUNK, decode_tile
 from .dot import Q8_0, block_sums, dot_row, dot_row_i8, quantize_act
+from .gemm import block_matmul, pack_chunk, padded_tokens
 
 DECODE_MAX_TOKENS = 8   # experts with at most this many tokens take the decode kernels
 DECODE_ROWS = 32        # weight rows per parallel decode task
@@ -65,69 +66,23 @@ def route(ids, weights, n_experts):
     return active, offsets, slot_token, slot_weight
 
 
-@njit(nogil=True, fastmath=True, cache=True)
-def tile_matmul(fmt, w, r0, rows, x, x_rows, cols, acc, buf, lut):
-    """acc[r, j] = dot(w[r0 + r, :cols], x[x_rows[j], :cols]) for r < rows, j < len(x_rows).
-    w (R, RB) uint8 stored rows; x (N, cols) fp32; acc (>= rows, n); buf (RT, CHUNK) fp32 scratch."""
-    n = x_rows.shape[0]
-    acc[:rows, :n] = 0.0
-    # decode a (rows x CHUNK) tile once, reuse it for every token
-    for c0 in range(0, cols, CHUNK):
-        nc = min(CHUNK, cols - c0)
-        for r in range(rows):
-            decode_chunk(fmt, w[r0 + r], c0, nc, buf[r], lut)
-        j = 0
-        while j + 2 <= n:  # 4 rows x 2 tokens per pass: 6 loads feed 8 FMAs
-            xa = x[x_rows[j], c0:c0 + nc]
-            xb = x[x_rows[j + 1], c0:c0 + nc]
-            r = 0
-            while r + 4 <= rows:
-                b0, b1, b2, b3 = buf[r], buf[r + 1], buf[r + 2], buf[r + 3]
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                c0_ = c1 = c2 = c3 = np.float32(0.0)
-                for k in range(nc):
-                    va = xa[k]
-                    vb = xb[k]
-                    a0 += b0[k] * va
-                    a1 += b1[k] * va
-                    a2 += b2[k] * va
-                    a3 += b3[k] * va
-                    c0_ += b0[k] * vb
-                    c1 += b1[k] * vb
-                    c2 += b2[k] * vb
-                    c3 += b3[k] * vb
-                acc[r, j] += a0
-                acc[r + 1, j] += a1
-                acc[r + 2, j] += a2
-                acc[r + 3, j] += a3
-                acc[r, j + 1] += c0_
-                acc[r + 1, j + 1] += c1
-                acc[r + 2, j + 1] += c2
-                acc[r + 3, j + 1] += c3
-                r += 4
-            while r < rows:
-                b0 = buf[r]
-                a0 = c0_ = np.float32(0.0)
-                for k in range(nc):
-                    a0 += b0[k] * xa[k]
-                    c0_ += b0[k] * xb[k]
-                acc[r, j] += a0
-                acc[r, j + 1] += c0_
-                r += 1
-            j += 2
-        if j < n:  # odd token out
-            xr = x[x_rows[j], c0:c0 + nc]
-            for r in range(rows):
-                b0 = buf[r]
-                s0 = np.float32(0.0)
-                for k in range(nc):
-                    s0 += b0[k] * xr[k]
-                acc[r, j] += s0
+@njit(inline="always", cache=True)
+def next_chunk_bytes(w, c0, nc, cols):
+    """Byte range (lo, hi) of columns c0+nc .. c0+nc+CHUNK-1 in a stored row of `cols` weights; the
+    tiled kernels prefetch it while they multiply columns c0 .. c0+nc-1 (a tile is many short row
+    streams, which the hardware prefetchers do not follow; without this a V2-Lite prefill spent a
+    quarter of its time waiting for weights)."""
+    row_bytes = w.shape[1]
+    if c0 + nc >= cols:
+        return 0, 0
+    return (c0 + nc) * row_bytes // cols, min(c0 + nc + CHUNK, cols) * row_bytes // cols
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, h, rt, lut):
-    """h[s] = silu(W1_e x[t]) * W3_e x[t] for every slot s = (t, e); x (T, D), h (S, I)."""
+def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, col, ht, rt):
+    """ht[i, col[u] + j] = silu(W1_e x[t]) * W3_e x[t] at row i for the j-th slot (t, e) of active
+    expert u: the experts' h, transposed, one band of padded_tokens(n_u) columns each (the packed
+    layout the down kernel multiplies by, so it packs nothing). x (T, D), ht (I, sum of bands)."""
     inter = w1.shape[1]
     dim = x.shape[1]
     tiles = (inter + rt - 1) // rt
@@ -138,23 +93,32 @@ def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, h, rt, lut):
         rows = min(rt, inter - r0)
         toks = slot_token[starts[u]:ends[u]]
         n = toks.shape[0]
+        n_pad = padded_tokens(n)
         buf = np.empty((rt, CHUNK), np.float32)
-        g = np.empty((rt, n), np.float32)
-        up = np.empty((rt, n), np.float32)
-        tile_matmul(fmt, w1[e], r0, rows, x, toks, dim, g, buf, lut)
-        tile_matmul(fmt, w3[e], r0, rows, x, toks, dim, up, buf, lut)
-        for j in range(n):
-            s = starts[u] + j
-            for r in range(rows):
+        xp = np.zeros((CHUNK, n_pad), np.float32)
+        g = np.zeros((rt, n_pad), np.float32)
+        up = np.zeros((rt, n_pad), np.float32)
+        for c0 in range(0, dim, CHUNK):       # x packed once per chunk for both W1 and W3
+            nc = min(CHUNK, dim - c0)
+            lo, hi = next_chunk_bytes(w1[e], c0, nc, dim)
+            pack_chunk(x, toks, c0, nc, xp)
+            decode_tile(fmt, w1[e], r0, rows, c0, nc, buf)
+            block_matmul(buf, rows, xp, 0, 0, nc, g, 0, n_pad, w1[e], r0, lo, hi)
+            decode_tile(fmt, w3[e], r0, rows, c0, nc, buf)
+            block_matmul(buf, rows, xp, 0, 0, nc, up, 0, n_pad, w3[e], r0, lo, hi)
+        for r in range(rows):
+            out = ht[r0 + r, col[u]:col[u] + n]
+            for j in range(n):
                 gv = g[r, j]
-                h[s, r0 + r] = gv / (np.float32(1.0) + np.exp(-gv)) * up[r, j]
+                out[j] = gv / (np.float32(1.0) + np.exp(-gv)) * up[r, j]
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def down(fmt, w2, h, active, starts, ends, slot_token, slot_weight, y, rt, lut):
-    """y[t] += w * W2_e h[s] for every slot s = (t, e) with weight w; h (S, I), y (T, D) zeroed."""
+def down(fmt, w2, ht, active, starts, ends, col, slot_token, slot_weight, y, rt):
+    """y[t] += w * W2_e h[s] for every slot s = (t, e) with weight w; ht as gate_up leaves it
+    (I, sum of bands), y (T, D) zeroed."""
     dim = w2.shape[1]
-    inter = h.shape[1]
+    inter = ht.shape[0]
     tiles = (dim + rt - 1) // rt
     max_n = 0
     for u in range(active.shape[0]):
@@ -163,12 +127,19 @@ def down(fmt, w2, h, active, starts, ends, slot_token, slot_weight, y, rt, lut):
         r0 = tile * rt
         rows = min(rt, dim - r0)
         buf = np.empty((rt, CHUNK), np.float32)
-        acc = np.empty((rt, max_n), np.float32)
+        acc = np.empty((rt, padded_tokens(max_n)), np.float32)
         for u in range(active.shape[0]):
-            slots = np.arange(starts[u], ends[u])
-            tile_matmul(fmt, w2[active[u]], r0, rows, h, slots, inter, acc, buf, lut)
-            for j in range(slots.shape[0]):
-                s = slots[j]
+            e = active[u]
+            n = ends[u] - starts[u]
+            n_pad = padded_tokens(n)
+            acc[:rows, :n_pad] = 0.0
+            for c0 in range(0, inter, CHUNK):
+                nc = min(CHUNK, inter - c0)
+                lo, hi = next_chunk_bytes(w2[e], c0, nc, inter)
+                decode_tile(fmt, w2[e], r0, rows, c0, nc, buf)
+                block_matmul(buf, rows, ht, c0, col[u], nc, acc, 0, n_pad, w2[e], r0, lo, hi)
+            for j in range(n):
+                s = starts[u] + j
                 t = slot_token[s]
                 wt = slot_weight[s]
                 for r in range(rows):
@@ -230,7 +201,7 @@ def activations(a, int8):
 
 
 @njit(nogil=True, cache=True)
-def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut, int8):
+def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, int8):
     """x (T, D) fp32, ids (T, K) int64, weights (T, K) fp32, w1/w3 (E, I, RB13) and w2 (E, D, RB2)
     uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend).
     Experts with <= DECODE_MAX_TOKENS tokens take the decode kernels, the others the tiled ones.
@@ -240,16 +211,21 @@ def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, lut, i
     starts, ends = offsets[:-1], offsets[1:]
     small = ends - starts <= DECODE_MAX_TOKENS                           # (U,)
     large = ~small
-    h = np.empty((slot_token.shape[0], w1.shape[1]), np.float32)        # (S, I)
+    inter = w1.shape[1]
+    h = np.empty((slot_token.shape[0] if small.any() else 0, inter), np.float32)   # (S, I)
     y = np.zeros(x.shape, np.float32)                                    # (T, D)
+    col = np.zeros(large.sum() + 1, np.int64)                            # tiled experts' bands in ht
+    for v, u in enumerate(np.nonzero(large)[0]):
+        col[v + 1] = col[v] + padded_tokens(ends[u] - starts[u])
+    ht = np.zeros((inter, col[-1]), np.float32)                          # (I, sum of bands)
     if small.any():
         gate_up_decode(fmt13, w1, w3, activations(x, int8 and fmt13 >= Q8_0), active[small], starts[small],
                        ends[small], slot_token, h, DECODE_ROWS)
     if large.any():
-        gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, h, rt_up, lut)
+        gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, col, ht, rt_up)
     if small.any():
         down_decode(fmt2, w2, activations(h, int8 and fmt2 >= Q8_0), active[small], starts[small], ends[small],
                     slot_token, slot_weight, y, DECODE_ROWS)
     if large.any():
-        down(fmt2, w2, h, active[large], starts[large], ends[large], slot_token, slot_weight, y, rt_down, lut)
+        down(fmt2, w2, ht, active[large], starts[large], ends[large], col, slot_token, slot_weight, y, rt_down)
     return y

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from .ggml import fp16_table, get_format
+from .ggml import get_format
 
 DECODE_MAX_TOKENS = 8      # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
 BLOCK_ROWS = 1024          # rows decoded to fp32 at a time for the GEMM path
@@ -30,7 +30,6 @@ class StoredWeight:
         self.raw = raw
         self.shape = (raw.shape[0], self.fmt.cols(raw.shape[1]))
         self.threads = threads or default_threads()
-        self.lut = fp16_table()
         self._block = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +55,7 @@ class StoredWeight:
             for r0 in range(0, rows, BLOCK_ROWS):
                 n = min(BLOCK_ROWS, rows - r0)
                 blk = self._block[:n]
-                decode_rows(self.fmt.code, self.raw, r0, blk, self.lut)
+                decode_rows(self.fmt.code, self.raw, r0, blk)
                 out[:, r0:r0 + n] = xs @ torch.from_numpy(blk).T
         return out.reshape(*lead, rows).to(x.dtype)
 
@@ -64,7 +63,7 @@ class StoredWeight:
         from ..kernels.linear import decode_rows
 
         out = np.empty(self.shape, np.float32)
-        decode_rows(self.fmt.code, self.raw, 0, out, self.lut)
+        decode_rows(self.fmt.code, self.raw, 0, out)
         return torch.from_numpy(out)
 
 
