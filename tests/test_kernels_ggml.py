@@ -118,3 +118,26 @@ def test_block_matmul_against_numpy(rows, n_pad, kc):
     np.testing.assert_array_equal(acc[untouched], before[untouched])
     with pytest.raises(ValueError, match="shapes do not match"):
         block_matmul(buf, rows, xp, k0, xt, kc, acc, at + 16, n_pad, np.zeros((1, 64), np.uint8), 0, 0, 0)
+
+
+@pytest.mark.parametrize("rb", [1, 4, 8])
+@pytest.mark.parametrize("nv", [1, 2, 3])
+def test_micro_kernels_of_every_block_shape(rb, nv):
+    """Each (rows, vectors) micro-kernel, including the 4-row ones block_matmul uses on CPUs with 16
+    vector registers (AVX2), which this machine's block_matmul may not reach."""
+    from numba import njit
+    from hetero_rt.kernels.gemm import _micro_kernel
+    mk = _micro_kernel(rb, nv)
+
+    @njit
+    def call(buf, r, xp, k0, xt, kc, acc, at):
+        mk(buf, r, xp, k0, xt, kc, acc, at)
+
+    rng = np.random.default_rng(rb * 10 + nv)
+    buf = rng.standard_normal((rb + 2, 70)).astype(np.float32)
+    xp = rng.standard_normal((80, 8 * nv + 8)).astype(np.float32)
+    acc = np.zeros((rb + 3, 8 * nv + 16), np.float32)
+    call(buf, 1, xp, 3, 8, 65, acc, 16)
+    want = np.zeros_like(acc, dtype=np.float64)
+    want[1:1 + rb, 16:16 + 8 * nv] = buf[1:1 + rb, :65].astype(np.float64) @ xp[3:68, 8:8 + 8 * nv]
+    np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-4)

@@ -11,16 +11,18 @@ horizontal sum at all (the classic outer-product GEMM kernel, as in BLIS or llam
 
 numba cannot keep an array of vector accumulators in registers, so the micro-kernels are written as
 LLVM IR through numba intrinsics (`_micro_kernel(RB, NV)`); everything around them is plain numba.
-Block shapes: 8 rows x 24 tokens (24 accumulators: needs AVX-512's 32 vector registers to stay
-unspilled; ~95% of one Zen 4 core's FMA peak in a trial), then 16 and 8 tokens for the tail; rows
-left over after the 8-row blocks take 1-row kernels. Token counts are padded to a multiple of 8
+Block shapes: ROWS rows x 24 tokens (ROWS = 8 with AVX-512's 32 vector registers: 24
+accumulators, ~95% of one Zen 4 core's FMA peak in a trial; 4 with AVX2's 16), then 16 and 8
+tokens for the tail; rows left over after the ROWS-row blocks take 1-row kernels. Token counts are padded to a multiple of 8
 with extra columns in xp (n_pad = padded_tokens(n)), whose acc columns the caller ignores.
 Legend: RB rows per block, NV vectors of 8 tokens per block, NP padded token count, kc columns.
 """
 from __future__ import annotations
 
 from llvmlite import ir
+import numba
 import numpy as np
+from llvmlite import binding
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -92,7 +94,18 @@ def _micro_kernel(rb: int, nv: int):
     return mk
 
 
-_mk8x3, _mk8x2, _mk8x1 = _micro_kernel(8, 3), _micro_kernel(8, 2), _micro_kernel(8, 1)
+def _vector_registers() -> int:
+    """Vector registers of the CPU numba compiles for: 32 with AVX-512, else 16 (AVX2)."""
+    features = numba.config.CPU_FEATURES
+    if features is None and not numba.config.CPU_NAME:
+        return 32 if binding.get_host_cpu_features().get("avx512f") else 16
+    return 32 if features and "+avx512f" in features else 16
+
+
+# 8 x 24 keeps 24 accumulators + 3 activation vectors + 1 broadcast in 32 registers; with 16, 4 x 24
+# keeps 12 + 3 + 1 (8 x 24 there would spill accumulators to the stack on every k).
+ROWS = 8 if _vector_registers() == 32 else 4
+_mk_r3, _mk_r2, _mk_r1 = _micro_kernel(ROWS, 3), _micro_kernel(ROWS, 2), _micro_kernel(ROWS, 1)
 _mk1x3, _mk1x2, _mk1x1 = _micro_kernel(1, 3), _micro_kernel(1, 2), _micro_kernel(1, 1)
 
 
@@ -128,8 +141,8 @@ def pack_chunk(x, x_rows, c0, nc, xp):
 
 @njit(inline="always", cache=True)
 def _prefetch_rows(w, r0, lo, hi):
-    """Prefetch bytes lo .. hi-1 of rows r0 .. r0+7 of w (2-D uint8), a cache line at a time."""
-    for r in range(r0, min(r0 + 8, w.shape[0])):
+    """Prefetch bytes lo .. hi-1 of rows r0 .. r0+ROWS-1 of w (2-D uint8), a cache line at a time."""
+    for r in range(r0, min(r0 + ROWS, w.shape[0])):
         row = w[r]
         for off in range(lo, hi, 64):
             prefetch(row, np.uint64(off))
@@ -139,8 +152,8 @@ def _prefetch_rows(w, r0, lo, hi):
 def block_matmul(buf, rows, xp, k0, xt, kc, acc, at, n_pad, w, w_r0, w_lo, w_hi):
     """acc[:rows, at:at+n_pad] += buf[:rows, :kc] @ xp[k0:k0+kc, xt:xt+n_pad]; n_pad a multiple of 8;
     all C-contiguous fp32. Every index is checked here, once, so the micro-kernels need not.
-    While it computes with rows r .. r+7 of buf it prefetches bytes w_lo .. w_hi-1 of rows
-    w_r0 + r .. w_r0 + r+7 of w, the stored weights (2-D uint8) the caller decodes next (none when
+    While it computes with rows r .. r+ROWS-1 of buf it prefetches bytes w_lo .. w_hi-1 of the same
+    rows (+ w_r0) of w, the stored weights (2-D uint8) the caller decodes next (none when
     w_hi <= w_lo): spread this way the loads of the next chunk overlap the arithmetic, where one burst
     of prefetches filled the core's miss buffers and stalled it."""
     if (n_pad % LANES or xt < 0 or at < 0 or k0 < 0 or kc < 0 or xt + n_pad > xp.shape[1]
@@ -148,19 +161,19 @@ def block_matmul(buf, rows, xp, k0, xt, kc, acc, at, n_pad, w, w_r0, w_lo, w_hi)
             or kc > buf.shape[1] or k0 + kc > xp.shape[0]):
         raise ValueError("block_matmul: shapes do not match")
     r = 0
-    while r + 8 <= rows:
+    while r + ROWS <= rows:
         if w_hi > w_lo:
             _prefetch_rows(w, w_r0 + r, w_lo, w_hi)
         t = 0
         while t + 24 <= n_pad:
-            _mk8x3(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            _mk_r3(buf, r, xp, k0, xt + t, kc, acc, at + t)
             t += 24
         if t + 16 <= n_pad:
-            _mk8x2(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            _mk_r2(buf, r, xp, k0, xt + t, kc, acc, at + t)
             t += 16
         if t < n_pad:
-            _mk8x1(buf, r, xp, k0, xt + t, kc, acc, at + t)
-        r += 8
+            _mk_r1(buf, r, xp, k0, xt + t, kc, acc, at + t)
+        r += ROWS
     if r < rows and w_hi > w_lo:
         _prefetch_rows(w, w_r0 + r, w_lo, w_hi)
     while r < rows:

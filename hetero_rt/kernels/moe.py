@@ -8,9 +8,13 @@ Two kernels per step, chosen per expert from its number of tokens (moe_forward):
   - decode (experts with <= DECODE_MAX_TOKENS tokens): each weight row is dotted straight from
     its bytes with the fused per-format dots of hetero_rt.kernels.dot, one sequential stream per
     row, tasks of equal size (rows) split evenly over the threads; nothing is allocated per task;
-  - tiled (more tokens): each tile of rows is decoded CHUNK columns at a time into an L1 buffer
-    and multiplied with every token of the group, so a weight is read from memory once per call
-    however many tokens use it, and each decoded chunk is reused from cache many times.
+  - tiled (more tokens): each tile of rows is decoded CHUNK columns at a time into a
+    cache-resident fp32 buffer (dequant.decode_tile) and multiplied with every token of the group
+    by the register-blocked kernel of kernels.gemm, so a weight is read from memory once per call
+    however many tokens use it. The tokens' activations are packed transposed for that kernel
+    (gemm.pack_chunk); gate_up writes h already in that layout, one band of columns per expert
+    (ht), so down multiplies by it directly. While a chunk is multiplied, the next chunk's weight
+    bytes are prefetched (next_chunk_bytes).
     (The fused dots re-decode a row per token, from L1; the tiled kernels pay a buffer round trip
     per weight once: an estimate from the per-core rates puts the break-even near 8 tokens.)
 

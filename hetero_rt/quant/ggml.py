@@ -63,11 +63,6 @@ def get_format(name: str) -> Format:
         raise ValueError(f"unknown weight format {name!r}; expected one of {sorted(FORMATS)}") from None
 
 
-def fp16_table() -> np.ndarray:
-    """(65536,) fp32: value of every fp16 bit pattern (numba has no fp16 type on the CPU)."""
-    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
 # --- quantize: float (R, C) -> uint8 (R, row_bytes) -------------------------------------------
 
 def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
