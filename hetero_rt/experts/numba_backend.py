@@ -5,8 +5,8 @@ and w2 (E, D, RB2) uint8, each expert one contiguous block; fp32/bf16/fp16 tenso
 copied. Activations are fp32 (`act="fp32"`, the default: equal to the dequantized reference up to
 summation order). `act="int8"` makes the decode kernels quantize the activations of block-format
 weights to int8 per 32 columns and sum integer products (llama.cpp's q8_0 activations); off by
-default, parity ~1e-2 relative (tests/test_numba_experts.py); experts with more than
-DECODE_MAX_TOKENS tokens in a call (the tiled prefill kernels) stay fp32. The kernels
+default, parity ~1e-2 relative (tests/test_numba_experts.py); experts with more tokens in a call
+than the decode kernels take (kernels.moe.DECODE_MAX_TOKENS*) stay fp32 (the tiled kernels). The kernels
 release the GIL; `threads` (default: physical cores) is applied with numba.set_num_threads on every
 call. Weights may be read-only (views of a read-only memory map).
 

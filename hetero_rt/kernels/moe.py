@@ -5,9 +5,10 @@
   3. down, parallel over tiles of D rows (each task owns its rows of y: no races), looping over
      the active experts: W2 rows times the group's h rows, scaled by w.
 Two kernels per step, chosen per expert from its number of tokens (moe_forward):
-  - decode (experts with <= DECODE_MAX_TOKENS tokens): each weight row is dotted straight from
-    its bytes with the fused per-format dots of hetero_rt.kernels.dot, one sequential stream per
-    row, tasks of equal size (rows) split evenly over the threads; nothing is allocated per task;
+  - decode (experts with <= DECODE_MAX_TOKENS tokens, 4 for block formats): each weight row is
+    dotted straight from its bytes with the fused per-format dots of hetero_rt.kernels.dot, one
+    sequential stream per row, tasks of equal size (rows) split evenly over the threads; nothing
+    is allocated per task;
   - tiled (more tokens): each tile of rows is decoded CHUNK columns at a time into a
     cache-resident fp32 buffer (dequant.decode_tile) and multiplied with every token of the group
     by the register-blocked kernel of kernels.gemm, so a weight is read from memory once per call
@@ -16,7 +17,7 @@ Two kernels per step, chosen per expert from its number of tokens (moe_forward):
     (ht), so down multiplies by it directly. While a chunk is multiplied, the next chunk's weight
     bytes are prefetched (next_chunk_bytes).
     (The fused dots re-decode a row per token, from L1; the tiled kernels pay a buffer round trip
-    per weight once: an estimate from the per-core rates puts the break-even near 8 tokens.)
+    per weight once.)
 
 All kernels are @njit(nogil=True, cache=True); the parallel ones use prange.
 Legend: T tokens, K experts per token, S = T*K slots, U active experts, D hidden, I expert inter,
@@ -31,7 +32,11 @@ from .dequant import CHUNK, decode_tile
 from .dot import Q8_0, block_sums, dot_row, dot_row_i8, quantize_act
 from .gemm import block_matmul, pack_chunk, padded_tokens
 
-DECODE_MAX_TOKENS = 8   # experts with at most this many tokens take the decode kernels
+# Experts with at most this many tokens in a call take the decode kernels, the others the tiled ones:
+# the break-even measured per format family (one V3-shaped expert, 2 threads, Zen 4): fp32/bf16/fp16
+# ~8 tokens, block formats ~4 (their per-token re-decode in the fused dots costs more).
+DECODE_MAX_TOKENS = 8
+DECODE_MAX_TOKENS_BLOCK = 4
 DECODE_ROWS = 32        # weight rows per parallel decode task
 
 
@@ -208,12 +213,13 @@ def activations(a, int8):
 def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, int8):
     """x (T, D) fp32, ids (T, K) int64, weights (T, K) fp32, w1/w3 (E, I, RB13) and w2 (E, D, RB2)
     uint8 -> y (T, D) fp32. Inputs are validated by the wrapper (hetero_rt.experts.numba_backend).
-    Experts with <= DECODE_MAX_TOKENS tokens take the decode kernels, the others the tiled ones.
+    Experts with <= DECODE_MAX_TOKENS (block formats: DECODE_MAX_TOKENS_BLOCK) tokens take the decode
+    kernels, the others the tiled ones.
     rt_up, rt_down: row-tile heights of the tiled kernels. int8: the decode kernels quantize the
     activations of block-format weights to int8 per 32 columns (integer dots); the tiled stay fp32."""
     active, offsets, slot_token, slot_weight = route(ids, weights, w1.shape[0])
     starts, ends = offsets[:-1], offsets[1:]
-    small = ends - starts <= DECODE_MAX_TOKENS                           # (U,)
+    small = ends - starts <= (DECODE_MAX_TOKENS if fmt13 < Q8_0 else DECODE_MAX_TOKENS_BLOCK)   # (U,)
     large = ~small
     inter = w1.shape[1]
     h = np.empty((slot_token.shape[0] if small.any() else 0, inter), np.float32)   # (S, I)
