@@ -15,7 +15,7 @@ if not available():
 
 
 @pytest.mark.parametrize("fmt,tol", [("fp32", 1e-5), ("bf16", 1e-2), ("q8_0", 5e-2), ("q4_k", 5e-2),
-                                     ("q6_k", 5e-2)])
+                                     ("q6_k", 5e-2), ("q5_0", 5e-2), ("q4_0", 5e-2)])
 def test_ggml_moe_matches_numba_experts(fmt, tol):
     dim, inter, k, n_exp = 512, 256, 4, 8
     ne = bench.make_experts(fmt, n_exp, dim, inter, threads=2)

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-GGML_TYPES = {"fp32": 0, "fp16": 1, "q4_0": 2, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14, "bf16": 30}
+GGML_TYPES = {"fp32": 0, "fp16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+              "bf16": 30}
 GGML_TYPE_I32 = 26
 
 
@@ -69,8 +70,11 @@ class GgmlMoE:
 
     def __init__(self, w1: np.ndarray, w3: np.ndarray, w2: np.ndarray, fmt13: str, fmt2: str,
                  dim: int, inter: int, max_tokens: int, k: int, threads: int):
+        self.ctx = None
         self.base, self.cpu = _libs()
         for f in (fmt13, fmt2):
+            if f not in GGML_TYPES:
+                raise ValueError(f"llama.cpp reference: no ggml type for weight format {f!r}")
             if self.base.ggml_type_name(GGML_TYPES[f]).decode().lower().replace("_", "") != f.replace("_", "").replace("fp", "f"):
                 raise RuntimeError(f"ggml type code {GGML_TYPES[f]} is not {f} in this llama.cpp build")
         n_exp = w1.shape[0]
