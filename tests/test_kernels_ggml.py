@@ -141,3 +141,26 @@ def test_micro_kernels_of_every_block_shape(rb, nv):
     want = np.zeros_like(acc, dtype=np.float64)
     want[1:1 + rb, 16:16 + 8 * nv] = buf[1:1 + rb, :65].astype(np.float64) @ xp[3:68, 8:8 + 8 * nv]
     np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-4)
+
+
+def test_dot_u4s8_32_is_exact():
+    """The vector nibble x int8 dot behind the int8 Q4_K path, both nibbles, at unaligned offsets,
+    against numpy's integer arithmetic (extremes included: 15 x -128 and 15 x 127)."""
+    from numba import njit
+    from hetero_rt.kernels.intrinsics import dot_u4s8_32
+
+    @njit
+    def call(row, qoff, shift, xq, xoff):
+        return dot_u4s8_32(row, qoff, shift, xq, xoff)
+
+    rng = np.random.default_rng(3)
+    row = rng.integers(0, 256, 100, dtype=np.uint8)
+    xq = rng.integers(-128, 128, 100, dtype=np.int8)
+    row[5:37] = 0xFF
+    xq[9:25] = -128
+    xq[25:41] = 127
+    for qoff, xoff in ((0, 0), (5, 9), (61, 67)):
+        q = row[qoff:qoff + 32].astype(np.int64)
+        x = xq[xoff:xoff + 32].astype(np.int64)
+        assert call(row, np.uint64(qoff), 0, xq, np.uint64(xoff)) == ((q & 15) * x).sum()
+        assert call(row, np.uint64(qoff), 4, xq, np.uint64(xoff)) == ((q >> 4) * x).sum()

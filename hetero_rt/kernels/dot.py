@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
+from .intrinsics import (dot_u4s8_32, f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
                          q6_to_i32, u8_to_f32)
 
 FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
@@ -389,18 +389,16 @@ def _dot_q45_k_i8(fmt, row, xq, xd, xs):
         o, xo = U(size * b), U(256 * b)
         _prefetch_ahead(row, o, size)
         t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-        if fmt == Q4_K:
+        if fmt == Q4_K:             # one vector dot (vpdpbusd with VNNI) per sub-block of 32
             q = o + U(16)
-            for k in range(n32):
-                a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
-                t0 = mac_i32(t0, q4_to_i32(a, 0), xq[xo + U(k)])
-                t1 = mac_i32(t1, q4_to_i32(a, 4), xq[xo + U(32 + k)])
-                t2 = mac_i32(t2, q4_to_i32(c, 0), xq[xo + U(64 + k)])
-                t3 = mac_i32(t3, q4_to_i32(c, 4), xq[xo + U(96 + k)])
-                t4 = mac_i32(t4, q4_to_i32(e, 0), xq[xo + U(128 + k)])
-                t5 = mac_i32(t5, q4_to_i32(e, 4), xq[xo + U(160 + k)])
-                t6 = mac_i32(t6, q4_to_i32(g, 0), xq[xo + U(192 + k)])
-                t7 = mac_i32(t7, q4_to_i32(g, 4), xq[xo + U(224 + k)])
+            t0 = dot_u4s8_32(row, q, 0, xq, xo)
+            t1 = dot_u4s8_32(row, q, 4, xq, xo + U(32))
+            t2 = dot_u4s8_32(row, q + U(32), 0, xq, xo + U(64))
+            t3 = dot_u4s8_32(row, q + U(32), 4, xq, xo + U(96))
+            t4 = dot_u4s8_32(row, q + U(64), 0, xq, xo + U(128))
+            t5 = dot_u4s8_32(row, q + U(64), 4, xq, xo + U(160))
+            t6 = dot_u4s8_32(row, q + U(96), 0, xq, xo + U(192))
+            t7 = dot_u4s8_32(row, q + U(96), 4, xq, xo + U(224))
         else:
             hq, q = o + U(16), o + U(48)
             for k in range(n32):

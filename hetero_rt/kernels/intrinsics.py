@@ -142,3 +142,35 @@ def opaque(typingctx, v):
         fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
         return builder.call(ir.InlineAsm(fnty, "", "=r,0", side_effect=False), [args[0]])
     return types.int64(types.int64), codegen
+
+
+_V32I8 = ir.VectorType(_I8, 32)
+_V32I32 = ir.VectorType(ir.IntType(32), 32)
+
+
+@intrinsic
+def dot_u4s8_32(typingctx, row, qoff, shift, xq, xoff):
+    """sum over k < 32 of ((row[qoff + k] >> shift) & 15) * xq[xoff + k]: 32 4-bit weights (one
+    nibble of 32 consecutive bytes of the uint8 array row) times 32 int8 activations (int8 array xq),
+    as int32. Written as one vector load each, a zext x sext multiply and an add-reduction, which
+    LLVM compiles to a single `vpdpbusd` on CPUs with AVX512-VNNI / AVX-VNNI (pmaddubsw + pmaddwd
+    otherwise). No bounds checks: the caller keeps qoff + 32 and xoff + 32 within the arrays."""
+    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
+            and xq.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ra = context.make_array(sig.args[0])(context, builder, args[0])
+        xa = context.make_array(sig.args[3])(context, builder, args[3])
+        i8p = _I8.as_pointer()
+        qp = builder.bitcast(builder.gep(builder.bitcast(ra.data, i8p), [args[1]]), _V32I8.as_pointer())
+        xp = builder.bitcast(builder.gep(builder.bitcast(xa.data, i8p), [args[4]]), _V32I8.as_pointer())
+        undef = ir.Constant(_V32I8, ir.Undefined)
+        sh = builder.insert_element(undef, builder.trunc(args[2], _I8), ir.Constant(ir.IntType(32), 0))
+        sh = builder.shuffle_vector(sh, undef, ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
+        q = builder.and_(builder.lshr(builder.load(qp, align=1), sh), ir.Constant(_V32I8, [15] * 32))
+        prod = builder.mul(builder.zext(q, _V32I32), builder.sext(builder.load(xp, align=1), _V32I32))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [_V32I32]),
+                                            "llvm.vector.reduce.add.v32i32")
+        return builder.call(fn, [prod])
+    return types.int32(row, types.uint64, types.int64, xq, types.uint64), codegen
