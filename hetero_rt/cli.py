@@ -135,9 +135,8 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
     t0 = time.perf_counter()
     rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    t0 = time.perf_counter()
-    rt.logits(list(range(min(8, rt.args.vocab_size))))  # warm-up (allocator, BLAS/cuBLAS init) outside timings
-    print(f"[hetero-rt] warm-up forward {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    warm = rt.warmup()  # kernels compiled or loaded, allocator and BLAS/cuBLAS set up, outside the timings
+    print(f"[hetero-rt] warm-up {warm:.2f} s", file=sys.stderr)
     res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                       top_p=ns.top_p, seed=ns.seed, chat=ns.chat, stream=print_stream)
     print()

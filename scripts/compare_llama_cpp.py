@@ -91,10 +91,7 @@ def run_hetero(ns, prompt, agree) -> dict:
     for m in rt.model.modules():
         if isinstance(m, NumbaExperts):
             m.threads = ns.threads
-    t0 = time.perf_counter()
-    rt.step(torch.tensor(prompt[:2]), 0, last_only=True)  # JIT compile / load from numba's cache
-    rt.step(torch.tensor(prompt[:1]), 0, last_only=True)
-    warm = time.perf_counter() - t0
+    warm = rt.warmup()                                     # every kernel compiled or loaded, untimed
     t0 = time.perf_counter()
     logits = rt.step(torch.tensor(prompt), 0, last_only=True)
     prefill = time.perf_counter() - t0

@@ -160,6 +160,23 @@ def test_warmup_reports_compile_time():
     assert ne.warmup() >= 0 and ne.compile_seconds is not None
 
 
+def test_warmup_runs_decode_and_tiled_kernels(monkeypatch):
+    """warmup() calls the kernels once with few tokens on an expert (decode kernels) and once with
+    more than any format's decode limit (tiled kernels), so neither compiles inside a timed call."""
+    from hetero_rt.kernels import moe
+    ne, _ = backend("q5_0", 4, 64, 32)
+    per_expert = []
+    real = ne.run
+
+    def spy(x, ids, weights, **kw):
+        per_expert.append(np.bincount(ids.ravel()).max())
+        return real(x, ids, weights, **kw)
+    monkeypatch.setattr(ne, "run", spy)
+    assert ne.warmup() > 0
+    assert min(per_expert) <= min(moe.DECODE_MAX_TOKENS, moe.DECODE_MAX_TOKENS_BLOCK)
+    assert max(per_expert) > max(moe.DECODE_MAX_TOKENS, moe.DECODE_MAX_TOKENS_BLOCK)
+
+
 @pytest.mark.parametrize("variant", ["v2_lite", "v3"])
 def test_whole_model_logits_match_torch_backend(variant, tmp_path):
     """Swap every MoE layer's experts for the numba backend (fp32): logits equal within 1e-4 relative."""
@@ -174,6 +191,8 @@ def test_whole_model_logits_match_torch_backend(variant, tmp_path):
             block.ffn.experts = NumbaExperts.from_torch(block.ffn.experts, fmt="fp32", threads=2)
             swapped += 1
     assert swapped == rt.args.num_hidden_layers - 1
+    assert rt.warmup() > 0                                   # every swapped backend warmed up too
+    assert all(b.ffn.experts.compile_seconds is not None for b in rt.model.layers if hasattr(b.ffn, "experts"))
     ours = rt.logits(ids)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 

@@ -22,7 +22,7 @@ import psutil
 import torch
 from torch import nn
 
-from ..kernels.moe import moe_forward
+from ..kernels.moe import DECODE_MAX_TOKENS, moe_forward
 from ..quant.ggml import FORMATS, QUANT_FORMATS, get_format, quantize
 
 # Row-tile heights: decode wants many small parallel tasks, prefill wants each decoded weight
@@ -95,11 +95,14 @@ class NumbaExperts(nn.Module):
         return n_experts * (self.w1[0].nbytes + self.w3[0].nbytes + self.w2[0].nbytes)
 
     def warmup(self) -> float:
-        """Compile (or load from numba's cache) the kernels for this format; returns seconds taken."""
+        """Compile (or load from numba's cache) every kernel a call can take for this format, the
+        decode kernels (2 tokens on one expert) and the tiled prefill kernels (more tokens on one
+        expert than the decode kernels take); returns seconds taken."""
         t0 = time.perf_counter()
-        x = np.zeros((2, self.dim), np.float32)
-        ids = np.array([[0], [0]], np.int64)
-        self.run(x, ids, np.ones((2, 1), np.float32), tile_up=DECODE_TILE, tile_down=DECODE_TILE)
+        for tokens, tile in ((2, DECODE_TILE), (DECODE_MAX_TOKENS + 1, PREFILL_TILE)):
+            x = np.zeros((tokens, self.dim), np.float32)
+            ids = np.zeros((tokens, 1), np.int64)
+            self.run(x, ids, np.ones((tokens, 1), np.float32), tile_up=tile, tile_down=tile)
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
