@@ -148,24 +148,49 @@ def _dot_q4_0(row, x, xs):
     return s0 + s1
 
 
+@njit(inline="always", cache=True)
+def _q5_0_qh(row, o):
+    """The 32 fifth bits of the Q5_0 block at row[o:] (bytes 2..5, little-endian) as uint32."""
+    return (np.uint32(row[o + U(2)]) | (np.uint32(row[o + U(3)]) << np.uint32(8))
+            | (np.uint32(row[o + U(4)]) << np.uint32(16)) | (np.uint32(row[o + U(5)]) << np.uint32(24)))
+
+
+@njit(inline="always", cache=True)
+def _bit16(qh, m):
+    """16.0 where qh has any bit of mask m set, else 0: the fifth bit of a Q5_0 weight as a value.
+    With m = 1 << k over a loop on k, LLVM vectorizes it as an AND with a constant vector and a
+    select, where extracting bit k by a shift of k was scalar."""
+    return np.float32(16.0) if qh & m else F0
+
+
+@njit(inline="always", cache=True)
+def _q5_0_block(row, o, x, xo):
+    """sum over the 32 weights of the Q5_0 block at row[o:] of q * x (q = 0..31, unscaled)."""
+    qh = _q5_0_qh(row, o)
+    t = F0
+    for k in range(16):          # fully unrolled on purpose: LLVM then vectorizes the bit selects
+        q = row[o + U(6 + k)]
+        m = np.uint32(1) << np.uint32(k)
+        t += ((u8_to_f32(q, 0, 15) + _bit16(qh, m)) * x[xo + U(k)]
+              + (u8_to_f32(q, 4, 15) + _bit16(qh, m << np.uint32(16))) * x[xo + U(16 + k)])
+    return t
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q5_0(row, x, xs):
-    """Q5_0 weight = d * (q - 16), q = nibble | 5th bit from the block's uint32 qh: d * (sum q x - 16 * xs)."""
+    """Q5_0 weight = d * (q - 16), q = nibble + 16 * (bit k or k + 16 of the block's uint32 qh):
+    d * (sum q x - 16 * xs); two blocks per step (two independent sums)."""
     nb = x.shape[0] // 32
-    s0 = F0
-    for b in range(nb):
+    s0 = s1 = F0
+    for b in range(0, nb - 1, 2):
         o, xo = U(22 * b), U(32 * b)
-        _prefetch_ahead(row, o, 22)
-        qh = (np.uint32(row[o + U(2)]) | (np.uint32(row[o + U(3)]) << np.uint32(8))
-              | (np.uint32(row[o + U(4)]) << np.uint32(16)) | (np.uint32(row[o + U(5)]) << np.uint32(24)))
-        t0 = F0
-        for k in range(16):
-            q = row[o + U(6 + k)]
-            lo = np.int32(q & 15) | np.int32(((qh >> np.uint32(k)) & np.uint32(1)) << np.uint32(4))
-            hi = np.int32(q >> 4) | np.int32(((qh >> np.uint32(k + 16)) & np.uint32(1)) << np.uint32(4))
-            t0 += np.float32(lo) * x[xo + U(k)] + np.float32(hi) * x[xo + U(16 + k)]
-        s0 += f16_at(row, o) * (t0 - np.float32(16.0) * xs[b])
-    return s0
+        _prefetch_ahead(row, o, 44)
+        s0 += f16_at(row, o) * (_q5_0_block(row, o, x, xo) - np.float32(16.0) * xs[b])
+        s1 += f16_at(row, o + U(22)) * (_q5_0_block(row, o + U(22), x, xo + U(32)) - np.float32(16.0) * xs[b + 1])
+    if nb % 2:
+        o, xo = U(22 * (nb - 1)), U(32 * (nb - 1))
+        s0 += f16_at(row, o) * (_q5_0_block(row, o, x, xo) - np.float32(16.0) * xs[nb - 1])
+    return s0 + s1
 
 
 @njit(inline="always", cache=True)
