@@ -143,24 +143,29 @@ def test_micro_kernels_of_every_block_shape(rb, nv):
     np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-4)
 
 
-def test_dot_u4s8_32_is_exact():
-    """The vector nibble x int8 dot behind the int8 Q4_K path, both nibbles, at unaligned offsets,
-    against numpy's integer arithmetic (extremes included: 15 x -128 and 15 x 127)."""
+@pytest.mark.parametrize("vnni", [False, True])
+def test_q4k_dot_i8_both_code_paths(vnni, monkeypatch):
+    """The int8 Q4_K block dot, compiled with vpdpbusd (AVX512-VNNI hosts) and with the portable
+    integer form, against numpy: sum_j s_j * sum_k nibble_jk * xq_jk."""
     from numba import njit
-    from hetero_rt.kernels.intrinsics import dot_u4s8_32
+    from hetero_rt.kernels import intrinsics
+    if vnni and not intrinsics.VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    monkeypatch.setattr(intrinsics, "VNNI", vnni)       # read when the wrapper below is compiled
 
     @njit
-    def call(row, qoff, shift, xq, xoff):
-        return dot_u4s8_32(row, qoff, shift, xq, xoff)
+    def call(row, qo, xq, xo, s):
+        return intrinsics.q4k_dot_i8(row, qo, xq, xo, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
 
-    rng = np.random.default_rng(3)
-    row = rng.integers(0, 256, 100, dtype=np.uint8)
-    xq = rng.integers(-128, 128, 100, dtype=np.int8)
-    row[5:37] = 0xFF
-    xq[9:25] = -128
-    xq[25:41] = 127
-    for qoff, xoff in ((0, 0), (5, 9), (61, 67)):
-        q = row[qoff:qoff + 32].astype(np.int64)
-        x = xq[xoff:xoff + 32].astype(np.int64)
-        assert call(row, np.uint64(qoff), 0, xq, np.uint64(xoff)) == ((q & 15) * x).sum()
-        assert call(row, np.uint64(qoff), 4, xq, np.uint64(xoff)) == ((q >> 4) * x).sum()
+    rng = np.random.default_rng(int(vnni))
+    row = rng.integers(0, 256, 160, dtype=np.uint8)
+    xq = rng.integers(-128, 128, 300, dtype=np.int8)
+    s = rng.standard_normal(8).astype(np.float32)
+    qo, xo = 7, 11
+    want = 0.0
+    for i in range(4):
+        qs = row[qo + 32 * i:qo + 32 * i + 32].astype(np.int64)
+        lo, hi = xq[xo + 64 * i:xo + 64 * i + 32], xq[xo + 64 * i + 32:xo + 64 * i + 64]
+        want += s[2 * i] * float(((qs & 15) * lo).sum()) + s[2 * i + 1] * float(((qs >> 4) * hi).sum())
+    got = call(row, np.uint64(qo), xq, np.uint64(xo), s)
+    assert abs(got - want) <= 1e-5 * np.abs(s).sum() * 15 * 128 * 32

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .intrinsics import (dot_u4s8_32, f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
-                         q6_to_i32, u8_to_f32)
+from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
+                         q4k_dot_i8, q6_to_i32, u8_to_f32)
 
 FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
@@ -406,7 +406,8 @@ def _dot_q4_0_i8(row, xq, xd, xs):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q45_k_i8(fmt, row, xq, xd, xs):
-    """Q4_K / Q5_K: eight int32 sub-block sums per 256 block, then _k_combine on xd-scaled sums."""
+    """Q4_K: each 256 block in vector registers (intrinsics.q4k_dot_i8: vpdpbusd with VNNI), then the
+    mins; Q5_K: eight int32 sub-block sums per block, then _k_combine on xd-scaled sums."""
     n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
     s = F0
     size = 144 if fmt == Q4_K else 176
@@ -414,16 +415,23 @@ def _dot_q45_k_i8(fmt, row, xq, xd, xs):
         o, xo = U(size * b), U(256 * b)
         _prefetch_ahead(row, o, size)
         t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-        if fmt == Q4_K:             # one vector dot (vpdpbusd with VNNI) per sub-block of 32
-            q = o + U(16)
-            t0 = dot_u4s8_32(row, q, 0, xq, xo)
-            t1 = dot_u4s8_32(row, q, 4, xq, xo + U(32))
-            t2 = dot_u4s8_32(row, q + U(32), 0, xq, xo + U(64))
-            t3 = dot_u4s8_32(row, q + U(32), 4, xq, xo + U(96))
-            t4 = dot_u4s8_32(row, q + U(64), 0, xq, xo + U(128))
-            t5 = dot_u4s8_32(row, q + U(64), 4, xq, xo + U(160))
-            t6 = dot_u4s8_32(row, q + U(96), 0, xq, xo + U(192))
-            t7 = dot_u4s8_32(row, q + U(96), 4, xq, xo + U(224))
+        if fmt == Q4_K:             # the whole block in vector registers (intrinsics.q4k_dot_i8)
+            so, xb = o + U(4), 8 * b
+            d, dmin = f16_at(row, o), f16_at(row, o + U(2))
+            sc0, m0 = k_scale_min(row, so, 0)
+            sc1, m1 = k_scale_min(row, so, 1)
+            sc2, m2 = k_scale_min(row, so, 2)
+            sc3, m3 = k_scale_min(row, so, 3)
+            sc4, m4 = k_scale_min(row, so, 4)
+            sc5, m5 = k_scale_min(row, so, 5)
+            sc6, m6 = k_scale_min(row, so, 6)
+            sc7, m7 = k_scale_min(row, so, 7)
+            s += q4k_dot_i8(row, o + U(16), xq, xo, d * sc0 * xd[xb], d * sc1 * xd[xb + 1], d * sc2 * xd[xb + 2],
+                            d * sc3 * xd[xb + 3], d * sc4 * xd[xb + 4], d * sc5 * xd[xb + 5],
+                            d * sc6 * xd[xb + 6], d * sc7 * xd[xb + 7])
+            s -= dmin * (m0 * xs[xb] + m1 * xs[xb + 1] + m2 * xs[xb + 2] + m3 * xs[xb + 3] + m4 * xs[xb + 4]
+                         + m5 * xs[xb + 5] + m6 * xs[xb + 6] + m7 * xs[xb + 7])
+            continue
         else:
             hq, q = o + U(16), o + U(48)
             for k in range(n32):

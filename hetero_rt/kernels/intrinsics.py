@@ -148,29 +148,70 @@ _V32I8 = ir.VectorType(_I8, 32)
 _V32I32 = ir.VectorType(ir.IntType(32), 32)
 
 
+def _host_has_vnni() -> bool:
+    """AVX512-VNNI with 256-bit forms (avx512vl) on the CPU numba compiles for."""
+    import numba
+    from llvmlite import binding
+    features = numba.config.CPU_FEATURES
+    if features is None and not numba.config.CPU_NAME:
+        host = binding.get_host_cpu_features()
+        return bool(host.get("avx512vnni") and host.get("avx512vl"))
+    return bool(features) and "+avx512vnni" in features and "+avx512vl" in features
+
+
+_V8I32 = ir.VectorType(ir.IntType(32), 8)
+_V8F32 = ir.VectorType(ir.FloatType(), 8)
+VNNI = _host_has_vnni()
+
+
+def _u8s8_dot8(builder, q, x):
+    """<8 x i32>: lane m = sum of q[4m + j] * x[4m + j], j < 4 (q unsigned bytes, x signed bytes)."""
+    if VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(_V8I32, [0] * 8), builder.bitcast(q, _V8I32), builder.bitcast(x, _V8I32)])
+    prod = builder.mul(builder.zext(q, _V32I32), builder.sext(x, _V32I32))      # pmaddwd-based elsewhere
+    undef = ir.Constant(_V32I32, ir.Undefined)
+    part = [builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                            [4 * m + j for m in range(8)])) for j in range(4)]
+    return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
+
+
 @intrinsic
-def dot_u4s8_32(typingctx, row, qoff, shift, xq, xoff):
-    """sum over k < 32 of ((row[qoff + k] >> shift) & 15) * xq[xoff + k]: 32 4-bit weights (one
-    nibble of 32 consecutive bytes of the uint8 array row) times 32 int8 activations (int8 array xq),
-    as int32. Written as one vector load each, a zext x sext multiply and an add-reduction, which
-    LLVM compiles to a single `vpdpbusd` on CPUs with AVX512-VNNI / AVX-VNNI (pmaddubsw + pmaddwd
-    otherwise). No bounds checks: the caller keeps qoff + 32 and xoff + 32 within the arrays."""
+def q4k_dot_i8(typingctx, row, qo, xq, xo, s0, s1, s2, s3, s4, s5, s6, s7):
+    """sum over the 8 sub-blocks j of one Q4_K block of s_j * sum_k q_jk * xq[xo + 32 j + k]: the
+    block's 128 nibble bytes at row[qo:] (sub-block 2i: low nibbles of bytes 32i.., 2i+1: high),
+    int8 activations xq. Integer dots as vpdpbusd with AVX512-VNNI (pmaddwd-based otherwise), each
+    sub-block's 8 partial sums scaled in a vector by s_j and accumulated in a vector: one horizontal
+    sum per block (the per-sub-block int32 reductions cost more than the dots themselves)."""
     if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
             and xq.dtype == types.int8):
         return None
 
     def codegen(context, builder, sig, args):
         ra = context.make_array(sig.args[0])(context, builder, args[0])
-        xa = context.make_array(sig.args[3])(context, builder, args[3])
-        i8p = _I8.as_pointer()
-        qp = builder.bitcast(builder.gep(builder.bitcast(ra.data, i8p), [args[1]]), _V32I8.as_pointer())
-        xp = builder.bitcast(builder.gep(builder.bitcast(xa.data, i8p), [args[4]]), _V32I8.as_pointer())
-        undef = ir.Constant(_V32I8, ir.Undefined)
-        sh = builder.insert_element(undef, builder.trunc(args[2], _I8), ir.Constant(ir.IntType(32), 0))
-        sh = builder.shuffle_vector(sh, undef, ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
-        q = builder.and_(builder.lshr(builder.load(qp, align=1), sh), ir.Constant(_V32I8, [15] * 32))
-        prod = builder.mul(builder.zext(q, _V32I32), builder.sext(builder.load(xp, align=1), _V32I32))
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [_V32I32]),
-                                            "llvm.vector.reduce.add.v32i32")
-        return builder.call(fn, [prod])
-    return types.int32(row, types.uint64, types.int64, xq, types.uint64), codegen
+        xa = context.make_array(sig.args[2])(context, builder, args[2])
+        i8p, i64 = _I8.as_pointer(), ir.IntType(64)
+        rb = builder.gep(builder.bitcast(ra.data, i8p), [args[1]])
+        xb = builder.gep(builder.bitcast(xa.data, i8p), [args[3]])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+        undef = ir.Constant(_V8F32, ir.Undefined)
+        splat = ir.Constant(_V8I32, [0] * 8)
+        acc = ir.Constant(_V8F32, [0.0] * 8)
+        for i in range(4):
+            qv = builder.load(builder.bitcast(builder.gep(rb, [ir.Constant(i64, 32 * i)]), _V32I8.as_pointer()), align=1)
+            for h in range(2):
+                q = builder.and_(builder.lshr(qv, ir.Constant(_V32I8, [4 * h] * 32)), ir.Constant(_V32I8, [15] * 32))
+                xv = builder.load(builder.bitcast(builder.gep(xb, [ir.Constant(i64, 64 * i + 32 * h)]),
+                                                  _V32I8.as_pointer()), align=1)
+                d = builder.sitofp(_u8s8_dot8(builder, q, xv), _V8F32)
+                s = builder.shuffle_vector(builder.insert_element(undef, args[4 + 2 * i + h], ir.Constant(ir.IntType(32), 0)),
+                                           undef, splat)
+                acc = builder.call(fma, [d, s, acc])
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _V8F32]),
+                                             "llvm.vector.reduce.fadd.v8f32")
+        out = builder.call(red, [ir.Constant(ir.FloatType(), 0.0), acc])
+        out.fastmath.add("reassoc")
+        return out
+    f32 = types.float32
+    return f32(row, types.uint64, xq, types.uint64, f32, f32, f32, f32, f32, f32, f32, f32), codegen
