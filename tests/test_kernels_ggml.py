@@ -169,3 +169,29 @@ def test_q4k_dot_i8_both_code_paths(vnni, monkeypatch):
         want += s[2 * i] * float(((qs & 15) * lo).sum()) + s[2 * i + 1] * float(((qs >> 4) * hi).sum())
     got = call(row, np.uint64(qo), xq, np.uint64(xo), s)
     assert abs(got - want) <= 1e-5 * np.abs(s).sum() * 15 * 128 * 32
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
+    """The int8 Q8_0 row dot (signed weights offset by 128 for vpdpbusd, then corrected), with and
+    without VNNI, against numpy; extremes -128 / 127 on both sides."""
+    from numba import njit
+    from hetero_rt.kernels import intrinsics
+    if vnni and not intrinsics.VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    monkeypatch.setattr(intrinsics, "VNNI", vnni)
+
+    @njit
+    def call(row, xq, xd, nb):
+        return intrinsics.q8_0_dot_i8(row, xq, xd, nb)
+
+    rng = np.random.default_rng(5 + int(vnni))
+    raw = ggml.quantize(weights(1, 96, seed=4), "q8_0")[0].copy()
+    q = raw.reshape(3, 34)[:, 2:].view(np.int8)
+    q[0, :8], q[1, :8] = -128, 127
+    xq = rng.integers(-128, 128, 96, dtype=np.int8)
+    xq[:4], xq[32:36] = -128, 127
+    xd = rng.random(3).astype(np.float32)
+    d = raw.reshape(3, 34)[:, :2].copy().view(np.float16).astype(np.float64).ravel()
+    want = sum(d[b] * xd[b] * float((q[b].astype(np.int64) * xq[32 * b:32 * b + 32]).sum()) for b in range(3))
+    np.testing.assert_allclose(call(raw, xq, xd, 3), want, rtol=1e-5)

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
-                         q4k_dot_i8, q6_to_i32, u8_to_f32)
+                         q4k_dot_i8, q6_to_i32, q8_0_dot_i8, u8_to_f32)
 
 FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
@@ -355,27 +355,8 @@ def quantize_act(x, xq, xd, xs):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q8_0_i8(row, xq, xd):
-    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
-    qi = row.view(np.int8)
-    nb = xq.shape[0] // 32
-    s0 = s1 = F0
-    for b in range(0, nb - 1, 2):
-        o, xo = U(34 * b), U(32 * b)
-        _prefetch_ahead(row, o, 68)
-        t0 = t1 = np.int32(0)
-        for k in range(n32):
-            t0 = mac_i32(t0, qi[o + U(2 + k)], xq[xo + U(k)])
-            t1 = mac_i32(t1, qi[o + U(36 + k)], xq[xo + U(32 + k)])
-        s0 += f16_at(row, o) * xd[b] * np.float32(t0)
-        s1 += f16_at(row, o + U(34)) * xd[b + 1] * np.float32(t1)
-    if nb % 2:
-        b = nb - 1
-        o, xo = U(34 * b), U(32 * b)
-        t0 = np.int32(0)
-        for k in range(n32):
-            t0 = mac_i32(t0, qi[o + U(2 + k)], xq[xo + U(k)])
-        s0 += f16_at(row, o) * xd[b] * np.float32(t0)
-    return s0 + s1
+    """The whole row in vector registers: intrinsics.q8_0_dot_i8 (vpdpbusd with VNNI)."""
+    return q8_0_dot_i8(row, xq, xd, xq.shape[0] // 32)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
