@@ -52,6 +52,10 @@ GOOD = "defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n    
      "r.yaml:3: backend 'numba' runs on the CPU"),
     ("rules:\n  - match: {kind: gate}\n    place: {threads: 0}\n", "r.yaml:3: threads must be a positive integer"),
     ("rules:\n  - match: {kind: gate}\n    place: {dtype: int4}\n", "r.yaml:3: unknown dtype 'int4'"),
+    ("rules:\n  - match: {kind: routed_experts}\n    place: {activations: int4}\n",
+     "r.yaml:3: unknown activations 'int4'; expected one of fp32, int8"),
+    ("rules:\n  - match: {kind: attention}\n    place: {activations: int8}\n",
+     "r.yaml:3: activations is a setting of routed_experts (numba kernels), not attention"),
     ("defaults: {device: cpu}\nrule:\n  - {}\n", "r.yaml:2: unknown key 'rule' in the placement file"),
     ("rules:\n  - match: {}\n    place: {device: cpu}\n", "r.yaml:2: match is empty"),
     ("rules:\n  - place: {device: cpu}\n", "r.yaml:2: rule has no 'match:'"),
@@ -70,6 +74,9 @@ def test_resolution_errors(v3_args):
     msg = rules_error(GOOD + "  - match: {name: 'model\\.layers\\.3\\.mlp\\.gate'}\n    place: {backend: torch}\n",
                       v3_args)
     assert "r.yaml:5: backend cannot be set for model.layers.3.mlp.gate (kind gate)" in msg
+    msg = rules_error(GOOD + "  - match: {kind: routed_experts}\n    place: {activations: int8}\n", v3_args)
+    assert "activations 'int8' is a setting of the numba kernels (backend numba or hetero); the rules give " \
+           "backend 'torch'" in msg
     msg = rules_error(GOOD + "  - match: {kind: attention}\n    place: {device: cuda}\n", v3_args,
                       check_devices=False)
     assert "every module except routed_experts runs on one device" in msg
@@ -288,8 +295,14 @@ def test_numba_backend_from_rules_matches_torch(tiny, tmp_path):
                      "    place: {device: cpu, backend: numba, threads: 2}\n")
     rt = hetero_rt.load(path, rules, dtype="float32")
     experts = rt.model.layers[1].ffn.experts
-    assert isinstance(experts, NumbaExperts) and experts.threads == 2
+    assert isinstance(experts, NumbaExperts) and experts.threads == 2 and experts.act == "fp32"
     ref = hetero_rt.load(path, dtype="float32").logits(IDS)
+    assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
+    # `activations: int8` reaches the kernels (fp32 weights ignore it: still exact)
+    rules.write_text(rules.read_text() + "  - match: {kind: routed_experts}\n    place: {activations: int8}\n")
+    rt = hetero_rt.load(path, rules, dtype="float32")
+    assert rt.model.layers[1].ffn.experts.act == "int8"
+    assert "activations=int8" in rt.plan.format()
     assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

@@ -45,6 +45,7 @@ def finish(model: nn.Module, plan: Plan) -> None:
         if not isinstance(experts, NumbaExperts):  # the GGUF loader builds them over the memory map itself
             fmt = _NUMBA_FORMATS[experts.w1.dtype]
             experts = block.ffn.experts = NumbaExperts.from_torch(experts, fmt, threads=plan.experts(layer).threads)
+        experts.act = plan.experts(layer).activations or "fp32"
         if plan.experts(layer).backend == "hetero":
             hetero[layer] = plan.experts(layer).hetero
     if hetero:

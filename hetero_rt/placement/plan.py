@@ -38,6 +38,7 @@ class Placement:
     threads: int | None        # routed experts on the CPU only
     lines: tuple[int, ...]     # lines of the rules that set a field (for messages and `plan`)
     hetero: HeteroSpec | None = None  # routed experts on backend hetero: cache, policy, prefetch, ...
+    activations: str | None = None    # routed experts on numba/hetero: "fp32" (default) or "int8"
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,14 @@ class Plan:
                                                   if self.cpu_fallback else "")]
         groups: dict[tuple, list[str]] = {}
         for p, written in zip(self.placements, self.written_devices):
-            key = (p.module.kind, written, p.device, p.dtype, p.format, p.backend, p.threads, _hetero_text(p.hetero))
+            key = (p.module.kind, written, p.device, p.dtype, p.format, p.backend, p.threads, p.activations,
+                   _hetero_text(p.hetero))
             groups.setdefault(key, []).append(p.module.path)
-        for (kind, written, dev, dtype, fmt, backend, threads, hetero), paths in groups.items():
+        for (kind, written, dev, dtype, fmt, backend, threads, act, hetero), paths in groups.items():
             shown = written if written == dev else f"{written} -> {dev}"
             extra = "".join(f" {k}={v}" for k, v in (("dtype", dtype), ("format", fmt), ("backend", backend),
-                                                      ("threads", threads), ("hetero", hetero)) if v is not None)
+                                                      ("threads", threads), ("activations", act),
+                                                      ("hetero", hetero)) if v is not None)
             rows.append(f"  {kind:15s} {shown:12s}{extra}  ({len(paths)} module{'s' * (len(paths) > 1)}, "
                         f"e.g. {paths[0]})")
         return "\n".join(rows)
@@ -136,7 +139,7 @@ def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False, check_d
 
 
 def _merge(base: Place, over: Place) -> Place:
-    fields = {k: getattr(over, k) for k in ("device", "dtype", "format", "backend", "threads", "hetero")
+    fields = {k: getattr(over, k) for k in ("device", "dtype", "format", "backend", "threads", "activations", "hetero")
               if getattr(over, k) is not None}
     return replace(base, **fields)
 
@@ -146,9 +149,12 @@ def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Pla
     if place.device is None:
         raise PlacementError(f"{source}: no rule places module {m.path} (kind {m.kind}); add a rule for kind "
                              f"{m.kind!r} or a 'defaults: {{device: ...}}'")
-    backend, threads, hetero = place.backend, place.threads, place.hetero
+    backend, threads, hetero, act = place.backend, place.threads, place.hetero, place.activations
     if m.kind == "routed_experts":
         backend = backend or "torch"
+        if act is not None and backend not in ("numba", "hetero"):
+            raise PlacementError(f"{where}: {m.path}: activations {act!r} is a setting of the numba kernels "
+                                 f"(backend numba or hetero); the rules give backend {backend!r}")
         if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
             raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
                                  f"on {place.device!r}")
@@ -163,12 +169,13 @@ def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Pla
     elif place.format == "stored" and place.device != "cpu":
         raise PlacementError(f"{where}: {m.path}: format 'stored' multiplies GGUF weights in place on the CPU, "
                              f"but the rules put it on {place.device!r}; use the default format on a GPU")
-    elif backend is not None or threads is not None or hetero is not None:
-        field = "backend" if backend is not None else "threads" if threads is not None else "hetero"
+    elif backend is not None or threads is not None or hetero is not None or act is not None:
+        field = ("backend" if backend is not None else "threads" if threads is not None
+                 else "activations" if act is not None else "hetero")
         raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "
                              f"take a backend and threads")
     fmt = None if place.format == "dtype" else place.format
-    return Placement(m, place.device, place.dtype, fmt, backend, threads, lines, hetero)
+    return Placement(m, place.device, place.dtype, fmt, backend, threads, lines, hetero, act)
 
 
 def _check_single_main(source: str, placements: list[Placement]) -> None:

@@ -24,13 +24,16 @@ from ..errors import HeteroRTError
 
 KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "dense_mlp", "norm", "lm_head")
 BACKENDS = {"routed_experts": ("torch", "numba", "hetero")}
+# Activations of the numba expert kernels at decode: exact fp32, or quantized to int8 per 32 (faster
+# for Q8_0/Q4_K with VNNI; hetero_rt.experts.numba_backend).
+ACTIVATIONS = ("fp32", "int8")
 DTYPES = ("float32", "bfloat16", "float16")
 # How 2-D weights are stored: in `dtype`; FP8 with 128x128 block scales; or, for GGUF files on the CPU,
 # as the file stores them (ggml types, multiplied in place by numba kernels: quant.stored).
 FORMATS = ("dtype", "float8_e4m3", "stored")
 FP8_KINDS = ("attention", "shared_experts", "dense_mlp")  # the kinds whose matmuls expand FP8 weights
 FORMAT_KINDS = {"float8_e4m3": FP8_KINDS, "stored": FP8_KINDS + ("lm_head",)}
-PLACE_KEYS = ("device", "dtype", "format", "backend", "threads", "hetero")
+PLACE_KEYS = ("device", "dtype", "format", "backend", "threads", "activations", "hetero")
 HETERO_KEYS = ("cache", "policy", "profile", "decay", "prefetch", "overlap", "defer", "stream", "pcie_gbps",
                "cpu_gflops")
 POLICIES = ("static", "dynamic")
@@ -73,6 +76,7 @@ class Place:
     format: str | None = None
     backend: str | None = None
     threads: int | None = None
+    activations: str | None = None
     hetero: HeteroSpec | None = None
     line: int = 0
 
@@ -273,4 +277,9 @@ class _Parser:
         elif key == "threads":
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise self.fail(node, f"threads must be a positive integer, found {value!r}")
+        elif key == "activations":
+            if value not in ACTIVATIONS:
+                raise self.fail(node, f"unknown activations {value!r}; expected one of {', '.join(ACTIVATIONS)}")
+            if kind is not None and kind != "routed_experts":
+                raise self.fail(node, f"activations is a setting of routed_experts (numba kernels), not {kind}")
         return value
