@@ -466,13 +466,23 @@ def _dot_q6_k_i8(row, xq, xd):
     return s
 
 
+@njit(inline="always", cache=True)
+def has_int8_dot(fmt):
+    """Whether dot_row_i8 reads this format: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K (not Q5_0: its rows keep
+    fp32 activations when int8 is asked for)."""
+    return fmt == Q8_0 or fmt == Q4_0 or fmt == Q4_K or fmt == Q5_K or fmt == Q6_K
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def dot_row_i8(fmt, row, xq, xd, xs):
-    """dot(weights of the stored row, x) for the block formats with x given as quantize_act(x)."""
+    """dot(weights of the stored row, x) for the formats of has_int8_dot, with x given as
+    quantize_act(x)."""
     if fmt == Q8_0:
         return _dot_q8_0_i8(row, xq, xd)
     if fmt == Q4_0:
         return _dot_q4_0_i8(row, xq, xd, xs)
     if fmt == Q4_K or fmt == Q5_K:
         return _dot_q45_k_i8(fmt, row, xq, xd, xs)
-    return _dot_q6_k_i8(row, xq, xd)
+    if fmt == Q6_K:
+        return _dot_q6_k_i8(row, xq, xd)
+    raise ValueError("dot_row_i8: no int8 dot for this format")

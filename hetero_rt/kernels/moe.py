@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dequant import CHUNK, decode_tile
-from .dot import Q8_0, block_sums, dot_row, dot_row_i8, quantize_act
+from .dot import Q8_0, block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
 from .gemm import block_matmul, pack_chunk, padded_tokens
 
 # Experts with at most this many tokens in a call take the decode kernels, the others the tiled ones:
@@ -229,12 +229,12 @@ def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, int8):
         col[v + 1] = col[v] + padded_tokens(ends[u] - starts[u])
     ht = np.zeros((inter, col[-1]), np.float32)                          # (I, sum of bands)
     if small.any():
-        gate_up_decode(fmt13, w1, w3, activations(x, int8 and fmt13 >= Q8_0), active[small], starts[small],
+        gate_up_decode(fmt13, w1, w3, activations(x, int8 and has_int8_dot(fmt13)), active[small], starts[small],
                        ends[small], slot_token, h, DECODE_ROWS)
     if large.any():
         gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, col, ht, rt_up)
     if small.any():
-        down_decode(fmt2, w2, activations(h, int8 and fmt2 >= Q8_0), active[small], starts[small], ends[small],
+        down_decode(fmt2, w2, activations(h, int8 and has_int8_dot(fmt2)), active[small], starts[small], ends[small],
                     slot_token, slot_weight, y, DECODE_ROWS)
     if large.any():
         down(fmt2, w2, ht, active[large], starts[large], ends[large], col, slot_token, slot_weight, y, rt_down)
