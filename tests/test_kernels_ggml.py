@@ -144,31 +144,31 @@ def test_micro_kernels_of_every_block_shape(rb, nv):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-def test_q4k_dot_i8_both_code_paths(vnni, monkeypatch):
-    """The int8 Q4_K block dot, compiled with vpdpbusd (AVX512-VNNI hosts) and with the portable
-    integer form, against numpy: sum_j s_j * sum_k nibble_jk * xq_jk."""
+def test_q4k_block_i8_both_code_paths(vnni, monkeypatch):
+    """The int8 Q4_K block dot (scales and mins unpacked as vectors, integer dots with and without
+    VNNI) against float64 numpy on gguf's dequantized weights and the dequantized int8 activations,
+    for every block of a 4-block row (all 6-bit scale/min packings occur)."""
     from numba import njit
     from hetero_rt.kernels import intrinsics
+    from hetero_rt.kernels.dot import quantize_act
     if vnni and not intrinsics.VNNI:
         pytest.skip("this CPU has no AVX512-VNNI")
-    monkeypatch.setattr(intrinsics, "VNNI", vnni)       # read when the wrapper below is compiled
+    monkeypatch.setattr(intrinsics, "VNNI", vnni)
 
     @njit
-    def call(row, qo, xq, xo, s):
-        return intrinsics.q4k_dot_i8(row, qo, xq, xo, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+    def call(row, o, xq, xo, xd, xs, xb):
+        return intrinsics.q4k_block_i8(row, o, xq, xo, xd, xs, xb)
 
-    rng = np.random.default_rng(int(vnni))
-    row = rng.integers(0, 256, 160, dtype=np.uint8)
-    xq = rng.integers(-128, 128, 300, dtype=np.int8)
-    s = rng.standard_normal(8).astype(np.float32)
-    qo, xo = 7, 11
-    want = 0.0
-    for i in range(4):
-        qs = row[qo + 32 * i:qo + 32 * i + 32].astype(np.int64)
-        lo, hi = xq[xo + 64 * i:xo + 64 * i + 32], xq[xo + 64 * i + 32:xo + 64 * i + 64]
-        want += s[2 * i] * float(((qs & 15) * lo).sum()) + s[2 * i + 1] * float(((qs >> 4) * hi).sum())
-    got = call(row, np.uint64(qo), xq, np.uint64(xo), s)
-    assert abs(got - want) <= 1e-5 * np.abs(s).sum() * 15 * 128 * 32
+    raw = ggml.quantize(weights(1, 1024, seed=8) * 3, "q4_k")[0].copy()
+    w = ggml.dequantize(raw[None], "q4_k")[0].astype(np.float64)
+    x = np.random.default_rng(9).standard_normal(1024).astype(np.float32)
+    xq, xd, xs = np.empty(1024, np.int8), np.empty(32, np.float32), np.empty(32, np.float32)
+    quantize_act(x, xq, xd, xs)
+    xdq = xq.astype(np.float64) * np.repeat(xd.astype(np.float64), 32)
+    for blk in range(4):
+        got = call(raw, np.uint64(144 * blk), xq, np.uint64(256 * blk), xd, xs, 8 * blk)
+        want = (w[256 * blk:256 * blk + 256] * xdq[256 * blk:256 * blk + 256]).sum()
+        assert abs(got - want) <= 1e-4 * np.abs(w[256 * blk:256 * blk + 256] * xdq[256 * blk:256 * blk + 256]).sum()
 
 
 @pytest.mark.parametrize("vnni", [False, True])

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
-                         q4k_dot_i8, q6_to_i32, q8_0_dot_i8, u8_to_f32)
+                         q4k_block_i8, q6_to_i32, q8_0_dot_i8, u8_to_f32)
 
 FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
@@ -387,8 +387,8 @@ def _dot_q4_0_i8(row, xq, xd, xs):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q45_k_i8(fmt, row, xq, xd, xs):
-    """Q4_K: each 256 block in vector registers (intrinsics.q4k_dot_i8: vpdpbusd with VNNI), then the
-    mins; Q5_K: eight int32 sub-block sums per block, then _k_combine on xd-scaled sums."""
+    """Q4_K: each 256 block in vector registers, scales and mins included (intrinsics.q4k_block_i8:
+    vpdpbusd with VNNI); Q5_K: eight int32 sub-block sums per block, then _k_combine on xd-scaled sums."""
     n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
     s = F0
     size = 144 if fmt == Q4_K else 176
@@ -396,22 +396,8 @@ def _dot_q45_k_i8(fmt, row, xq, xd, xs):
         o, xo = U(size * b), U(256 * b)
         _prefetch_ahead(row, o, size)
         t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-        if fmt == Q4_K:             # the whole block in vector registers (intrinsics.q4k_dot_i8)
-            so, xb = o + U(4), 8 * b
-            d, dmin = f16_at(row, o), f16_at(row, o + U(2))
-            sc0, m0 = k_scale_min(row, so, 0)
-            sc1, m1 = k_scale_min(row, so, 1)
-            sc2, m2 = k_scale_min(row, so, 2)
-            sc3, m3 = k_scale_min(row, so, 3)
-            sc4, m4 = k_scale_min(row, so, 4)
-            sc5, m5 = k_scale_min(row, so, 5)
-            sc6, m6 = k_scale_min(row, so, 6)
-            sc7, m7 = k_scale_min(row, so, 7)
-            s += q4k_dot_i8(row, o + U(16), xq, xo, d * sc0 * xd[xb], d * sc1 * xd[xb + 1], d * sc2 * xd[xb + 2],
-                            d * sc3 * xd[xb + 3], d * sc4 * xd[xb + 4], d * sc5 * xd[xb + 5],
-                            d * sc6 * xd[xb + 6], d * sc7 * xd[xb + 7])
-            s -= dmin * (m0 * xs[xb] + m1 * xs[xb + 1] + m2 * xs[xb + 2] + m3 * xs[xb + 3] + m4 * xs[xb + 4]
-                         + m5 * xs[xb + 5] + m6 * xs[xb + 6] + m7 * xs[xb + 7])
+        if fmt == Q4_K:             # the whole block in vector registers (intrinsics.q4k_block_i8)
+            s += q4k_block_i8(row, o, xq, xo, xd, xs, 8 * b)
             continue
         else:
             hq, q = o + U(16), o + U(48)

@@ -178,46 +178,6 @@ def _u8s8_dot8(builder, q, x):
 
 
 @intrinsic
-def q4k_dot_i8(typingctx, row, qo, xq, xo, s0, s1, s2, s3, s4, s5, s6, s7):
-    """sum over the 8 sub-blocks j of one Q4_K block of s_j * sum_k q_jk * xq[xo + 32 j + k]: the
-    block's 128 nibble bytes at row[qo:] (sub-block 2i: low nibbles of bytes 32i.., 2i+1: high),
-    int8 activations xq. Integer dots as vpdpbusd with AVX512-VNNI (pmaddwd-based otherwise), each
-    sub-block's 8 partial sums scaled in a vector by s_j and accumulated in a vector: one horizontal
-    sum per block (the per-sub-block int32 reductions cost more than the dots themselves)."""
-    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
-            and xq.dtype == types.int8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ra = context.make_array(sig.args[0])(context, builder, args[0])
-        xa = context.make_array(sig.args[2])(context, builder, args[2])
-        i8p, i64 = _I8.as_pointer(), ir.IntType(64)
-        rb = builder.gep(builder.bitcast(ra.data, i8p), [args[1]])
-        xb = builder.gep(builder.bitcast(xa.data, i8p), [args[3]])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
-        undef = ir.Constant(_V8F32, ir.Undefined)
-        splat = ir.Constant(_V8I32, [0] * 8)
-        acc = ir.Constant(_V8F32, [0.0] * 8)
-        for i in range(4):
-            qv = builder.load(builder.bitcast(builder.gep(rb, [ir.Constant(i64, 32 * i)]), _V32I8.as_pointer()), align=1)
-            for h in range(2):
-                q = builder.and_(builder.lshr(qv, ir.Constant(_V32I8, [4 * h] * 32)), ir.Constant(_V32I8, [15] * 32))
-                xv = builder.load(builder.bitcast(builder.gep(xb, [ir.Constant(i64, 64 * i + 32 * h)]),
-                                                  _V32I8.as_pointer()), align=1)
-                d = builder.sitofp(_u8s8_dot8(builder, q, xv), _V8F32)
-                s = builder.shuffle_vector(builder.insert_element(undef, args[4 + 2 * i + h], ir.Constant(ir.IntType(32), 0)),
-                                           undef, splat)
-                acc = builder.call(fma, [d, s, acc])
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _V8F32]),
-                                             "llvm.vector.reduce.fadd.v8f32")
-        out = builder.call(red, [ir.Constant(ir.FloatType(), 0.0), acc])
-        out.fastmath.add("reassoc")
-        return out
-    f32 = types.float32
-    return f32(row, types.uint64, xq, types.uint64, f32, f32, f32, f32, f32, f32, f32, f32), codegen
-
-
-@intrinsic
 def q8_0_dot_i8(typingctx, row, xq, xd, nb):
     """sum over the nb Q8_0 blocks of row (34 bytes: fp16 d, 32 int8 q) of d_b * xd[b] *
     sum_k q_bk * xq[32 b + k], int8 activations xq with scales xd per 32, as fp32. The signed x signed
@@ -265,3 +225,82 @@ def q8_0_dot_i8(typingctx, row, xq, xd, nb):
         out.fastmath.add("reassoc")
         return out
     return types.float32(row, xq, xd, types.int64), codegen
+
+
+def _splat(builder, value, ty):
+    undef = ir.Constant(ty, ir.Undefined)
+    v = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), ty.count), [0] * ty.count))
+
+
+def _f16_at(builder, base, offset):
+    """fp32 of the little-endian fp16 at byte base + offset (base an i8*)."""
+    p = builder.bitcast(builder.gep(base, [ir.Constant(ir.IntType(64), offset)]), ir.IntType(16).as_pointer())
+    return builder.fpext(builder.bitcast(builder.load(p, align=1), ir.HalfType()), ir.FloatType())
+
+
+@intrinsic
+def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
+    """One whole Q4_K block at row[o:] (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
+    mins, 128 nibble bytes) dotted with int8 activations xq[xo:xo+256] (scales xd[xb:xb+8], block
+    sums xs[xb:xb+8] = xd * sum of each 32 of xq), all in vector registers:
+        sum_j d sc_j xd_j sum_k q_jk xq_jk  -  dmin sum_j m_j xs_j.
+    The eight 6-bit scales and mins are unpacked together as <8 x i8> (shuffles, masks, shifts:
+    sc_j = b[j] & 63 and m_j = b[j+4] & 63 for j < 4; for j >= 4, sc_j = (b[j+4] & 15) | (b[j-4] >> 6) << 4
+    and m_j = (b[j+4] >> 4) | (b[j] >> 6) << 4), the integer dots are vpdpbusd with AVX512-VNNI (see
+    _u8s8_dot8), and one horizontal sum ends the block."""
+    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
+            and xq.dtype == types.int8 and isinstance(xd, types.Array) and xd.dtype == types.float32
+            and isinstance(xs, types.Array) and xs.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ra, xa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2))
+        da, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (4, 5))
+        i8, i32, i64, f32 = _I8, ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v8i8, v12i8 = ir.VectorType(i8, 8), ir.VectorType(i8, 12)
+        blk = builder.gep(builder.bitcast(ra.data, i8.as_pointer()), [args[1]])
+        xb = builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [args[3]])
+        d, dmin = _f16_at(builder, blk, 0), _f16_at(builder, blk, 2)
+        b = builder.load(builder.bitcast(builder.gep(blk, [ir.Constant(i64, 4)]), v12i8.as_pointer()), align=1)
+
+        def pick(idx):
+            return builder.shuffle_vector(b, ir.Constant(v12i8, ir.Undefined), ir.Constant(ir.VectorType(i32, 8), idx))
+
+        def c8(vals):
+            return ir.Constant(v8i8, vals)
+        lo4 = [True] * 4 + [False] * 4
+        a = pick([0, 1, 2, 3, 8, 9, 10, 11])           # b[j] (j < 4) / b[j+4] (j >= 4)
+        hi2 = builder.shl(builder.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), c8([6] * 8)), c8([4] * 8))   # (b[j-4] >> 6) << 4
+        sc = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 8), lo4), builder.and_(a, c8([63] * 8)),
+                            builder.or_(builder.and_(a, c8([15] * 8)), hi2))
+        mm = pick([4, 5, 6, 7, 8, 9, 10, 11])          # b[j+4]
+        mh = builder.shl(builder.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), c8([6] * 8)), c8([4] * 8))   # (b[j] >> 6) << 4
+        m = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 8), lo4), builder.and_(mm, c8([63] * 8)),
+                           builder.or_(builder.lshr(mm, c8([4] * 8)), mh))
+        xdp = builder.bitcast(builder.gep(da.data, [args[6]]), _V8F32.as_pointer())
+        xsp = builder.bitcast(builder.gep(sa.data, [args[6]]), _V8F32.as_pointer())
+        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), _splat(builder, d, _V8F32)),
+                             builder.load(xdp, align=4))
+        mins = builder.fmul(builder.fmul(builder.uitofp(m, _V8F32), _splat(builder, dmin, _V8F32)),
+                            builder.load(xsp, align=4))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+        acc = builder.fsub(ir.Constant(_V8F32, [0.0] * 8), mins)
+        undef = ir.Constant(_V8F32, ir.Undefined)
+        for i in range(4):
+            qv = builder.load(builder.bitcast(builder.gep(blk, [ir.Constant(i64, 16 + 32 * i)]), _V32I8.as_pointer()),
+                              align=1)
+            for h in range(2):
+                j = 2 * i + h
+                q = builder.and_(builder.lshr(qv, ir.Constant(_V32I8, [4 * h] * 32)), ir.Constant(_V32I8, [15] * 32))
+                xv = builder.load(builder.bitcast(builder.gep(xb, [ir.Constant(i64, 32 * j)]), _V32I8.as_pointer()),
+                                  align=1)
+                sj = builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8))
+                acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, q, xv), _V8F32), sj, acc])
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, _V8F32]),
+                                             "llvm.vector.reduce.fadd.v8f32")
+        out = builder.call(red, [ir.Constant(f32, 0.0), acc])
+        out.fastmath.add("reassoc")
+        return out
+    u64 = types.uint64
+    return types.float32(row, u64, xq, u64, xd, xs, types.int64), codegen
