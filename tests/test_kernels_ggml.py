@@ -195,3 +195,13 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
     d = raw.reshape(3, 34)[:, :2].copy().view(np.float16).astype(np.float64).ravel()
     want = sum(d[b] * xd[b] * float((q[b].astype(np.int64) * xq[32 * b:32 * b + 32]).sum()) for b in range(3))
     np.testing.assert_allclose(call(raw, xq, xd, 3), want, rtol=1e-5)
+
+
+def test_dot_row_i8_refuses_a_format_without_int8_dot():
+    """Q5_0 has no int8 dot: dot_row_i8 says so instead of reading the row as another format (the
+    kernels never call it for Q5_0: has_int8_dot keeps those rows on fp32 activations)."""
+    from hetero_rt.kernels.dot import Q5_0, dot_row_i8, has_int8_dot
+    assert not has_int8_dot(Q5_0) and has_int8_dot(ggml.get_format("q4_k").code)
+    raw = ggml.quantize(weights(1, 64, seed=1), "q5_0")[0]
+    with pytest.raises(ValueError, match="no int8 dot for this format"):
+        dot_row_i8(Q5_0, raw, np.zeros(64, np.int8), np.zeros(2, np.float32), np.zeros(2, np.float32))

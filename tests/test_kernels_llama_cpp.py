@@ -28,3 +28,9 @@ def test_ggml_moe_matches_numba_experts(fmt, tol):
         want, got = ne.run(x, ids, w), g.run(x, ids, w)
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
     g.close()
+
+
+def test_ggml_moe_refuses_a_format_without_ggml_type():
+    ne = bench.make_experts("q4_k", 2, 256, 256, threads=2)
+    with pytest.raises(ValueError, match="no ggml type for weight format 'q9_9'"):
+        GgmlMoE(ne.w1, ne.w3, ne.w2, "q9_9", ne.fmt2.name, 256, 256, 4, 1, threads=2)

@@ -77,6 +77,9 @@ def test_resolution_errors(v3_args):
     msg = rules_error(GOOD + "  - match: {kind: routed_experts}\n    place: {activations: int8}\n", v3_args)
     assert "activations 'int8' is a setting of the numba kernels (backend numba or hetero); the rules give " \
            "backend 'torch'" in msg
+    msg = rules_error(GOOD + "  - match: {name: 'model\\.layers\\.3\\.self_attn'}\n    place: {activations: int8}\n",
+                      v3_args)
+    assert "r.yaml:5: activations cannot be set for model.layers.3.self_attn (kind attention)" in msg
     msg = rules_error(GOOD + "  - match: {kind: attention}\n    place: {device: cuda}\n", v3_args,
                       check_devices=False)
     assert "every module except routed_experts runs on one device" in msg

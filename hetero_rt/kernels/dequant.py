@@ -27,10 +27,9 @@ def decode_tile(fmt, w, r0, rows, c0, n, out):
     per-block views, sub-byte fields unpacked on 8-bit integers, so every inner loop vectorizes
     (per-block slices and views ran the decoders at 1-2 G weights/s per core)."""
     if fmt == FP32 or fmt == BF16 or fmt == FP16:
-        size = 4 if fmt == FP32 else 2
         for r in range(rows):
             o = out[r]
-            row = w[r0 + r, :w.shape[1] - w.shape[1] % size]
+            row = w[r0 + r]
             if fmt == FP32:
                 src = row.view(np.float32)
                 for k in range(n):

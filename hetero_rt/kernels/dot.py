@@ -386,32 +386,38 @@ def _dot_q4_0_i8(row, xq, xd, xs):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _dot_q45_k_i8(fmt, row, xq, xd, xs):
-    """Q4_K: each 256 block in vector registers, scales and mins included (intrinsics.q4k_block_i8:
-    vpdpbusd with VNNI); Q5_K: eight int32 sub-block sums per block, then _k_combine on xd-scaled sums."""
-    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
+def _dot_q4_k_i8(row, xq, xd, xs):
+    """Each 256 block in vector registers, scales and mins included (intrinsics.q4k_block_i8:
+    vpdpbusd with VNNI)."""
     s = F0
-    size = 144 if fmt == Q4_K else 176
     for b in range(xq.shape[0] // 256):
-        o, xo = U(size * b), U(256 * b)
-        _prefetch_ahead(row, o, size)
+        o = U(144 * b)
+        _prefetch_ahead(row, o, 144)
+        s += q4k_block_i8(row, o, xq, U(256 * b), xd, xs, 8 * b)
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q5_k_i8(row, xq, xd, xs):
+    """Eight int32 sub-block sums per 256 block, then _k_combine on xd-scaled sums."""
+    n32 = opaque(32)   # see intrinsics.opaque
+    s = F0
+    for b in range(xq.shape[0] // 256):
+        o, xo = U(176 * b), U(256 * b)
+        _prefetch_ahead(row, o, 176)
         t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-        if fmt == Q4_K:             # the whole block in vector registers (intrinsics.q4k_block_i8)
-            s += q4k_block_i8(row, o, xq, xo, xd, xs, 8 * b)
-            continue
-        else:
-            hq, q = o + U(16), o + U(48)
-            for k in range(n32):
-                h = row[hq + U(k)]
-                a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
-                t0 = mac_i32(t0, q5_to_i32(a, h, 0, 0), xq[xo + U(k)])
-                t1 = mac_i32(t1, q5_to_i32(a, h, 4, 1), xq[xo + U(32 + k)])
-                t2 = mac_i32(t2, q5_to_i32(c, h, 0, 2), xq[xo + U(64 + k)])
-                t3 = mac_i32(t3, q5_to_i32(c, h, 4, 3), xq[xo + U(96 + k)])
-                t4 = mac_i32(t4, q5_to_i32(e, h, 0, 4), xq[xo + U(128 + k)])
-                t5 = mac_i32(t5, q5_to_i32(e, h, 4, 5), xq[xo + U(160 + k)])
-                t6 = mac_i32(t6, q5_to_i32(g, h, 0, 6), xq[xo + U(192 + k)])
-                t7 = mac_i32(t7, q5_to_i32(g, h, 4, 7), xq[xo + U(224 + k)])
+        hq, q = o + U(16), o + U(48)
+        for k in range(n32):
+            h = row[hq + U(k)]
+            a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
+            t0 = mac_i32(t0, q5_to_i32(a, h, 0, 0), xq[xo + U(k)])
+            t1 = mac_i32(t1, q5_to_i32(a, h, 4, 1), xq[xo + U(32 + k)])
+            t2 = mac_i32(t2, q5_to_i32(c, h, 0, 2), xq[xo + U(64 + k)])
+            t3 = mac_i32(t3, q5_to_i32(c, h, 4, 3), xq[xo + U(96 + k)])
+            t4 = mac_i32(t4, q5_to_i32(e, h, 0, 4), xq[xo + U(128 + k)])
+            t5 = mac_i32(t5, q5_to_i32(e, h, 4, 5), xq[xo + U(160 + k)])
+            t6 = mac_i32(t6, q5_to_i32(g, h, 0, 6), xq[xo + U(192 + k)])
+            t7 = mac_i32(t7, q5_to_i32(g, h, 4, 7), xq[xo + U(224 + k)])
         xb = 8 * b
         s += _k_combine(row, o, xs, xb, xd[xb] * np.float32(t0), xd[xb + 1] * np.float32(t1),
                         xd[xb + 2] * np.float32(t2), xd[xb + 3] * np.float32(t3), xd[xb + 4] * np.float32(t4),
@@ -467,8 +473,10 @@ def dot_row_i8(fmt, row, xq, xd, xs):
         return _dot_q8_0_i8(row, xq, xd)
     if fmt == Q4_0:
         return _dot_q4_0_i8(row, xq, xd, xs)
-    if fmt == Q4_K or fmt == Q5_K:
-        return _dot_q45_k_i8(fmt, row, xq, xd, xs)
+    if fmt == Q4_K:
+        return _dot_q4_k_i8(row, xq, xd, xs)
+    if fmt == Q5_K:
+        return _dot_q5_k_i8(row, xq, xd, xs)
     if fmt == Q6_K:
         return _dot_q6_k_i8(row, xq, xd)
     raise ValueError("dot_row_i8: no int8 dot for this format")

@@ -13,27 +13,23 @@ numba cannot keep an array of vector accumulators in registers, so the micro-ker
 LLVM IR through numba intrinsics (`_micro_kernel(RB, NV)`); everything around them is plain numba.
 Block shapes: ROWS rows x 24 tokens (ROWS = 8 with AVX-512's 32 vector registers: 24
 accumulators, ~95% of one Zen 4 core's FMA peak in a trial; 4 with AVX2's 16), then 16 and 8
-tokens for the tail; rows left over after the ROWS-row blocks take 1-row kernels. Token counts are padded to a multiple of 8
-with extra columns in xp (n_pad = padded_tokens(n)), whose acc columns the caller ignores.
+tokens for the tail; rows left over after the ROWS-row blocks take 1-row kernels. Token counts
+are padded to a multiple of 8 with extra columns in xp (n_pad = padded_tokens(n)), whose acc columns the caller ignores.
 Legend: RB rows per block, NV vectors of 8 tokens per block, NP padded token count, kc columns.
 """
 from __future__ import annotations
 
-from llvmlite import ir
-import numba
 import numpy as np
-from llvmlite import binding
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .intrinsics import prefetch
+from .intrinsics import cpu_has, fma8, prefetch, splat
 
 LANES = 8  # fp32 lanes per vector: 256-bit, which every AVX2 machine has
 
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_VEC = ir.VectorType(_F32, LANES)
+_VEC = ir.VectorType(ir.FloatType(), LANES)
 
 
 def _micro_kernel(rb: int, nv: int):
@@ -53,15 +49,12 @@ def _micro_kernel(rb: int, nv: int):
             ldb = cgutils.unpack_tuple(builder, bufa.shape)[1]
             ldx = cgutils.unpack_tuple(builder, xpa.shape)[1]
             lda = cgutils.unpack_tuple(builder, acca.shape)[1]
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fma.v8f32")
+            fma = fma8(builder)
             # accumulators as entry-block allocas: LLVM promotes them to registers
             accs = [cgutils.alloca_once(builder, _VEC) for _ in range(rb * nv)]
             for a in accs:
                 builder.store(ir.Constant(_VEC, [0.0] * LANES), a)
             row_base = [builder.mul(builder.add(r, ir.Constant(i64, i)), ldb) for i in range(rb)]
-            undef = ir.Constant(_VEC, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
             with cgutils.for_range(builder, kc) as loop:
                 k = loop.index
                 xrow = builder.add(builder.mul(builder.add(k, k0), ldx), xt)
@@ -70,9 +63,7 @@ def _micro_kernel(rb: int, nv: int):
                     p = builder.gep(xpa.data, [builder.add(xrow, ir.Constant(i64, LANES * j))])
                     xv.append(builder.load(builder.bitcast(p, _VEC.as_pointer()), align=4))
                 for i in range(rb):
-                    w = builder.load(builder.gep(bufa.data, [builder.add(row_base[i], k)]))
-                    ws = builder.shuffle_vector(builder.insert_element(undef, w, ir.Constant(_I32, 0)),
-                                                undef, splat)
+                    ws = splat(builder, builder.load(builder.gep(bufa.data, [builder.add(row_base[i], k)])), _VEC)
                     for j in range(nv):
                         a = accs[i * nv + j]
                         builder.store(builder.call(fma, [ws, xv[j], builder.load(a)]), a)
@@ -94,17 +85,9 @@ def _micro_kernel(rb: int, nv: int):
     return mk
 
 
-def _vector_registers() -> int:
-    """Vector registers of the CPU numba compiles for: 32 with AVX-512, else 16 (AVX2)."""
-    features = numba.config.CPU_FEATURES
-    if features is None and not numba.config.CPU_NAME:
-        return 32 if binding.get_host_cpu_features().get("avx512f") else 16
-    return 32 if features and "+avx512f" in features else 16
-
-
 # 8 x 24 keeps 24 accumulators + 3 activation vectors + 1 broadcast in 32 registers; with 16, 4 x 24
 # keeps 12 + 3 + 1 (8 x 24 there would spill accumulators to the stack on every k).
-ROWS = 8 if _vector_registers() == 32 else 4
+ROWS = 8 if cpu_has("avx512f") else 4
 _mk_r3, _mk_r2, _mk_r1 = _micro_kernel(ROWS, 3), _micro_kernel(ROWS, 2), _micro_kernel(ROWS, 1)
 _mk1x3, _mk1x2, _mk1x1 = _micro_kernel(1, 3), _micro_kernel(1, 2), _micro_kernel(1, 1)
 
@@ -140,9 +123,9 @@ def pack_chunk(x, x_rows, c0, nc, xp):
 
 
 @njit(inline="always", cache=True)
-def _prefetch_rows(w, r0, lo, hi):
-    """Prefetch bytes lo .. hi-1 of rows r0 .. r0+ROWS-1 of w (2-D uint8), a cache line at a time."""
-    for r in range(r0, min(r0 + ROWS, w.shape[0])):
+def _prefetch_rows(w, r0, count, lo, hi):
+    """Prefetch bytes lo .. hi-1 of rows r0 .. r0+count-1 of w (2-D uint8), a cache line at a time."""
+    for r in range(r0, min(r0 + count, w.shape[0])):
         row = w[r]
         for off in range(lo, hi, 64):
             prefetch(row, np.uint64(off))
@@ -152,7 +135,8 @@ def _prefetch_rows(w, r0, lo, hi):
 def block_matmul(buf, rows, xp, k0, xt, kc, acc, at, n_pad, w, w_r0, w_lo, w_hi):
     """acc[:rows, at:at+n_pad] += buf[:rows, :kc] @ xp[k0:k0+kc, xt:xt+n_pad]; n_pad a multiple of 8;
     all C-contiguous fp32. Every index is checked here, once, so the micro-kernels need not.
-    While it computes with rows r .. r+ROWS-1 of buf it prefetches bytes w_lo .. w_hi-1 of the same
+    Rows go ROWS at a time, the last rows % ROWS one at a time; tokens 24 at a time, then 16 and 8.
+    While it computes with a block of rows of buf it prefetches bytes w_lo .. w_hi-1 of the same
     rows (+ w_r0) of w, the stored weights (2-D uint8) the caller decodes next (none when
     w_hi <= w_lo): spread this way the loads of the next chunk overlap the arithmetic, where one burst
     of prefetches filled the core's miss buffers and stalled it."""
@@ -161,29 +145,27 @@ def block_matmul(buf, rows, xp, k0, xt, kc, acc, at, n_pad, w, w_r0, w_lo, w_hi)
             or kc > buf.shape[1] or k0 + kc > xp.shape[0]):
         raise ValueError("block_matmul: shapes do not match")
     r = 0
-    while r + ROWS <= rows:
-        if w_hi > w_lo:
-            _prefetch_rows(w, w_r0 + r, w_lo, w_hi)
-        t = 0
-        while t + 24 <= n_pad:
-            _mk_r3(buf, r, xp, k0, xt + t, kc, acc, at + t)
-            t += 24
-        if t + 16 <= n_pad:
-            _mk_r2(buf, r, xp, k0, xt + t, kc, acc, at + t)
-            t += 16
-        if t < n_pad:
-            _mk_r1(buf, r, xp, k0, xt + t, kc, acc, at + t)
-        r += ROWS
-    if r < rows and w_hi > w_lo:
-        _prefetch_rows(w, w_r0 + r, w_lo, w_hi)
     while r < rows:
+        full = r + ROWS <= rows
+        step = ROWS if full else 1
+        if w_hi > w_lo:
+            _prefetch_rows(w, w_r0 + r, step, w_lo, w_hi)
         t = 0
         while t + 24 <= n_pad:
-            _mk1x3(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            if full:
+                _mk_r3(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            else:
+                _mk1x3(buf, r, xp, k0, xt + t, kc, acc, at + t)
             t += 24
         if t + 16 <= n_pad:
-            _mk1x2(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            if full:
+                _mk_r2(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            else:
+                _mk1x2(buf, r, xp, k0, xt + t, kc, acc, at + t)
             t += 16
         if t < n_pad:
-            _mk1x1(buf, r, xp, k0, xt + t, kc, acc, at + t)
-        r += 1
+            if full:
+                _mk_r1(buf, r, xp, k0, xt + t, kc, acc, at + t)
+            else:
+                _mk1x1(buf, r, xp, k0, xt + t, kc, acc, at + t)
+        r += step

@@ -103,11 +103,7 @@ def prefetch(typingctx, arr, offset):
     in all levels). Never faults, so offsets past the end are harmless."""
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [args[1]])
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _prefetch_ir(builder, builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [args[1]]))
         return context.get_dummy_value()
     return types.void(arr, types.uint64), codegen
 
@@ -146,22 +142,68 @@ def opaque(typingctx, v):
 
 _V32I8 = ir.VectorType(_I8, 32)
 _V32I32 = ir.VectorType(ir.IntType(32), 32)
-
-
-def _host_has_vnni() -> bool:
-    """AVX512-VNNI with 256-bit forms (avx512vl) on the CPU numba compiles for."""
-    import numba
-    from llvmlite import binding
-    features = numba.config.CPU_FEATURES
-    if features is None and not numba.config.CPU_NAME:
-        host = binding.get_host_cpu_features()
-        return bool(host.get("avx512vnni") and host.get("avx512vl"))
-    return bool(features) and "+avx512vnni" in features and "+avx512vl" in features
-
-
 _V8I32 = ir.VectorType(ir.IntType(32), 8)
 _V8F32 = ir.VectorType(ir.FloatType(), 8)
-VNNI = _host_has_vnni()
+
+
+def cpu_has(*features: str) -> bool:
+    """Whether the CPU numba compiles for has every one of these LLVM features ("avx512f", ...): the
+    host's, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target."""
+    import numba
+    from llvmlite import binding
+    given = numba.config.CPU_FEATURES
+    if given is None and not numba.config.CPU_NAME:
+        host = binding.get_host_cpu_features()
+        return all(host.get(f) for f in features)
+    return bool(given) and all(f"+{f}" in given.split(",") for f in features)
+
+
+VNNI = cpu_has("avx512vnni", "avx512vl")   # vpdpbusd on 256-bit vectors
+
+
+# --- IR helpers shared by the vector kernels below and kernels.gemm --------------------------------
+
+def splat(builder, value, ty):
+    """A vector of type ty with every lane = value."""
+    undef = ir.Constant(ty, ir.Undefined)
+    v = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), ty.count), [0] * ty.count))
+
+
+def fma8(builder):
+    """The llvm.fma.v8f32 function of this module."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+
+
+def _hsum8(builder, v):
+    """Sum of the 8 fp32 lanes of v (any order)."""
+    f32 = ir.FloatType()
+    red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, _V8F32]),
+                                         "llvm.vector.reduce.fadd.v8f32")
+    out = builder.call(red, [ir.Constant(f32, 0.0), v])
+    out.fastmath.add("reassoc")
+    return out
+
+
+def _prefetch_ir(builder, ptr):
+    """Prefetch the line at ptr (i8*) for reading, into all cache levels; never faults."""
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+def _byte_ptr(builder, base, offset, ty=None):
+    """base (i8*) + offset bytes, as a pointer to ty (default i8)."""
+    off = offset if isinstance(offset, ir.Value) else ir.Constant(ir.IntType(64), offset)
+    p = builder.gep(base, [off])
+    return p if ty is None else builder.bitcast(p, ty.as_pointer())
+
+
+def _f16_at(builder, base, offset):
+    """fp32 of the little-endian fp16 at byte base + offset (base an i8*)."""
+    half = builder.load(_byte_ptr(builder, base, offset, ir.IntType(16)), align=1)
+    return builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType())
 
 
 def _u8s8_dot8(builder, q, x):
@@ -172,8 +214,8 @@ def _u8s8_dot8(builder, q, x):
         return builder.call(fn, [ir.Constant(_V8I32, [0] * 8), builder.bitcast(q, _V8I32), builder.bitcast(x, _V8I32)])
     prod = builder.mul(builder.zext(q, _V32I32), builder.sext(x, _V32I32))      # pmaddwd-based elsewhere
     undef = ir.Constant(_V32I32, ir.Undefined)
-    part = [builder.shuffle_vector(prod, undef, ir.Constant(ir.VectorType(ir.IntType(32), 8),
-                                                            [4 * m + j for m in range(8)])) for j in range(4)]
+    part = [builder.shuffle_vector(prod, undef, ir.Constant(_V8I32, [4 * m + j for m in range(8)]))
+            for j in range(4)]
     return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
 
 
@@ -192,51 +234,25 @@ def q8_0_dot_i8(typingctx, row, xq, xd, nb):
         ra = context.make_array(sig.args[0])(context, builder, args[0])
         xa = context.make_array(sig.args[1])(context, builder, args[1])
         da = context.make_array(sig.args[2])(context, builder, args[2])
-        i8p, i64, f32 = _I8.as_pointer(), ir.IntType(64), ir.FloatType()
+        i8p, i64 = _I8.as_pointer(), ir.IntType(64)
         rbase, xbase = builder.bitcast(ra.data, i8p), builder.bitcast(xa.data, i8p)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
-        undef = ir.Constant(_V8F32, ir.Undefined)
-        splat = ir.Constant(_V8I32, [0] * 8)
         acc = cgutils.alloca_once(builder, _V8F32)
         builder.store(ir.Constant(_V8F32, [0.0] * 8), acc)
         flip = ir.Constant(_V32I8, [-128] * 32)
         ones = ir.Constant(_V32I8, [1] * 32)
         with cgutils.for_range(builder, args[3]) as loop:
             b = loop.index
-            blk = builder.gep(rbase, [builder.mul(b, ir.Constant(i64, 34))])
-            pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
-                                                "llvm.prefetch.p0")
-            i32 = ir.IntType(32)
-            builder.call(pf, [builder.gep(blk, [ir.Constant(i64, 2048)]), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                              ir.Constant(i32, 1)])     # 2 KiB ahead, as the fp32 dots (never faults)
-            d16 = builder.load(builder.bitcast(blk, ir.IntType(16).as_pointer()), align=1)
-            d = builder.fpext(builder.bitcast(d16, ir.HalfType()), f32)
-            q = builder.load(builder.bitcast(builder.gep(blk, [ir.Constant(i64, 2)]), _V32I8.as_pointer()), align=1)
-            x = builder.load(builder.bitcast(builder.gep(xbase, [builder.mul(b, ir.Constant(i64, 32))]),
-                                             _V32I8.as_pointer()), align=1)
+            blk = _byte_ptr(builder, rbase, builder.mul(b, ir.Constant(i64, 34)))
+            _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))     # 2 KiB ahead, as the fp32 dots
+            q = builder.load(_byte_ptr(builder, blk, 2, _V32I8), align=1)
+            x = builder.load(_byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 32)), _V32I8), align=1)
             dots = builder.sub(_u8s8_dot8(builder, builder.xor(q, flip), x),
                                builder.shl(_u8s8_dot8(builder, ones, x), ir.Constant(_V8I32, [7] * 8)))
-            scale = builder.fmul(d, builder.load(builder.gep(da.data, [b])))
-            s = builder.shuffle_vector(builder.insert_element(undef, scale, ir.Constant(ir.IntType(32), 0)), undef, splat)
-            builder.store(builder.call(fma, [builder.sitofp(dots, _V8F32), s, builder.load(acc)]), acc)
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, _V8F32]),
-                                             "llvm.vector.reduce.fadd.v8f32")
-        out = builder.call(red, [ir.Constant(f32, 0.0), builder.load(acc)])
-        out.fastmath.add("reassoc")
-        return out
+            scale = builder.fmul(_f16_at(builder, blk, 0), builder.load(builder.gep(da.data, [b])))
+            builder.store(builder.call(fma8(builder), [builder.sitofp(dots, _V8F32), splat(builder, scale, _V8F32),
+                                                       builder.load(acc)]), acc)
+        return _hsum8(builder, builder.load(acc))
     return types.float32(row, xq, xd, types.int64), codegen
-
-
-def _splat(builder, value, ty):
-    undef = ir.Constant(ty, ir.Undefined)
-    v = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(ir.IntType(32), ty.count), [0] * ty.count))
-
-
-def _f16_at(builder, base, offset):
-    """fp32 of the little-endian fp16 at byte base + offset (base an i8*)."""
-    p = builder.bitcast(builder.gep(base, [ir.Constant(ir.IntType(64), offset)]), ir.IntType(16).as_pointer())
-    return builder.fpext(builder.bitcast(builder.load(p, align=1), ir.HalfType()), ir.FloatType())
 
 
 @intrinsic
@@ -257,12 +273,12 @@ def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
     def codegen(context, builder, sig, args):
         ra, xa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2))
         da, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (4, 5))
-        i8, i32, i64, f32 = _I8, ir.IntType(32), ir.IntType(64), ir.FloatType()
+        i8, i32 = _I8, ir.IntType(32)
         v8i8, v12i8 = ir.VectorType(i8, 8), ir.VectorType(i8, 12)
-        blk = builder.gep(builder.bitcast(ra.data, i8.as_pointer()), [args[1]])
-        xb = builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [args[3]])
+        blk = _byte_ptr(builder, builder.bitcast(ra.data, i8.as_pointer()), args[1])
+        xb = _byte_ptr(builder, builder.bitcast(xa.data, i8.as_pointer()), args[3])
         d, dmin = _f16_at(builder, blk, 0), _f16_at(builder, blk, 2)
-        b = builder.load(builder.bitcast(builder.gep(blk, [ir.Constant(i64, 4)]), v12i8.as_pointer()), align=1)
+        b = builder.load(_byte_ptr(builder, blk, 4, v12i8), align=1)
 
         def pick(idx):
             return builder.shuffle_vector(b, ir.Constant(v12i8, ir.Undefined), ir.Constant(ir.VectorType(i32, 8), idx))
@@ -280,27 +296,21 @@ def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
                            builder.or_(builder.lshr(mm, c8([4] * 8)), mh))
         xdp = builder.bitcast(builder.gep(da.data, [args[6]]), _V8F32.as_pointer())
         xsp = builder.bitcast(builder.gep(sa.data, [args[6]]), _V8F32.as_pointer())
-        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), _splat(builder, d, _V8F32)),
+        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), splat(builder, d, _V8F32)),
                              builder.load(xdp, align=4))
-        mins = builder.fmul(builder.fmul(builder.uitofp(m, _V8F32), _splat(builder, dmin, _V8F32)),
+        mins = builder.fmul(builder.fmul(builder.uitofp(m, _V8F32), splat(builder, dmin, _V8F32)),
                             builder.load(xsp, align=4))
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+        fma = fma8(builder)
         acc = builder.fsub(ir.Constant(_V8F32, [0.0] * 8), mins)
         undef = ir.Constant(_V8F32, ir.Undefined)
         for i in range(4):
-            qv = builder.load(builder.bitcast(builder.gep(blk, [ir.Constant(i64, 16 + 32 * i)]), _V32I8.as_pointer()),
-                              align=1)
+            qv = builder.load(_byte_ptr(builder, blk, 16 + 32 * i, _V32I8), align=1)
             for h in range(2):
                 j = 2 * i + h
                 q = builder.and_(builder.lshr(qv, ir.Constant(_V32I8, [4 * h] * 32)), ir.Constant(_V32I8, [15] * 32))
-                xv = builder.load(builder.bitcast(builder.gep(xb, [ir.Constant(i64, 32 * j)]), _V32I8.as_pointer()),
-                                  align=1)
+                xv = builder.load(_byte_ptr(builder, xb, 32 * j, _V32I8), align=1)
                 sj = builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8))
                 acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, q, xv), _V8F32), sj, acc])
-        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, _V8F32]),
-                                             "llvm.vector.reduce.fadd.v8f32")
-        out = builder.call(red, [ir.Constant(f32, 0.0), acc])
-        out.fastmath.add("reassoc")
-        return out
+        return _hsum8(builder, acc)
     u64 = types.uint64
     return types.float32(row, u64, xq, u64, xd, xs, types.int64), codegen

@@ -224,14 +224,14 @@ def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, int8):
     inter = w1.shape[1]
     h = np.empty((slot_token.shape[0] if small.any() else 0, inter), np.float32)   # (S, I)
     y = np.zeros(x.shape, np.float32)                                    # (T, D)
-    col = np.zeros(large.sum() + 1, np.int64)                            # tiled experts' bands in ht
-    for v, u in enumerate(np.nonzero(large)[0]):
-        col[v + 1] = col[v] + padded_tokens(ends[u] - starts[u])
-    ht = np.zeros((inter, col[-1]), np.float32)                          # (I, sum of bands)
     if small.any():
         gate_up_decode(fmt13, w1, w3, activations(x, int8 and has_int8_dot(fmt13)), active[small], starts[small],
                        ends[small], slot_token, h, DECODE_ROWS)
-    if large.any():
+    if large.any():                  # (not on the decode path: one token per expert stays small)
+        col = np.zeros(large.sum() + 1, np.int64)                        # tiled experts' bands in ht
+        for v, u in enumerate(np.nonzero(large)[0]):
+            col[v + 1] = col[v] + padded_tokens(ends[u] - starts[u])
+        ht = np.zeros((inter, col[-1]), np.float32)                      # (I, sum of bands)
         gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, col, ht, rt_up)
     if small.any():
         down_decode(fmt2, w2, activations(h, int8 and has_int8_dot(fmt2)), active[small], starts[small], ends[small],
