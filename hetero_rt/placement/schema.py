@@ -21,12 +21,10 @@ from typing import Any
 import yaml
 
 from ..errors import HeteroRTError
+from ..experts.numba_backend import ACTIVATIONS  # the numba kernels' activation modes
 
 KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "dense_mlp", "norm", "lm_head")
 BACKENDS = {"routed_experts": ("torch", "numba", "hetero")}
-# Activations of the numba expert kernels at decode: exact fp32, or quantized to int8 per 32 (faster
-# for Q8_0/Q4_K with VNNI; hetero_rt.experts.numba_backend).
-ACTIVATIONS = ("fp32", "int8")
 DTYPES = ("float32", "bfloat16", "float16")
 # How 2-D weights are stored: in `dtype`; FP8 with 128x128 block scales; or, for GGUF files on the CPU,
 # as the file stores them (ggml types, multiplied in place by numba kernels: quant.stored).
