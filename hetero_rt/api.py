@@ -16,7 +16,7 @@ from .placement.apply import TORCH_DTYPES, experts_factory, finish, param_placem
 from .placement.plan import Plan, resolve
 from .placement.schema import Place, RuleSet, load_rules
 from .runtime.engine import Runtime
-from .runtime.tokenizer import Tokenizer
+from .checkpoint.tokenizer import Tokenizer
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

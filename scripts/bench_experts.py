@@ -1,9 +1,9 @@
 """Routed-expert kernel benchmark: numba backend per weight format vs memory read bandwidth, torch
 fp32 matmul, the torch reference backend and llama.cpp (when llama_cpp is importable), measured in
-one run. Logic: hetero_rt.kernels.bench."""
+one run. Logic: hetero_rt.bench.kernels."""
 import argparse
 
-from hetero_rt.kernels import bench
+from hetero_rt.bench import kernels as bench
 from hetero_rt.quant.ggml import FORMATS
 
 

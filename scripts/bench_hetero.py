@@ -1,14 +1,14 @@
 """Heterogeneous execution benchmark: prefill/decode tokens/s for all experts on the CPU, static cache,
 dynamic cache + prefetch at several cache sizes; hit rate beside Belady on the same recorded trace;
 overlap achieved; cost model. Without --model, a synthetic checkpoint is written (default: the demo
-preset). Logic: hetero_rt.runtime.hetero_bench."""
+preset). Logic: hetero_rt.bench.hetero."""
 import argparse
 import tempfile
 from pathlib import Path
 
 from hetero_rt.checkpoint.synthetic import ensure_demo_checkpoint, synthetic_config, write_synthetic_checkpoint
-from hetero_rt.runtime.cost_model import CostModel
-from hetero_rt.runtime.hetero_bench import bench
+from hetero_rt.experts.hetero.cost_model import CostModel
+from hetero_rt.bench.hetero import bench
 
 
 def main() -> None:

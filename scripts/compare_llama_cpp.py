@@ -132,7 +132,7 @@ def decode_bytes(ck, args) -> int:
 def measured_bandwidth(threads: int) -> float:
     import numba
 
-    from hetero_rt.kernels.bench import read_bandwidth
+    from hetero_rt.bench.kernels import read_bandwidth
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     return read_bandwidth(np.ones(256 * 2 ** 20, np.float32))  # 1 GiB

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hetero_rt.checkpoint.rss import measure_load_peak_rss, measure_model_load_peak_rss, write_sized_checkpoint
+from hetero_rt.bench.rss import measure_load_peak_rss, measure_model_load_peak_rss, write_sized_checkpoint
 
 
 def main() -> None:

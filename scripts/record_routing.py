@@ -2,11 +2,11 @@
 trace (for Belady's optimum and policy simulation) by generating from a prompt set.
 
 Prompts: --prompts FILE (one per line: text when the checkpoint has a tokenizer, else space-separated
-token ids), or --random N random prompts of --prompt-len tokens. Logic: hetero_rt.runtime.routing."""
+token ids), or --random N random prompts of --prompt-len tokens. Logic: hetero_rt.bench.routing."""
 import argparse
 
 import hetero_rt
-from hetero_rt.runtime.routing import random_prompts, record_routing
+from hetero_rt.bench.routing import random_prompts, record_routing
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hetero_rt.cache import bytes_per_token
+from hetero_rt.kv_cache import bytes_per_token
 from hetero_rt.config import ModelArgs
 from hetero_rt.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""The expert cache (hetero_rt.runtime.expert_cache): budget, exact counters on a scripted trace,
+"""The expert cache (hetero_rt.experts.hetero.expert_cache): budget, exact counters on a scripted trace,
 Belady's optimum against an exhaustive search, and the dynamic policy against Belady on a skewed
 trace. Copies run inline (Copier(threaded=False)) so that counts are deterministic; the threaded
 copier is covered in test_prefetch.py."""
@@ -12,9 +12,9 @@ import torch
 from hetero_rt.experts.numba_backend import NumbaExperts
 from hetero_rt.experts.torch_backend import TorchExperts
 from hetero_rt.quant import ggml
-from hetero_rt.runtime.expert_cache import (DynamicPolicy, ExpertCache, StaticPolicy, belady_hits, expert_bytes,
+from hetero_rt.experts.hetero.expert_cache import (DynamicPolicy, ExpertCache, StaticPolicy, belady_hits, expert_bytes,
                                             simulate)
-from hetero_rt.runtime.prefetch import Copier
+from hetero_rt.experts.hetero.prefetch import Copier
 
 
 def host_experts(n_experts=8, dim=32, inter=16, fmt="fp32", seed=0):

@@ -12,7 +12,7 @@ import hetero_rt
 from gguf_models import KQUANT_DIMS, dequantized_reference, make_gguf, rel_err
 from hetero_rt.checkpoint.gguf import GGUFCheckpoint
 from hetero_rt.errors import CheckpointError, ConfigError
-from hetero_rt.runtime.tokenizer import Tokenizer
+from hetero_rt.checkpoint.tokenizer import Tokenizer
 from hf_models import hf_logits
 
 IDS = [3, 17, 42, 5, 88, 61, 0, 23, 9, 77, 31, 12, 50, 4, 66, 8]

@@ -1,4 +1,4 @@
-"""llama.cpp's routed-expert graph (hetero_rt.kernels.llama_cpp_ref, the benchmark's comparison)
+"""llama.cpp's routed-expert graph (hetero_rt.bench.llama_cpp_ref, the benchmark's comparison)
 computes the same function as the numba backend on the same bytes. Skipped without llama_cpp.
 
 Tolerance: ggml quantizes activations (q8_K/q8_0 for block formats, bf16 for bf16 weights), so
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
-from hetero_rt.kernels import bench  # noqa: E402
-from hetero_rt.kernels.llama_cpp_ref import GgmlMoE, available  # noqa: E402
+from hetero_rt.bench import kernels as bench  # noqa: E402
+from hetero_rt.bench.llama_cpp_ref import GgmlMoE, available  # noqa: E402
 
 if not available():
     pytest.skip("llama_cpp's ggml libraries cannot be loaded", allow_module_level=True)

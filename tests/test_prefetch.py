@@ -1,4 +1,4 @@
-"""Prefetch and copies (hetero_rt.runtime.prefetch): an expert is used only once its copy is complete
+"""Prefetch and copies (hetero_rt.experts.hetero.prefetch): an expert is used only once its copy is complete
 (copies held back or slowed down artificially; cache slots start as NaN so a premature use would
 show), copy errors surface, prediction ranks experts as the gate does; the same on a real GPU."""
 import threading
@@ -10,8 +10,8 @@ import torch
 import hetero_rt
 from hetero_rt.errors import HeteroRTError
 from hetero_rt.placement.schema import HeteroSpec
-from hetero_rt.runtime.prefetch import Copier
-from hetero_rt.runtime.scheduler import install, rank_experts
+from hetero_rt.experts.hetero.prefetch import Copier
+from hetero_rt.experts.hetero import install, rank_experts
 from test_scheduler import CFG, PROMPT, close, ckpt, reference, run  # noqa: F401  (fixtures)
 
 MOE_LAYERS = range(1, CFG["num_hidden_layers"])
@@ -100,8 +100,8 @@ def test_gpu_cache_and_prefetch_match_the_cpu(ckpt, reference, tmp_path):
 
 # ---- one or two HeteroExperts layers driven directly, with scripted routing ----
 
-from hetero_rt.runtime.expert_cache import DynamicPolicy, ExpertCache  # noqa: E402
-from hetero_rt.runtime.scheduler import HeteroExperts, HeteroSession  # noqa: E402
+from hetero_rt.experts.hetero.expert_cache import DynamicPolicy, ExpertCache  # noqa: E402
+from hetero_rt.experts.hetero import HeteroExperts, HeteroSession  # noqa: E402
 from test_expert_cache import host_experts  # noqa: E402
 from test_numba_experts import reference as dequantized_reference  # noqa: E402
 

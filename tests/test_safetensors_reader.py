@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hetero_rt.checkpoint.rss import measure_load_peak_rss, measure_model_load_peak_rss, write_sized_checkpoint
+from hetero_rt.bench.rss import measure_load_peak_rss, measure_model_load_peak_rss, write_sized_checkpoint
 from hetero_rt.checkpoint.safetensors import (INDEX_FILE, SafetensorsCheckpoint, TensorInfo,
                                               dequantize_fp8_block, quantize_fp8_block)
 from hetero_rt.errors import CheckpointError

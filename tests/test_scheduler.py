@@ -1,4 +1,4 @@
-"""The hetero backend (hetero_rt.runtime.scheduler) end to end in CPU fallback: logits equal the torch
+"""The hetero backend (hetero_rt.experts.hetero) end to end in CPU fallback: logits equal the torch
 backend's (the oracle, itself tested against transformers) whatever the cache size, policy, prefetch,
 overlap and streaming; worker errors surface; placement keys are validated with file:line errors and
 the memory planner counts the cache.
@@ -18,8 +18,8 @@ from hetero_rt.errors import HeteroRTError
 from hetero_rt.placement.memory import plan_memory, read_tensor_meta
 from hetero_rt.placement.plan import resolve
 from hetero_rt.placement.schema import PlacementError, parse_rules
-from hetero_rt.runtime.routing import RoutingRecorder, load_trace
-from hetero_rt.runtime.scheduler import hetero_session
+from hetero_rt.bench.routing import RoutingRecorder, load_trace
+from hetero_rt.experts.hetero import hetero_session
 
 CFG = dict(num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
 PROMPT = [5, 17, 99, 3, 250, 1000, 42, 7, 7, 64, 12, 901, 33, 2, 18, 444, 76, 1500, 8, 300]
@@ -219,7 +219,7 @@ def test_worker_error_surfaces(ckpt, reference, tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_worker_failure_death_and_timeout_are_errors():
-    from hetero_rt.runtime.scheduler import CpuWorker, HostBuffers, Job
+    from hetero_rt.experts.hetero import CpuWorker, HostBuffers, Job
     worker = CpuWorker()
     job = Job(HostBuffers(1, 4, 1, pinned=False))
     job.layer = 7
@@ -303,7 +303,7 @@ def test_planner_counts_the_expert_cache():
 
 
 def test_cost_model_crossover():
-    from hetero_rt.runtime.cost_model import CostModel
+    from hetero_rt.experts.hetero.cost_model import CostModel
     m = CostModel(pcie_gbps=20, cpu_gbps=80, cpu_gflops=800, gpu_tflops=50)
     i, d = 2048, 7168
     flops, gpu_b, host_b = 6 * i * d, 3 * i * d * 2, 3 * i * d * 2

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from hetero_rt.errors import CheckpointError, InputError
-from hetero_rt.runtime.tokenizer import Tokenizer as HrtTokenizer
+from hetero_rt.checkpoint.tokenizer import Tokenizer as HrtTokenizer
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 # Block tags on their own lines exercise trim_blocks/lstrip_blocks; namespace, loop controls,

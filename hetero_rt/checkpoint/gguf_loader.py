@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..experts.numba_backend import NumbaExperts
 from ..quant import fp8
-from ..quant.stored import stored_parameter
+from ..kernels.stored import stored_parameter
 from .gguf import KERNEL_FORMATS, GGUFCheckpoint
 from .loader import _assign
 from .names import GGUF_KV_B_SPLIT, gguf_name
@@ -79,7 +79,7 @@ def load_gguf_weights(model: nn.Module, ckpt: GGUFCheckpoint, where: Where, expe
 
 
 def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, log):
-    """The GGUF tensor as a stored-format parameter (quant.stored), or None (with a notice) when the
+    """The GGUF tensor as a stored-format parameter (kernels.stored), or None (with a notice) when the
     kernels do not read its type."""
     _require(ckpt, src, ours)
     info = ckpt.info(src)

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y = x @ w.T with w (out, in); a block-FP8 weight is expanded to x's dtype for the product; a
-    weight in its stored GGUF format (`.stored`, quant.stored) is multiplied in place on the CPU."""
+    weight in its stored GGUF format (`.stored`, kernels.stored) is multiplied in place on the CPU."""
     stored = getattr(w, "stored", None)
     if stored is not None:
         return stored.matmul(x)

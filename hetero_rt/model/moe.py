@@ -59,7 +59,7 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """routed(x) + shared(x). `experts` is any module with the RoutedExperts call signature; one that
     also has `combine(x, ids, weights, shared)` computes routed + shared itself (a scheduler that runs
-    the shared experts while the routed ones run elsewhere: hetero_rt.runtime.scheduler)."""
+    the shared experts while the routed ones run elsewhere: hetero_rt.experts.hetero)."""
 
     def __init__(self, args: ModelArgs, experts: nn.Module):
         super().__init__()

@@ -35,7 +35,7 @@ def experts_factory(plan: Plan, args: ModelArgs) -> Callable[[int], nn.Module]:
 def finish(model: nn.Module, plan: Plan) -> None:
     """After the weights are loaded: hand each layer placed on the numba or hetero backend its stacked
     expert weights (zero-copy byte views when already in fp32/bf16/fp16 host memory); then wrap the
-    hetero layers in the scheduler (hetero_rt.runtime.scheduler), its cache on the main device."""
+    hetero layers in the scheduler (hetero_rt.experts.hetero), its cache on the main device."""
     hetero = {}
     for layer, block in enumerate(model.layers):
         experts = getattr(block.ffn, "experts", None)
@@ -49,7 +49,7 @@ def finish(model: nn.Module, plan: Plan) -> None:
         if plan.experts(layer).backend == "hetero":
             hetero[layer] = plan.experts(layer).hetero
     if hetero:
-        from ..runtime.scheduler import install
+        from ..experts.hetero import install
         install(model, hetero, plan.main.device)
 
 

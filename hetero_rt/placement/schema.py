@@ -27,7 +27,7 @@ KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "
 BACKENDS = {"routed_experts": ("torch", "numba", "hetero")}
 DTYPES = ("float32", "bfloat16", "float16")
 # How 2-D weights are stored: in `dtype`; FP8 with 128x128 block scales; or, for GGUF files on the CPU,
-# as the file stores them (ggml types, multiplied in place by numba kernels: quant.stored).
+# as the file stores them (ggml types, multiplied in place by numba kernels: kernels.stored).
 FORMATS = ("dtype", "float8_e4m3", "stored")
 FP8_KINDS = ("attention", "shared_experts", "dense_mlp")  # the kinds whose matmuls expand FP8 weights
 FORMAT_KINDS = {"float8_e4m3": FP8_KINDS, "stored": FP8_KINDS + ("lm_head",)}

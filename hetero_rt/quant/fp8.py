@@ -58,6 +58,6 @@ def materialize(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if w.dtype == torch.float8_e4m3fn:
         return dequantize(w, w.scale_inv, dtype)
     stored = getattr(w, "stored", None)
-    if stored is not None:  # a GGUF weight kept in its stored format (quant.stored)
+    if stored is not None:  # a GGUF weight kept in its stored format (kernels.stored)
         return stored.dequantize().to(dtype)
     return w

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..cache import LatentCache
+from ..kv_cache import LatentCache
 from ..config import ModelArgs
 from ..errors import InputError
 from ..model.mla import Rope
@@ -22,7 +22,7 @@ from ..model.transformer import Transformer
 from ..placement.memory import PREFILL_CHUNK
 from .generate import GenerationResult, generate_ids
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from ..checkpoint.tokenizer import Tokenizer
 
 
 class Runtime:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..errors import HeteroRTError
+from ...errors import HeteroRTError
 
 
 class Ticket:

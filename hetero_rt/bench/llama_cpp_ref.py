@@ -6,7 +6,7 @@ layout (GGUF bytes are ggml bytes), so both sides read the same formats from the
 memory. ggml quantizes the activations itself (q8_K / q8_0 / bf16, per weight type): that is
 llama.cpp's design, not ours, and the comparison includes it.
 
-Not a part of the runtime; imported only by hetero_rt.kernels.bench when llama_cpp is importable.
+Not a part of the runtime; imported only by hetero_rt.bench.kernels when llama_cpp is importable.
 Legend: T tokens, K experts per token, E experts, D hidden, I expert inter size.
 """
 from __future__ import annotations

@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import HeteroRTError
-from ..quant.ggml import dequantize
+from ...errors import HeteroRTError
+from ...quant.ggml import dequantize
 
 
 @dataclass
@@ -137,7 +137,7 @@ class DynamicPolicy:
 
 class ExpertCache:
     """S slots of dequantized experts of one layer on `device` in `dtype`, filled through a copier
-    (hetero_rt.runtime.prefetch) from the host weights of a NumbaExperts (any format)."""
+    (hetero_rt.experts.hetero.prefetch) from the host weights of a NumbaExperts (any format)."""
 
     def __init__(self, source, slots: int, device: torch.device | str, dtype: torch.dtype, policy, copier,
                  layer: int = 0, counters: LayerCounters | None = None):

@@ -4,7 +4,7 @@ judged by, all measured in one run on one machine:
   - torch fp32 matmul GFLOP/s on the prefill shape (torch's own BLAS, same thread count);
   - the torch reference backend (TorchExperts, fp32) on the same routing;
   - llama.cpp (when llama_cpp is importable): the ggml MoE graph llama.cpp builds, on a copy of the
-    same bytes, same routing, same thread count (hetero_rt.kernels.llama_cpp_ref).
+    same bytes, same routing, same thread count (hetero_rt.bench.llama_cpp_ref).
 Decode reads k fresh experts per call (rotating through E experts, so no call finds the previous
 one's weights in cache); prefill routes T random tokens top-k over min(E, the model's routed
 experts) of the E experts in memory, so each expert gets about as many tokens as in the real model
@@ -27,7 +27,7 @@ import numba
 from ..experts.numba_backend import NumbaExperts, default_threads
 from ..experts.torch_backend import TorchExperts
 from ..quant.ggml import FORMATS, quantize
-from .dot import block_sums, dot_row, dot_row_i8, quantize_act
+from ..kernels.dot import block_sums, dot_row, dot_row_i8, quantize_act
 
 SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
 MODEL_EXPERTS = {"v3": 256, "v2-lite": 64}   # routed experts per layer of the real model
@@ -325,7 +325,7 @@ def wrapper_overhead(fmt: str = "q4_k", calls: int = 2000, log=print) -> str:
     """First-call time (JIT compile, or numba cache load) and the per-call cost of the Python wrapper
     at decode: NumbaExperts.run and forward (torch in/out) against moe_forward called directly, on
     experts so small (E=8, D=256, I=256, top-2) that the kernels' own work is a few microseconds."""
-    from .moe import moe_forward
+    from ..kernels.moe import moe_forward
     ne = make_experts(fmt, 8, 256, 256, threads=default_threads())
     first = ne.warmup()
     x = np.ones((1, 256), np.float32)

@@ -3,7 +3,7 @@ all routed experts on the CPU (numba backend, no scheduler), the scheduler witho
 experts overlapped with the CPU), a static cache and a dynamic cache with prefetch at several sizes;
 the cache hit rate beside Belady's optimum on the routing trace recorded in the same run; the overlap
 achieved; the cost model's per-layer view of the prompt. One model load, one process: the
-configurations are installed in turn on the same NumbaExperts (hetero_rt.runtime.scheduler.install)."""
+configurations are installed in turn on the same NumbaExperts (hetero_rt.experts.hetero.install)."""
 from __future__ import annotations
 
 import os
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from ..placement.schema import HeteroSpec
-from .cost_model import CostModel
-from .expert_cache import ExpertCache, belady_hits, simulate
-from .prefetch import Copier
+from ..experts.hetero.cost_model import CostModel
+from ..experts.hetero.expert_cache import ExpertCache, belady_hits, simulate
+from ..experts.hetero.prefetch import Copier
 from .routing import RoutingRecorder, random_prompts, record_routing
-from .scheduler import install, make_policy
+from ..experts.hetero.build import install, make_policy
 
 
 def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, dtype: str = "bfloat16",

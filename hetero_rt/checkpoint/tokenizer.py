@@ -47,7 +47,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, meta: dict, source: str) -> "Tokenizer":
         """The vocabulary, special tokens and chat template a GGUF carries in its metadata."""
-        from ..checkpoint.gguf_tokenizer import gguf_tokenizer
+        from .gguf_tokenizer import gguf_tokenizer
 
         backend, bos, eos, add_bos, template = gguf_tokenizer(meta, source)
         return cls(backend, bos, eos, add_bos, template, (), source)

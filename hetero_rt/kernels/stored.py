@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from .ggml import get_format
+from ..quant.ggml import get_format
 
 DECODE_MAX_TOKENS = 8      # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
 BLOCK_ROWS = 1024          # rows decoded to fp32 at a time for the GEMM path
@@ -34,7 +34,7 @@ class StoredWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., C) -> (..., R) in x's dtype."""
-        from ..kernels.linear import decode_rows, gemv
+        from .linear import decode_rows, gemv
 
         if x.device.type != "cpu":
             raise ValueError(f"stored-format weights run on the CPU; x is on {x.device}")
@@ -60,7 +60,7 @@ class StoredWeight:
         return out.reshape(*lead, rows).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        from ..kernels.linear import decode_rows
+        from .linear import decode_rows
 
         out = np.empty(self.shape, np.float32)
         decode_rows(self.fmt.code, self.raw, 0, out)

@@ -101,8 +101,8 @@ def write_sized_checkpoint(directory: str | Path, size_bytes: int, seed: int = 0
     """A synthetic DeepSeek-V3-architecture checkpoint (demo shapes, bf16) with enough MoE layers to
     hold at least size_bytes of weights."""
     from ..config import ModelArgs
-    from .names import hf_tensor_shapes
-    from .synthetic import synthetic_config, write_synthetic_checkpoint
+    from ..checkpoint.names import hf_tensor_shapes
+    from ..checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
 
     layers = 2
     while True:

@@ -1,0 +1,2 @@
+"""Benchmarks and references: kernel and hetero benchmarks, the llama.cpp MoE reference, peak-RSS
+measurement, routing recording. The runtime path never imports this package; scripts/ wrap it."""
