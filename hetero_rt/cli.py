@@ -7,7 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+from .api import load, make_plan
+from .checkpoint.source import default_dtype, open_source
+from .checkpoint.synthetic import ensure_demo_checkpoint
 from .errors import HeteroRTError
+from .experts import registry
+from .placement.memory import plan_memory
+from .placement.sizes import parse_bytes
+from .placement.write import write_rules
+from .runtime.engine import print_stream
 
 DEMO_PROMPT = ("The router reads every token and picks the experts that answer it. Each expert is a small "
                "feed forward layer, and the host memory holds all of them while the device runs the "
@@ -50,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default=None, help="dtype of the dense part when the rules set none")
     plan.add_argument("--write-rules", type=Path, default=None,
                       help="write a placement that fits --gpu-mem to this YAML file")
-    plan.add_argument("--expert-backend", default="numba", choices=["numba", "torch"],
+    plan.add_argument("--expert-backend", default=registry.CPU_DEFAULT, choices=registry.without_settings(),
                       help="backend written for the routed experts placed on the CPU")
     plan.set_defaults(func=cmd_plan)
 
@@ -83,8 +91,6 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from .checkpoint.synthetic import ensure_demo_checkpoint
-
     t0 = time.perf_counter()
     path = ensure_demo_checkpoint(ns.cache_dir)
     print(f"[demo] synthetic checkpoint: {path} ({time.perf_counter() - t0:.1f} s to build or find)", file=sys.stderr)
@@ -92,21 +98,11 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from .api import make_plan
-    from .config import ModelArgs
-    from .placement.memory import parse_bytes, plan_memory, read_tensor_meta
-    from .placement.write import write_rules
-
-    from .checkpoint.gguf import GGUFCheckpoint, is_gguf
-
-    if is_gguf(ns.model):
-        with GGUFCheckpoint(ns.model) as ck:
-            args = ck.args()
-    else:
-        args = ModelArgs.from_config_file(ns.model / "config.json")
-    tensors = read_tensor_meta(ns.model, args)
-    dtype = ns.dtype or ("float32" if tensors.get("model.embed_tokens.weight", ("BF16",))[0] == "F32"
-                         else "bfloat16")
+    source = open_source(ns.model)
+    args = source.args()
+    tensors = source.tensor_meta(args)
+    source.close()
+    dtype = ns.dtype or default_dtype(tensors)
     if ns.write_rules is not None:
         if ns.gpu_mem is None:
             raise HeteroRTError("--write-rules needs --gpu-mem (the budget the placement must fit)")
@@ -123,15 +119,12 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     if ns.host_mem:
         budgets["cpu"] = parse_bytes(ns.host_mem, "--host-mem")
     mem = plan_memory(args, plan, tensors, ns.context, plan.main.dtype or dtype, budgets)
-    print(plan.format())
-    print(mem.format())
+    print(plan.describe())
+    print(mem.describe())
     return 0 if not mem.over() else 1
 
 
 def _generate(ns: argparse.Namespace, path: Path) -> int:
-    from .api import load
-    from .runtime.engine import print_stream
-
     t0 = time.perf_counter()
     rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

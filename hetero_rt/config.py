@@ -18,6 +18,9 @@ from typing import Any
 from .errors import ConfigError
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+# Tokens per forward call at most: prompts are run in chunks of this size (bounding attention's working
+# memory); the memory planner and the hetero backend's host buffers are sized by it.
+PREFILL_CHUNK = 512
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 

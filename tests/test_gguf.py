@@ -165,26 +165,24 @@ def test_missing_key_is_named(tmp_path):
     with GGUFCheckpoint(path) as ck:
         meta = {k: v for k, v in ck.meta.items() if k != "deepseek2.expert_count"}
         names = ck.names()
-    from hetero_rt.checkpoint.gguf import config_dict
+    from hetero_rt.checkpoint.gguf import metadata_config
     with pytest.raises(ConfigError, match="deepseek2.expert_count"):
-        config_dict(meta, names, str(path))
+        metadata_config(meta, names, str(path))
 
 
 def test_mismatched_shape_is_named(tmp_path):
     """Metadata that disagrees with the tensors (here: expert width) names the tensor and both shapes."""
     _, path, _ = make_gguf("v3", tmp_path, "F32")
     shutil.copy(path, tmp_path / "copy.gguf")
-    from hetero_rt.checkpoint.gguf_loader import load_gguf_weights
-    from hetero_rt.checkpoint.loader import build_model
-    from hetero_rt.config import ModelArgs
+    from hetero_rt.api import make_plan
+    from hetero_rt.checkpoint.gguf_loader import GGUFLoader
+    from hetero_rt.placement.apply import load_model
     import dataclasses
     import torch
     with GGUFCheckpoint(tmp_path / "copy.gguf") as ck:
         args = dataclasses.replace(ck.args(), moe_intermediate_size=16)
-        model = build_model(args)
         with pytest.raises(CheckpointError, match="ffn_(gate|up|down)_exps.*expected"):
-            load_gguf_weights(model, ck, lambda n: (torch.device("cpu"), torch.float32, None),
-                              lambda layer: ("torch", None))
+            load_model(GGUFLoader(ck, args), args, make_plan(args, None, None, False), torch.float32)
 
 
 def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
@@ -204,7 +202,8 @@ def test_planner_reads_gguf_headers(tmp_path, capsys):
     from hetero_rt.api import make_plan
     from hetero_rt.checkpoint.names import hf_tensor_shapes
     from hetero_rt.cli import main
-    from hetero_rt.placement.memory import plan_memory, read_tensor_meta
+    from hetero_rt.checkpoint.source import read_tensor_meta
+    from hetero_rt.placement.memory import plan_memory
     _, path, _ = make_gguf("v3", tmp_path, "Q4_K_M", **KQUANT_DIMS)
     with GGUFCheckpoint(path) as ck:
         args = ck.args()
@@ -311,12 +310,12 @@ def test_split_parts_out_of_order_are_named(tmp_path):
     ("deepseek2.attention.key_length", 999, "expected kv_lora_rank \\+ rope dims"),
 ])
 def test_bad_metadata_values_are_named(tmp_path, key, value, needle):
-    from hetero_rt.checkpoint.gguf import config_dict
+    from hetero_rt.checkpoint.gguf import metadata_config
     _, path, _ = make_gguf("v3", tmp_path, "F32")
     with GGUFCheckpoint(path) as ck:
         meta, names = {**ck.meta, key: value}, ck.names()
     with pytest.raises(ConfigError, match=needle):
-        config_dict(meta, names, str(path))
+        metadata_config(meta, names, str(path))
 
 
 def test_cli_runs_a_gguf(tmp_path, capsys):

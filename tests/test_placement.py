@@ -10,7 +10,9 @@ import torch
 
 import hetero_rt
 from hetero_rt.config import ModelArgs
-from hetero_rt.placement.memory import fmt_bytes, parse_bytes, plan_memory, read_tensor_meta
+from hetero_rt.checkpoint.source import read_tensor_meta
+from hetero_rt.placement.memory import plan_memory
+from hetero_rt.placement.sizes import fmt_bytes, parse_bytes
 from hetero_rt.placement.plan import resolve
 from hetero_rt.placement.schema import PlacementError, load_rules, parse_rules
 from hetero_rt.placement.write import write_rules
@@ -109,7 +111,7 @@ def test_cuda_without_gpu_needs_cpu_fallback(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("cpu_fallback") == 1
     assert rt.plan.cpu_fallback and set(rt.plan.written_devices) == {"cuda", "cpu"}
-    assert "cuda -> cpu" in rt.plan.format()
+    assert "cuda -> cpu" in rt.plan.describe()
     ref = hf_logits(hf, IDS).numpy()
     assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
 
@@ -203,7 +205,7 @@ def test_every_shipped_file_has_a_header_and_fits_its_model(tmp_path):
         plan = resolve(args, load_rules(path), check_devices=False)
         meta = read_tensor_meta(REAL_CONFIGS[model].parent if model == "deepseek-v3" else tmp_path, args)
         mem = plan_memory(args, plan, meta, 2048, "bfloat16", {"cuda": gpu})
-        assert not mem.over(), (path.name, mem.format())
+        assert not mem.over(), (path.name, mem.describe())
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +307,7 @@ def test_numba_backend_from_rules_matches_torch(tiny, tmp_path):
     rules.write_text(rules.read_text() + "  - match: {kind: routed_experts}\n    place: {activations: int8}\n")
     rt = hetero_rt.load(path, rules, dtype="float32")
     assert rt.model.layers[1].ffn.experts.act == "int8"
-    assert "activations=int8" in rt.plan.format()
+    assert "activations=int8" in rt.plan.describe()
     assert np.abs(rt.logits(IDS) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

@@ -11,7 +11,7 @@ import hetero_rt
 from hetero_rt.errors import HeteroRTError
 from hetero_rt.placement.schema import HeteroSpec
 from hetero_rt.experts.hetero.prefetch import Copier
-from hetero_rt.experts.hetero import install, rank_experts
+from hetero_rt.experts.hetero import hetero_session, install, rank_experts
 from test_scheduler import CFG, PROMPT, close, ckpt, reference, run  # noqa: F401  (fixtures)
 
 MOE_LAYERS = range(1, CFG["num_hidden_layers"])
@@ -89,7 +89,7 @@ def test_gpu_cache_and_prefetch_match_the_cpu(ckpt, reference, tmp_path):
     rules.write_text("defaults: {device: cuda, dtype: float32}\nrules:\n  - match: {kind: routed_experts}\n"
                      "    place: {device: cpu, backend: hetero, hetero: {cache: 4, stream: true, cpu_gflops: 0.001}}\n")
     rt = hetero_rt.load(ckpt, rules, context=64)
-    session = rt.model.hetero
+    session = hetero_session(rt.model)
     assert session.cuda and session.layers[1].cache.w1.is_cuda and session.main.bufs.x_t.is_pinned()
     for _ in range(2):
         close(run(rt), reference)

@@ -15,7 +15,8 @@ import hetero_rt
 from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
 from hetero_rt.config import ModelArgs
 from hetero_rt.errors import HeteroRTError
-from hetero_rt.placement.memory import plan_memory, read_tensor_meta
+from hetero_rt.checkpoint.source import read_tensor_meta
+from hetero_rt.placement.memory import plan_memory
 from hetero_rt.placement.plan import resolve
 from hetero_rt.placement.schema import PlacementError, parse_rules
 from hetero_rt.bench.routing import RoutingRecorder, load_trace
@@ -98,7 +99,7 @@ def test_logits_equal_the_torch_backend(name, ckpt, reference, tmp_path):
         assert total.hits > 0                          # after drain(): cached experts ran on the "GPU" path
     if name == "stream":
         assert total.stream_calls == 2 * moe_layers and total.streamed_experts > 0
-        profile = hetero_session(rt.model).format()
+        profile = hetero_session(rt.model).describe()
         assert profile.count("\n") == 2 + moe_layers and "| all | 42 |" in profile
     if "no-prefetch" in name or "serial" in name or name == "no-cache":
         assert total.prefetches_issued == 0
@@ -296,7 +297,7 @@ def test_planner_counts_the_expert_cache():
     expert = 3 * 2048 * 7168 * 2
     want = 56 * 16 * expert + 2 * ((2 ** 30 // expert) * expert + 2 * expert)
     assert mem.devices["cuda"].weights["expert_cache"] == want
-    assert "expert_cache" in mem.format() and "hetero={cache: 16, policy: dynamic" in plan.format()
+    assert "expert_cache" in mem.describe() and "hetero={cache: 16, policy: dynamic" in plan.describe()
     budget = {"cuda": mem.devices["cuda"].total - 2 ** 30}
     short = plan_memory(args, plan, read_tensor_meta(V3), 4096, "bfloat16", budget)
     assert "cuda is short by 1.00 GiB; lower hetero.cache" in short.verdict()

@@ -19,7 +19,7 @@ from ..experts.hetero.cost_model import CostModel
 from ..experts.hetero.expert_cache import ExpertCache, belady_hits, simulate
 from ..experts.hetero.prefetch import Copier
 from .routing import RoutingRecorder, random_prompts, record_routing
-from ..experts.hetero.build import install, make_policy
+from ..experts.hetero import install, make_policy
 
 
 def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
@@ -59,11 +59,11 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
         traces[name] = rec.calls
         rows.append((name, slots, pre, dec, session.total()))
         if spec.stream:
-            profiles[name] = session.format()
+            profiles[name] = session.describe()
         session.close()
     text = report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, cost)
     for name, table in profiles.items():
-        text += f"\n\nPer-layer profile, {name} (hetero_session(model).format()):\n\n{table}"
+        text += f"\n\nPer-layer profile, {name} (hetero_session(model).describe()):\n\n{table}"
     return text + "\n\n" + deferral_effect(rt, moe, prompt, new_tokens)
 
 

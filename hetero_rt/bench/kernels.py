@@ -24,7 +24,8 @@ from numba import njit, prange
 
 import numba
 
-from ..experts.numba_backend import NumbaExperts, default_threads
+from ..experts.numba_backend import NumbaExperts
+from ..kernels.threads import default_threads
 from ..experts.torch_backend import TorchExperts
 from ..quant.ggml import FORMATS, quantize
 from ..kernels.dot import block_sums, dot_row, dot_row_i8, quantize_act

@@ -7,7 +7,7 @@ Contract:
   model, tensor data inside the file (a truncated download is named as such), architecture
   `deepseek2`, no tensor name twice. Each error names the file and the key or tensor.
 - `args()` turns the metadata into ModelArgs through the same parser as config.json
-  (`config_dict()` builds the config.json-shaped dict and is the one list of keys read).
+  (`metadata_config()` builds the config.json-shaped dict and is the one list of keys read).
 - raw(name) is the stored tensor as the memory map holds it (numpy, read-only, zero-copy): quantized
   types are uint8 (..., rows, row_bytes) in ggml's block layout. dequantize(name) is fp32 via
   `gguf.quants.dequantize`, the reference the issue names.
@@ -104,7 +104,7 @@ class GGUFCheckpoint:
 
     def config_dict(self) -> dict[str, Any]:
         """The metadata as a config.json-shaped dict (see ModelArgs)."""
-        return config_dict(self.meta, self._tensors.keys(), str(self.files[0]),
+        return metadata_config(self.meta, self._tensors.keys(), str(self.files[0]),
                            self.info("token_embd.weight").shape[0] if "token_embd.weight" in self else None)
 
     def close(self) -> None:
@@ -202,7 +202,7 @@ def _check_splits(files: list[Path], readers) -> None:
                                   f"{len(files)} parts hold {have} tensors")
 
 
-def config_dict(meta: dict[str, Any], tensor_names, source: str, embd_rows: int | None = None) -> dict[str, Any]:
+def metadata_config(meta: dict[str, Any], tensor_names, source: str, embd_rows: int | None = None) -> dict[str, Any]:
     """GGUF deepseek2 metadata -> the config.json keys ModelArgs reads. Missing required keys raise
     ConfigError naming the GGUF key."""
     p = f"{ARCH}."

@@ -4,7 +4,7 @@ scripts/make_synthetic_gguf.py (real layer shapes). Not a replacement for llama.
 real checkpoints: use that one for downloads.
 
 Layout written (the reader in gguf.py reads exactly this, and llama.cpp loads it):
-- metadata `deepseek2.*` (the keys gguf.config_dict reads) incl. the MLA key/value lengths, and the tokenizer
+- metadata `deepseek2.*` (the keys gguf.metadata_config reads) incl. the MLA key/value lengths, and the tokenizer
   of a HF tokenizer.json (byte-level BPE) as `tokenizer.ggml.*` with the chat template;
 - kv_b_proj split per head into attn_k_b (H, C, N; transposed) and attn_v_b (H, V, C) (or kept
   whole as attn_kv_b with kv_b="whole", the older layout);

@@ -1,9 +1,10 @@
-"""Build the Transformer on the meta device and assign every weight from a safetensors checkpoint.
+"""Build the Transformer on the meta device and fill it from a safetensors checkpoint.
 
 Contract: every parameter of the model is filled from exactly one checkpoint tensor (routed experts:
-E tensors each, stacked into one (E, ...) block per layer) with its shape checked; every checkpoint
-tensor is either used or deliberately ignored (MTP layers, fp8 scales): anything else is an error,
-so a checkpoint that does not match its config.json never runs silently wrong.
+E tensors each, stacked into one (E, ...) block per layer and handed to the experts builder as
+ExpertWeights) with its shape checked; every checkpoint tensor is either used or deliberately
+ignored (MTP layers, fp8 scales): anything else is an error, so a checkpoint that does not match
+its config.json never runs silently wrong.
 Weights whose stored dtype equals the requested dtype stay zero-copy views of the memory map.
 """
 from __future__ import annotations
@@ -17,14 +18,16 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..errors import CheckpointError
+from ..experts.weights import ExpertWeights, stacked_shapes
 from ..model.transformer import ExpertsFactory, Transformer
 from ..quant import fp8
 from .names import EXPERT_NAMES, expert_hf_name, hf_name, is_ignored
 from .safetensors import SafetensorsCheckpoint
 
-_STACKED = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w[123])$")
+EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.ffn\.experts\.")   # built by experts.build, not loaded here
 # Small tensors kept in fp32 whatever the model dtype: routing precision decides which experts run.
-_FP32 = re.compile(r"ffn\.gate\.bias$")
+KEEP_FP32 = re.compile(r"ffn\.gate\.bias$")
+Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
 
 
 def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> Transformer:
@@ -32,31 +35,43 @@ def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> 
         return Transformer(args, make_experts)
 
 
-def load_weights(model: Transformer, ckpt: SafetensorsCheckpoint,
-                 where: Callable[[str], tuple[torch.device, torch.dtype, str | None]]) -> None:
-    """where(our parameter name) -> (device, dtype, format) it is placed with
-    (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights block-FP8; format
-    "stored" (GGUF ggml types kept in place) means the same as "dtype" for safetensors checkpoints."""
-    used: set[str] = set()
-    for name, param in list(model.named_parameters()):
-        device, dtype, fmt = where(name)
-        want = torch.float32 if _FP32.search(name) else dtype
-        m = _STACKED.match(name)
-        scale = None
-        if m:
-            tensor = _load_stacked(ckpt, int(m.group(1)), m.group(2), tuple(param.shape), want, used)
-        else:
+class SafetensorsLoader:
+    """The weights of one safetensors checkpoint for the model its config.json describes: first each
+    MoE layer's routed experts (expert_weights), then everything else (load)."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, args: ModelArgs):
+        self.ckpt, self.args = ckpt, args
+        self.used: set[str] = set()
+
+    def expert_weights(self, layer: int, backend, dtype: torch.dtype) -> ExpertWeights:
+        """The layer's experts stacked in `dtype` in host memory (whatever the backend: safetensors
+        weights are converted to the placement dtype at load)."""
+        w = {which: _load_stacked(self.ckpt, layer, which, shape, dtype, self.used)
+             for which, shape in stacked_shapes(self.args).items()}
+        return ExpertWeights.dense(layer, w["w1"], w["w3"], w["w2"])
+
+    def load(self, model: Transformer, where: Where) -> None:
+        """Every parameter but the routed experts. where(our parameter name) -> (device, dtype, format)
+        it is placed with (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights
+        block-FP8; format "stored" (GGUF ggml types kept in place) means the same as "dtype" here."""
+        ckpt, used = self.ckpt, self.used
+        for name, param in list(model.named_parameters()):
+            if EXPERT_PARAM.match(name):
+                continue
+            device, dtype, fmt = where(name)
+            want = torch.float32 if KEEP_FP32.search(name) else dtype
             src = hf_name(name)
             _require(ckpt, src, name)
+            scale = None
             if fmt == "float8_e4m3" and param.dim() == 2:
                 tensor, scale = _load_fp8(ckpt, src, tuple(param.shape))
             else:
                 tensor = ckpt.load(src, tuple(param.shape), want)
             used.add(src)
-        _assign(model, name, tensor.to(device), None if scale is None else scale.to(device))
-    if model.args.tie_word_embeddings and "lm_head.weight" in ckpt:
-        used.add("lm_head.weight")  # a duplicate of the embedding some tied checkpoints still carry
-    _check_unused(ckpt, used, model.args.num_hidden_layers, model.args.num_nextn_predict_layers)
+            assign(model, name, tensor.to(device), None if scale is None else scale.to(device))
+        if model.args.tie_word_embeddings and "lm_head.weight" in ckpt:
+            used.add("lm_head.weight")  # a duplicate of the embedding some tied checkpoints still carry
+        _check_unused(ckpt, used, model.args.num_hidden_layers, model.args.num_nextn_predict_layers)
 
 
 def _load_stacked(ckpt, layer: int, which: str, shape: tuple[int, ...], dtype, used: set[str]) -> torch.Tensor:
@@ -117,7 +132,7 @@ def _load_fp8(ckpt: SafetensorsCheckpoint, src: str, shape: tuple[int, ...]) -> 
     return fp8.quantize(ckpt.load(src, shape, torch.float32))
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, scale_inv: torch.Tensor | None = None) -> None:
+def assign(model: nn.Module, name: str, tensor: torch.Tensor, scale_inv: torch.Tensor | None = None) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     param = nn.Parameter(tensor, requires_grad=False)
@@ -134,4 +149,4 @@ def _check_unused(ckpt: SafetensorsCheckpoint, used: set[str], n_layers: int, n_
                               f"check that config.json belongs to these weights")
 
 
-__all__ = ["build_model", "load_weights", "EXPERT_NAMES"]
+__all__ = ["build_model", "SafetensorsLoader", "EXPERT_NAMES"]

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import time
 
-import numba
 import numpy as np
-import psutil
 import torch
-from torch import nn
 
 from ..kernels.moe import DECODE_MAX_TOKENS, moe_forward
+from ..kernels.threads import default_threads, use_threads
 from ..quant.ggml import FORMATS, QUANT_FORMATS, get_format, quantize
+from . import RoutedExperts
 
 # Row-tile heights: decode wants many small parallel tasks, prefill wants each decoded weight
 # chunk reused over many rows of activations (see hetero_rt.kernels.moe).
@@ -34,11 +33,7 @@ KQUANT_FALLBACK = {"q4_k": "q8_0", "q5_k": "q8_0", "q6_k": "q8_0"}
 ACTIVATIONS = ("fp32", "int8")
 
 
-def default_threads() -> int:
-    return psutil.cpu_count(logical=False) or numba.config.NUMBA_NUM_THREADS
-
-
-class NumbaExperts(nn.Module):
+class NumbaExperts(RoutedExperts):
     """experts(x (T, D), ids (T, K) int64, weights (T, K) fp32) -> (T, D) in x's dtype."""
 
     def __init__(self, w1, w3, w2, fmt: str = "fp32", fmt_down: str | None = None,
@@ -106,7 +101,7 @@ class NumbaExperts(nn.Module):
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         home, dtype = x.device, x.dtype
         xs = _cpu_array(x, np.float32, "x")
         y = self.run(xs, _cpu_array(ids, np.int64, "ids"), _cpu_array(weights, np.float32, "weights"))
@@ -118,7 +113,7 @@ class NumbaExperts(nn.Module):
         self._check_inputs(x, ids, weights)
         tokens_per_expert = ids.size / max(1, min(self.n_experts, ids.size))
         tile = PREFILL_TILE if tokens_per_expert >= PREFILL_MIN_TOKENS_PER_EXPERT else DECODE_TILE
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        use_threads(self.threads)
         return moe_forward(x, ids, weights, self.w1, self.w3, self.w2, self.fmt13.code, self.fmt2.code,
                            tile_up or tile, tile_down or tile, self._act == "int8")
 
@@ -193,3 +188,10 @@ def _convert(w: torch.Tensor, fmt: str) -> np.ndarray:
         return w.to(torch.float16).contiguous().numpy()
     e, r, c = w.shape
     return quantize(w.float().reshape(e * r, c).numpy(), fmt).reshape(e, r, -1)
+
+
+def build(weights, placement, builder) -> NumbaExperts:
+    """The registry's builder: the ExpertWeights as they are (stored bytes, or fp32/bf16/fp16 tensors
+    viewed as bytes), with the placement's threads and activations."""
+    return NumbaExperts(weights.w1, weights.w3, weights.w2, fmt=weights.fmt13, fmt_down=weights.fmt2,
+                        threads=placement.threads, act=placement.activations or "fp32")

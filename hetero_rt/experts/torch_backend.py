@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import HeteroRTError
+from . import RoutedExperts
 
-class TorchExperts(nn.Module):
+
+class TorchExperts(RoutedExperts):
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts = n_experts
@@ -18,7 +21,15 @@ class TorchExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj   (E, I, D)
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down_proj (E, D, I)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_weights(cls, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> "TorchExperts":
+        """Around stacked tensors as they are (no copy): w1, w3 (E, I, D), w2 (E, D, I)."""
+        with torch.device("meta"):
+            experts = cls(w1.shape[0], w1.shape[2], w1.shape[1])
+        experts.w1, experts.w3, experts.w2 = (nn.Parameter(w, requires_grad=False) for w in (w1, w3, w2))
+        return experts
+
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Runs where the weights live; hidden states cross devices here and only here."""
         home, dtype = x.device, x.dtype
         dev = self.w1.device
@@ -43,3 +54,13 @@ class TorchExperts(nn.Module):
             y.index_add_(0, tok, out)
             pos += n
         return y
+
+
+def build(weights, placement, builder) -> TorchExperts:
+    """The registry's builder: weights (experts.weights.ExpertWeights, torch tensors) moved to the
+    placement's device."""
+    if not weights.is_dense:
+        raise HeteroRTError(f"layer {weights.layer}: the torch backend runs tensors in the placement dtype, but "
+                            f"the loader handed it {weights.fmt13}/{weights.fmt2} bytes")
+    dev = torch.device(placement.device)
+    return TorchExperts.from_weights(*(w.to(dev) for w in (weights.w1, weights.w3, weights.w2)))

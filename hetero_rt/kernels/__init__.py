@@ -3,7 +3,8 @@
 numba's on-disk cache (cache=True) keys each function on its own file only: a kernel in moe.py that
 inlines a decoder from dequant.py would keep running stale machine code after dequant.py changes.
 So before the kernels are imported, the cache files of this package are dropped whenever any of its
-sources changed (a hash of them is kept next to the cache).
+sources, or quant/ggml.py (which owns the format codes the kernels switch on), changed (a hash of
+them is kept next to the cache).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 
 def _drop_stale_cache() -> None:
     here = Path(__file__).parent
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+    sources = sorted(here.glob("*.py")) + [here.parent / "quant" / "ggml.py"]   # ggml.py: the format codes
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     cache = here / "__pycache__"
     stamp = cache / "kernels.srchash"
     try:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..quant.ggml import BF16, FP16, FP32, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0  # noqa: F401  (format codes)
+
 from .dot import _i8, f16_at, k_scale_min
 from .intrinsics import f16_to_f32, f32_from_bits, opaque, q5_to_f32, q6_to_f32, u8_to_f32
 
 CHUNK = 256
-FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
 
 

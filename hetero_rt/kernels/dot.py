@@ -19,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..quant.ggml import BF16, FP16, FP32, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0  # noqa: F401  (format codes)
+
 from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
                          q4k_block_i8, q6_to_i32, q8_0_dot_i8, u8_to_f32)
 
-FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 U = np.uint64
 F0 = np.float32(0.0)
 AHEAD = U(2048)   # software prefetch distance in bytes along the row stream

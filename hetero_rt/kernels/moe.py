@@ -28,8 +28,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..quant.ggml import Q8_0
 from .dequant import CHUNK, decode_tile
-from .dot import Q8_0, block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
+from .dot import block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
 from .gemm import block_matmul, pack_chunk, padded_tokens
 
 # Experts with at most this many tokens in a call take the decode kernels, the others the tiled ones:

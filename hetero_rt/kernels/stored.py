@@ -1,5 +1,5 @@
 """A 2-D weight kept in its stored format (a GGUF tensor's ggml type, or fp32/bf16/fp16) and
-multiplied in place by the numba kernels of hetero_rt.kernels.linear: what `format: stored` in the
+multiplied in place by the numba kernels of kernels.linear: what `format: stored` in the
 placement rules gives the dense projections of a GGUF model that run on the CPU.
 
 The model sees an nn.Parameter holding the raw bytes (R, row_bytes) uint8 with this object as its
@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import warnings
 
-import numba
 import numpy as np
 import torch
 
 from ..quant.ggml import get_format
+from .linear import decode_rows, gemv
+from .threads import default_threads, use_threads
 
-DECODE_MAX_TOKENS = 8      # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
+GEMV_MAX_TOKENS = 8        # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
 BLOCK_ROWS = 1024          # rows decoded to fp32 at a time for the GEMM path
 
 
 class StoredWeight:
     def __init__(self, raw: np.ndarray, fmt: str, threads: int | None = None):
-        from ..experts.numba_backend import default_threads
-
         self.fmt = get_format(fmt)
         if raw.dtype != np.uint8 or raw.ndim != 2 or not raw.flags.c_contiguous:
             raise ValueError(f"stored weight: expected C-contiguous uint8 (rows, row_bytes), got {raw.dtype} "
@@ -34,8 +33,6 @@ class StoredWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., C) -> (..., R) in x's dtype."""
-        from .linear import decode_rows, gemv
-
         if x.device.type != "cpu":
             raise ValueError(f"stored-format weights run on the CPU; x is on {x.device}")
         lead = x.shape[:-1]
@@ -43,8 +40,8 @@ class StoredWeight:
         rows, cols = self.shape
         if xs.shape[1] != cols:
             raise ValueError(f"stored weight {self.shape}: x has {xs.shape[1]} features")
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        if xs.shape[0] <= DECODE_MAX_TOKENS:
+        use_threads(self.threads)
+        if xs.shape[0] <= GEMV_MAX_TOKENS:
             y = np.empty((xs.shape[0], rows), np.float32)
             gemv(self.fmt.code, self.raw, xs.numpy(), y)
             out = torch.from_numpy(y)
@@ -60,8 +57,6 @@ class StoredWeight:
         return out.reshape(*lead, rows).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        from .linear import decode_rows
-
         out = np.empty(self.shape, np.float32)
         decode_rows(self.fmt.code, self.raw, 0, out)
         return torch.from_numpy(out)

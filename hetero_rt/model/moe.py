@@ -14,6 +14,8 @@ routed_scaling_factor.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,23 +59,17 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """routed(x) + shared(x). `experts` is any module with the RoutedExperts call signature; one that
-    also has `combine(x, ids, weights, shared)` computes routed + shared itself (a scheduler that runs
-    the shared experts while the routed ones run elsewhere: hetero_rt.experts.hetero)."""
+    """routed(x) + shared(x). The routed experts come from `make_experts(layer, gate)`, any backend
+    behind the seam of hetero_rt.experts; they are handed the shared experts and return the sum
+    (a backend may run the two at once on different devices)."""
 
-    def __init__(self, args: ModelArgs, experts: nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, make_experts: Callable[[int, nn.Module], nn.Module]):
         super().__init__()
         self.gate = Gate(args)
-        self.experts = experts
+        self.experts = make_experts(layer, self.gate)
         n_shared = args.n_shared_experts
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * n_shared) if n_shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
         weights, ids = self.gate(x)
-        combine = getattr(self.experts, "combine", None)
-        if combine is not None:
-            return combine(x, ids, weights, self.shared_experts)
-        y = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        return self.experts(x, ids, weights, self.shared_experts)

@@ -2,7 +2,8 @@
 
 Legend: T tokens, D hidden size, L layers, Vocab vocabulary size.
 The model knows nothing of devices, files or threads: weights are assigned by the loader, the
-routed-experts backend is handed in by `make_experts`, the latent cache is passed to forward.
+routed experts are handed in by `make_experts(layer, gate)` (hetero_rt.experts.build), the latent
+cache is passed to forward.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from .layers import MLP, RMSNorm, linear
 from .mla import MLA, Rope
 from .moe import MoE
 
-ExpertsFactory = Callable[[int], nn.Module]
+ExpertsFactory = Callable[[int, nn.Module], nn.Module]   # (layer, its gate) -> routed experts
 
 
 def torch_experts(args: ModelArgs) -> ExpertsFactory:
-    return lambda layer: TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+    """Empty torch experts to be filled (a model built without a checkpoint)."""
+    return lambda layer, gate: TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
 
 
 class Block(nn.Module):
@@ -30,7 +32,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.attn = MLA(args)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.ffn = MoE(args, make_experts(layer)) if args.is_moe_layer(layer) \
+        self.ffn = MoE(args, layer, make_experts) if args.is_moe_layer(layer) \
             else MLP(args.hidden_size, args.intermediate_size)
 
     def forward(self, h: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor, absorbed: bool):

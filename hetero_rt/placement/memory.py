@@ -4,12 +4,12 @@ verdict against the user's budgets. Answers in seconds for a DeepSeek-V3-sized c
 
 Accounting (documented in docs/placement_rules.md):
 - a weight occupies numel x (bytes of the dtype it is placed in) on its device, except GGUF routed
-  experts on the numba backend in a format the kernels read (Q4_K, Q8_0, ...): their stored bytes
+  experts on a backend that runs their format in place (numba, hetero: Q4_K, Q8_0, ...): their stored bytes
   (they stay in the memory map; other formats are dequantized at load to the dtype), and likewise 2-D
   weights placed with `format: stored`; FP8 weights are
   dequantized at load, so their `*_scale_inv` tensors take no memory after loading; the gate's
   correction bias stays fp32; MTP layers are not loaded;
-- the GPU expert cache of layers on backend hetero (kind expert_cache): slots x 3 x I x D x dtype
+- the GPU expert cache of layers on a backend that keeps one (hetero; kind expert_cache): slots x 3 x I x D x dtype
   bytes per layer (+ 2 streaming slots with hetero.stream), on the main device, and two fp32
   (512, hidden) accumulators of the scheduler among the working buffers;
 - KV cache: layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main device;
@@ -21,25 +21,19 @@ Accounting (documented in docs/placement_rules.md):
 """
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..checkpoint.gguf import KERNEL_FORMATS
-from ..checkpoint.names import hf_tensor_shapes
-from ..config import ModelArgs
-from ..errors import CheckpointError, HeteroRTError
+from ..checkpoint.source import TensorMeta
+from ..config import PREFILL_CHUNK, ModelArgs
+from ..experts import registry
 from .plan import Plan
+from .sizes import fmt_bytes
 
-
-PREFILL_CHUNK = 512
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1}
-SHAPES_FILE = "tensor_shapes.json.gz"
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 
 @dataclass
@@ -64,7 +58,7 @@ class MemoryPlan:
         return {d: self.devices[d].total - b for d, b in self.budgets.items()
                 if d in self.devices and self.devices[d].total > b}
 
-    def format(self) -> str:
+    def describe(self) -> str:
         lines = []
         for dev, mem in self.devices.items():
             budget = self.budgets.get(dev)
@@ -102,61 +96,12 @@ class MemoryPlan:
         return "verdict: DOES NOT FIT: " + "; ".join(parts)
 
 
-def read_tensor_meta(path: Path, args: ModelArgs | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (safetensors dtype, shape), from the safetensors headers; for a metadata-only
-    description of a checkpoint, from tensor_shapes.json.gz ({"tensors": {name: [dtype, shape]}});
-    for a directory holding only config.json (planning before a download), derived from `args`;
-    for a .gguf file, from its headers (HF names, GGML type names such as "Q4_K" as dtype)."""
-    from ..checkpoint.gguf import is_gguf
-    if is_gguf(path):
-        return gguf_tensor_meta(path)
-    shapes = path / SHAPES_FILE
-    if args is not None and not shapes.is_file() and not any(path.glob("*.safetensors")):
-        return hf_tensor_shapes(args)
-    if shapes.is_file():
-        try:
-            data = json.loads(gzip.decompress(shapes.read_bytes()))
-            return {n: (d, tuple(s)) for n, (d, s) in data["tensors"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{shapes}: not a tensor shape description ({e})") from None
-    from ..checkpoint.safetensors import SafetensorsCheckpoint
-    with SafetensorsCheckpoint(path) as ckpt:
-        return {n: (ckpt.info(n).dtype, ckpt.info(n).shape) for n in ckpt.names()}
-
-
-def gguf_tensor_meta(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """A GGUF's tensors under the HF names the placement rules match: fused experts become one entry
-    per expert, attn_k_b + attn_v_b the kv_b projection; dtype is the GGML type name."""
-    from ..checkpoint.gguf import GGUFCheckpoint
-    from ..checkpoint.names import gguf_expert_hf_names, gguf_to_hf
-
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    with GGUFCheckpoint(path) as ck:
-        for name in ck.names():
-            info = ck.info(name)
-            hf = gguf_to_hf(name)
-            if not hf:
-                continue
-            per_expert = gguf_expert_hf_names(name, info.shape[0])
-            if per_expert is not None:
-                out.update({n: (info.type, info.shape[1:]) for n in per_expert})
-            elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
-                h, a, b = info.shape
-                rows = h * (b if name.endswith("attn_k_b.weight") else a)     # k_b (H, C, N), v_b (H, V, C)
-                prev = out.get(hf[0], (info.type, (0, a if name.endswith("attn_k_b.weight") else b)))
-                out[hf[0]] = (info.type, (prev[1][0] + rows, prev[1][1]))
-            else:
-                out[hf[0]] = (info.type, info.shape)
-    return out
-
-
 def _ggml_bytes(dtype: str, shape: tuple[int, ...]) -> int:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
     return math.prod(shape) // block * size
 
 
-def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple[int, ...]]], context: int,
+def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
                 main_dtype: str, budgets: dict[str, int] | None = None) -> MemoryPlan:
     devices: dict[str, DeviceMemory] = {}
     expert_layers: dict[int, int] = {}
@@ -169,8 +114,9 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
-        if dtype in KERNEL_FORMATS and ((p.module.kind == "routed_experts" and p.backend in ("numba", "hetero"))
-                                           or (p.format == "stored" and len(shape) == 2)):
+        stored = KERNEL_FORMATS.get(dtype)
+        if stored is not None and ((p.module.kind == "routed_experts" and registry.get(p.backend).runs_stored(stored))
+                                   or (p.format == "stored" and len(shape) == 2)):
             nbytes = _ggml_bytes(dtype, shape)  # GGUF weights kept in the memory map, in their stored format
         if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
             nbytes = math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
@@ -185,7 +131,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: dict[str, tuple[str, tuple
         main.weights["expert_cache"] = cache
     main.kv_cache = kv_cache_bytes(args, context, main_dtype)
     main.working = working_bytes(args, context, main_dtype) + expand
-    if any(p.backend == "hetero" for p in plan.placements):  # the scheduler's fp32 (T, D) accumulators
+    if any(_has_gpu_cache(p) for p in plan.placements):  # the hetero layers' fp32 (T, D) accumulators
         main.working += 2 * PREFILL_CHUNK * args.hidden_size * 4
     return MemoryPlan(devices, budgets or {}, context, expert_layers)
 
@@ -196,9 +142,13 @@ def expert_cache_bytes(args: ModelArgs, plan: Plan, dtype: str) -> int:
     per = 3 * args.moe_intermediate_size * args.hidden_size * DTYPE_BYTES[dtype]
     total = 0
     for p in plan.placements:
-        if p.module.kind == "routed_experts" and p.backend == "hetero":
+        if _has_gpu_cache(p):
             total += p.hetero.slots(per, args.n_routed_experts) * per + (2 * per if p.hetero.stream else 0)
     return total
+
+
+def _has_gpu_cache(p) -> bool:
+    return p.module.kind == "routed_experts" and registry.get(p.backend).gpu_cache
 
 
 def kv_cache_bytes(args: ModelArgs, context: int, dtype: str) -> int:
@@ -212,17 +162,3 @@ def working_bytes(args: ModelArgs, context: int, dtype: str) -> int:
     logits = c * args.vocab_size * 4
     hidden = c * max(args.intermediate_size, h * args.qk_head_dim) * 4 * 4
     return scores + kv + logits + hidden
-
-
-def parse_bytes(text: str, what: str = "size") -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise HeteroRTError(f"{what}: cannot read {text!r} as a size; write e.g. 24GiB, 24GB, 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"

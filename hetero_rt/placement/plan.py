@@ -18,7 +18,8 @@ from functools import cached_property
 import torch
 
 from ..config import ModelArgs
-from .schema import CPU_ONLY_BACKENDS, FORMAT_KINDS, HeteroSpec, PlacementError, Place, RuleSet
+from ..experts import registry
+from .schema import FORMAT_KINDS, HeteroSpec, PlacementError, Place, RuleSet
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Plan:
     def experts(self, layer: int) -> Placement:
         return next(p for p in self.placements if p.module.kind == "routed_experts" and p.module.layer == layer)
 
-    def format(self) -> str:
+    def describe(self) -> str:
         rows = [f"placement from {self.source}" + ("  [cpu fallback: every device mapped to cpu]"
                                                   if self.cpu_fallback else "")]
         groups: dict[tuple, list[str]] = {}
@@ -128,7 +129,7 @@ def resolve(args: ModelArgs, rules: RuleSet, cpu_fallback: bool = False, check_d
                 used[i] = True
                 place = _merge(place, rule.place)
                 lines.append(rule.line)
-        placements.append(_finish(rules.source, m, place, tuple(lines)))
+        placements.append(_placement(rules.source, m, place, tuple(lines)))
     for rule, hit in zip(rules.rules, used):
         if not hit:
             raise PlacementError(f"{rules.source}:{rule.line}: rule matches no module of this model "
@@ -144,24 +145,26 @@ def _merge(base: Place, over: Place) -> Place:
     return replace(base, **fields)
 
 
-def _finish(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Placement:
+def _placement(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> Placement:
     where = f"{source}:{lines[-1]}" if lines else source
     if place.device is None:
         raise PlacementError(f"{source}: no rule places module {m.path} (kind {m.kind}); add a rule for kind "
                              f"{m.kind!r} or a 'defaults: {{device: ...}}'")
     backend, threads, hetero, act = place.backend, place.threads, place.hetero, place.activations
     if m.kind == "routed_experts":
-        backend = backend or "torch"
-        if act is not None and backend not in ("numba", "hetero"):
+        backend = backend or registry.DEFAULT
+        options = registry.get(backend).options
+        if act is not None and "activations" not in options:
             raise PlacementError(f"{where}: {m.path}: activations {act!r} is a setting of the numba kernels "
-                                 f"(backend numba or hetero); the rules give backend {backend!r}")
-        if backend in CPU_ONLY_BACKENDS and place.device != "cpu":
+                                 f"(backend {' or '.join(registry.with_option('activations'))}); the rules give "
+                                 f"backend {backend!r}")
+        if registry.get(backend).cpu_only and place.device != "cpu":
             raise PlacementError(f"{where}: {m.path}: backend {backend!r} runs on the CPU, but the rules put it "
                                  f"on {place.device!r}")
-        if hetero is not None and backend != "hetero":
-            raise PlacementError(f"{source}:{hetero.line}: {m.path}: hetero settings need backend hetero, the "
-                                 f"rules give backend {backend!r}")
-        if backend == "hetero" and hetero is None:
+        if hetero is not None and "hetero" not in options:
+            raise PlacementError(f"{source}:{hetero.line}: {m.path}: hetero settings need backend "
+                                 f"{' or '.join(registry.with_option('hetero'))}, the rules give backend {backend!r}")
+        if "hetero" in options and hetero is None:
             hetero = HeteroSpec(cache_slots=0, prefetch=False)
     elif place.format not in (None, "dtype") and m.kind not in FORMAT_KINDS[place.format]:
         raise PlacementError(f"{where}: {m.path}: format {place.format!r} is available for "

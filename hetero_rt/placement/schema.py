@@ -21,10 +21,12 @@ from typing import Any
 import yaml
 
 from ..errors import HeteroRTError
+from ..experts import registry
 from ..experts.numba_backend import ACTIVATIONS  # the numba kernels' activation modes
+from .sizes import parse_bytes
 
 KINDS = ("embedding", "attention", "gate", "shared_experts", "routed_experts", "dense_mlp", "norm", "lm_head")
-BACKENDS = {"routed_experts": ("torch", "numba", "hetero")}
+BACKEND_KINDS = ("routed_experts",)   # the kinds that take a backend (hetero_rt.experts.registry)
 DTYPES = ("float32", "bfloat16", "float16")
 # How 2-D weights are stored: in `dtype`; FP8 with 128x128 block scales; or, for GGUF files on the CPU,
 # as the file stores them (ggml types, multiplied in place by numba kernels: kernels.stored).
@@ -36,7 +38,6 @@ HETERO_KEYS = ("cache", "policy", "profile", "decay", "prefetch", "overlap", "de
                "cpu_gflops")
 POLICIES = ("static", "dynamic")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-CPU_ONLY_BACKENDS = ("numba", "hetero")  # hetero: weights in host memory, the expert cache on the main device
 
 
 class PlacementError(HeteroRTError, ValueError):
@@ -184,7 +185,7 @@ class _Parser:
                 continue
             value = self.scalar(vnode, key)
             values[key] = self.check(key, value, vnode, kind)
-        if values.get("backend") in CPU_ONLY_BACKENDS and values.get("device", "cpu") != "cpu":
+        if values.get("backend") in registry.cpu_only() and values.get("device", "cpu") != "cpu":
             raise self.fail(node, f"backend {values['backend']!r} runs on the CPU; it cannot be placed on "
                                   f"{values['device']!r}")
         return Place(line=node.start_mark.line + 1, **values)
@@ -220,7 +221,6 @@ class _Parser:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return {"cache_slots": value}
             if isinstance(value, str):
-                from .memory import parse_bytes   # local: memory imports this module
                 try:
                     return {"cache_bytes": parse_bytes(value, "hetero.cache")}
                 except HeteroRTError as e:
@@ -266,12 +266,12 @@ class _Parser:
                 raise self.fail(node, f"format {value!r} is available for {', '.join(FORMAT_KINDS[value])}, "
                                       f"not {kind}")
         elif key == "backend":
-            allowed = sorted({b for bs in BACKENDS.values() for b in bs})
+            allowed = sorted(registry.names())
             if value not in allowed:
                 raise self.fail(node, f"unknown backend {value!r}; expected one of {', '.join(allowed)}")
-            if kind is not None and kind not in BACKENDS:
+            if kind is not None and kind not in BACKEND_KINDS:
                 raise self.fail(node, f"backend {value!r} cannot run kind {kind!r}; only "
-                                      f"{', '.join(BACKENDS)} has a choice of backend")
+                                      f"{', '.join(BACKEND_KINDS)} has a choice of backend")
         elif key == "threads":
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise self.fail(node, f"threads must be a positive integer, found {value!r}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from ..config import ModelArgs
 from ..errors import HeteroRTError
-from .memory import fmt_bytes, plan_memory
+from ..experts import registry
+from .memory import plan_memory
 from .plan import resolve
 from .schema import parse_rules
+from .sizes import fmt_bytes
 
 HEADER = """\
 # Placement written by `hetero-rt plan --write-rules` for {model} ({layers} layers, {experts} routed experts)
@@ -17,7 +19,7 @@ HEADER = """\
 
 
 def write_rules(args: ModelArgs, tensors: dict, gpu_budget: int, context: int, dtype: str,
-                expert_backend: str = "numba", gpu: str = "cuda", cpu_threads: int | None = None) -> str:
+                expert_backend: str = registry.CPU_DEFAULT, gpu: str = "cuda", cpu_threads: int | None = None) -> str:
     base = _yaml(args, dtype, expert_backend, gpu, cpu_threads, gpu_layers=[])
     mem = _plan(args, base, tensors, context, dtype, gpu, gpu_budget)
     dense_total = mem.devices[gpu].total
@@ -50,5 +52,5 @@ def _yaml(args: ModelArgs, dtype: str, backend: str, gpu: str, threads: int | No
     if gpu_layers:
         alternatives = "|".join(str(i) for i in gpu_layers)
         lines += [f"  - match: {{name: 'model\\.layers\\.({alternatives})\\.mlp\\.experts'}}",
-                  f"    place: {{device: {gpu}, backend: torch}}"]
+                  f"    place: {{device: {gpu}, backend: {registry.DEFAULT}}}"]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
+import torch
 
 QK_K = 256
 
@@ -48,12 +50,26 @@ class Format:
                              f"format's block of {self.block}")
 
 
+# The kernels' switch values, one per format (kernels.dot and kernels.dequant import them).
+FP32, BF16, FP16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, Q5_0 = range(9)
 FORMATS = {f.name: f for f in [
-    Format("fp32", 0, 1, 4), Format("bf16", 1, 1, 2), Format("fp16", 2, 1, 2),
-    Format("q8_0", 3, 32, 34), Format("q4_0", 4, 32, 18),
-    Format("q4_k", 5, QK_K, 144), Format("q5_k", 6, QK_K, 176), Format("q6_k", 7, QK_K, 210),
-    Format("q5_0", 8, 32, 22)]}
+    Format("fp32", FP32, 1, 4), Format("bf16", BF16, 1, 2), Format("fp16", FP16, 1, 2),
+    Format("q8_0", Q8_0, 32, 34), Format("q4_0", Q4_0, 32, 18),
+    Format("q4_k", Q4_K, QK_K, 144), Format("q5_k", Q5_K, QK_K, 176), Format("q6_k", Q6_K, QK_K, 210),
+    Format("q5_0", Q5_0, 32, 22)]}
 QUANT_FORMATS = ("q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q5_0")
+
+
+_DTYPE_FORMATS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def format_of_dtype(dtype: torch.dtype) -> str:
+    """The format name of weights held as a torch tensor of this dtype."""
+    try:
+        return _DTYPE_FORMATS[dtype]
+    except KeyError:
+        raise ValueError(f"no weight format for torch dtype {dtype}; expected one of "
+                         f"{', '.join(map(str, _DTYPE_FORMATS))}") from None
 
 
 def get_format(name: str) -> Format:
@@ -76,7 +92,6 @@ def quantize(w: np.ndarray, fmt: str) -> np.ndarray:
     if fmt == "fp16":
         return w.astype(np.float16).view(np.uint8)
     if fmt in ("bf16", "q8_0", "q4_0", "q5_0"):
-        import gguf
         qt = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
               "q4_0": gguf.GGMLQuantizationType.Q4_0, "q5_0": gguf.GGMLQuantizationType.Q5_0}[fmt]
         return np.ascontiguousarray(gguf.quants.quantize(w, qt)).view(np.uint8)
@@ -95,7 +110,6 @@ def dequantize(raw: np.ndarray, fmt: str) -> np.ndarray:
         return raw.view(np.float16).astype(np.float32)
     if fmt == "bf16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    import gguf
     qt = getattr(gguf.GGMLQuantizationType, fmt.upper())
     rows = raw.shape[0]
     return gguf.quants.dequantize(raw, qt).reshape(rows, f.cols(raw.shape[1])).astype(np.float32)

@@ -14,15 +14,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..kv_cache import LatentCache
-from ..config import ModelArgs
+from ..checkpoint.tokenizer import Tokenizer
+from ..config import PREFILL_CHUNK, ModelArgs
 from ..errors import InputError
+from ..kv_cache import LatentCache
 from ..model.mla import Rope
 from ..model.transformer import Transformer
-from ..placement.memory import PREFILL_CHUNK
 from .generate import GenerationResult, generate_ids
 from .sampling import Sampler, SamplingParams
-from ..checkpoint.tokenizer import Tokenizer
 
 
 class Runtime:

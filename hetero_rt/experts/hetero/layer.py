@@ -2,7 +2,7 @@
 experts the GPU expert cache holds run on the GPU next to the shared experts, all others on a
 persistent CPU worker thread in the numba kernels (which release the GIL), at the same time.
 
-One call (HeteroExperts.combine), with x (T, D), ids (T, K), weights (T, K) from the gate:
+One call (HeteroExperts.forward), with x (T, D), ids (T, K), weights (T, K) from the gate:
   1. x, ids, weights -> preallocated (pinned on CUDA) host buffers; one wait for that copy (the CPU
      needs them, and the split below needs the ids);
   2. split the (token, expert) pairs: usable in the cache -> GPU; the rest -> CPU (or, for long
@@ -30,15 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import HeteroRTError
+from .. import RoutedExperts
 from .cost_model import CostModel
 from .expert_cache import ExpertCache, LayerCounters, StaticPolicy
 from .session import GpuTimer, HeteroSession
 from .worker import HostBuffers, Job
 
 
-class HeteroExperts(nn.Module):
+class HeteroExperts(RoutedExperts):
     """Routed experts of one layer: a NumbaExperts (any weight format, any origin) on the CPU plus an
-    optional GPU ExpertCache. `combine` also runs the shared experts, overlapped with the CPU."""
+    optional GPU ExpertCache. forward also runs the shared experts, overlapped with the CPU."""
 
     def __init__(self, cpu, layer: int, session: HeteroSession, cache: ExpertCache | None = None, *,
                  overlap: bool = True, prefetch: bool = False, prefetch_max: int | None = None, defer: int = 0,
@@ -64,17 +65,15 @@ class HeteroExperts(nn.Module):
         return (f"layer={self.layer}, cache_slots={slots}, policy={policy}, overlap={self.overlap}, "
                 f"prefetch={self.prefetch}, defer={self.defer}, stream={self.cost is not None}")
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.combine(x, ids, weights, None)
-
-    def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared: nn.Module | None = None) -> torch.Tensor:
         """routed(x) + shared(x), x (T, D) -> (T, D) in x's dtype; see the module docstring."""
         m = self.session.max_tokens
         if x.shape[0] > m:
             if self.defer and self.next:  # a chunk's deferred experts belong to the next layer's same chunk
                 raise HeteroRTError(f"layer {self.layer}: expert deferral needs calls of at most {m} tokens, got "
                                     f"{x.shape[0]}; Runtime.step chunks prompts to {m}")
-            return torch.cat([self.combine(x[i:i + m], ids[i:i + m], weights[i:i + m], shared)
+            return torch.cat([self.forward(x[i:i + m], ids[i:i + m], weights[i:i + m], shared)
                               for i in range(0, x.shape[0], m)])
         s, c, t = self.session, self.counters, x.shape[0]
         job = s.main
@@ -260,9 +259,8 @@ def rank_experts(ids: np.ndarray, n_experts: int) -> list[int]:
     return used[np.lexsort((first[used], -counts[used]))].tolist()
 
 
-def link(layers: list[tuple[nn.Module, nn.Module]]) -> None:
-    """layers: (gate, experts) of every MoE layer in order. Each hetero layer whose next MoE layer is
-    hetero too gets it as `next` (for prediction and deferral)."""
-    for (_, cur), (gate, nxt) in zip(layers, layers[1:]):
-        if isinstance(cur, HeteroExperts) and isinstance(nxt, HeteroExperts):
-            cur.next = (gate, nxt)
+def link(previous: nn.Module | None, gate: nn.Module, current: nn.Module) -> None:
+    """As the model is built, MoE layer by MoE layer: a hetero layer whose next MoE layer is hetero
+    too gets it, with that layer's gate, as `next` (for prediction and deferral)."""
+    if isinstance(previous, HeteroExperts) and isinstance(current, HeteroExperts):
+        previous.next = (gate, current)

@@ -87,7 +87,7 @@ class HeteroSession:
             out += c
         return out
 
-    def format(self) -> str:
+    def describe(self) -> str:
         """Per-layer profile: cache, prefetch, transfers, times, and the cost model's view."""
         rows = ["| layer | calls | hit rate | prefetch issued / used | MiB over PCIe | CPU busy s | GPU busy s | "
                 "GPU wait s | overlap | stream calls | est. CPU s | est. stream s |", "|" + "---|" * 12]

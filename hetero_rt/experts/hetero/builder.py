@@ -1,5 +1,7 @@
-"""Building the hetero backend's layers: cache policy from a routing profile, one layer's
-HeteroExperts from its NumbaExperts and HeteroSpec, and installing them on a loaded model.
+"""Building the hetero backend's layers: `build` (the registry's builder) makes one layer's
+HeteroExperts from its ExpertWeights and placement, on the session the model's layers share;
+cache policies come from a routing profile. `install` re-configures a loaded model's layers (for
+benchmarks and tests that compare configurations on one load).
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...config import PREFILL_CHUNK
 from ...errors import HeteroRTError
+from .. import numba_backend
 from .cost_model import CostModel
 from .expert_cache import DynamicPolicy, ExpertCache, StaticPolicy, expert_bytes
 from .layer import HeteroExperts, link
@@ -48,18 +52,26 @@ def make_policy(policy: str, layer: int, n_experts: int, profile: str | None, de
     return DynamicPolicy(n_experts, decay=decay, initial=start)
 
 
+def build(weights, placement, builder) -> HeteroExperts:
+    """The registry's builder: the layer's NumbaExperts over its ExpertWeights, wrapped with the cache,
+    prefetch and overlap its HeteroSpec (placement.hetero) asks for, on the builder's shared session."""
+    cpu = numba_backend.build(weights, placement, builder)
+    return build_layer(cpu, weights.layer, placement.hetero, builder.hetero_session(), builder.args.num_experts_per_tok)
+
+
 def install(model: nn.Module, specs: dict, device: torch.device | str, *, copier: Copier | None = None,
-            worker: CpuWorker | None = None, max_tokens: int = 512) -> HeteroSession:
-    """Put the routed experts of the layers in `specs` ({layer: HeteroSpec}) on the hetero backend.
-    Those layers' experts must be NumbaExperts (or HeteroExperts, whose NumbaExperts is reused: this
-    re-configures a loaded model). The cache lives on `device` in the dtype of the model's embedding."""
-    old = getattr(model, "hetero", None)
+            worker: CpuWorker | None = None, max_tokens: int = PREFILL_CHUNK) -> HeteroSession:
+    """Re-configure a loaded model: the routed experts of the layers in `specs` ({layer: HeteroSpec})
+    go on the hetero backend with a new session (the previous one is closed), the other hetero layers
+    back to their NumbaExperts. Those layers' experts must be NumbaExperts or HeteroExperts (whose
+    NumbaExperts is reused). The cache lives on `device` in the dtype of the model's embedding."""
+    old = hetero_session(model)
     if old is not None:
         old.close()
     args = model.args
     dtype = model.embed.weight.dtype
     session = HeteroSession(device, dtype, args.hidden_size, args.num_experts_per_tok, max_tokens, copier, worker)
-    moe = []
+    previous = None
     for layer, block in enumerate(model.layers):
         experts = getattr(block.ffn, "experts", None)
         if experts is None:
@@ -67,10 +79,10 @@ def install(model: nn.Module, specs: dict, device: torch.device | str, *, copier
         if isinstance(experts, HeteroExperts):
             experts = experts.host
         if layer in specs:
-            block.ffn.experts = experts = build_layer(experts, layer, specs[layer], session, args.num_experts_per_tok)
-        moe.append((block.ffn.gate, block.ffn.experts))
-    link(moe)
-    model.hetero = session
+            experts = build_layer(experts, layer, specs[layer], session, args.num_experts_per_tok)
+        block.ffn.experts = experts
+        link(previous, block.ffn.gate, experts)
+        previous = experts
     return session
 
 
@@ -91,4 +103,5 @@ def build_layer(cpu, layer: int, spec, session: HeteroSession, topk: int) -> Het
 
 
 def hetero_session(model: nn.Module) -> HeteroSession | None:
-    return getattr(model, "hetero", None)
+    """The session of a model's hetero layers (None when no layer is on the hetero backend)."""
+    return next((m.session for m in model.modules() if isinstance(m, HeteroExperts)), None)

@@ -1,0 +1,134 @@
+"""Where a checkpoint comes from: a Hugging Face directory (config.json + *.safetensors, or only the
+metadata for planning) or a GGUF file (one file or any part of a split set). `open_source(path)` is
+the one place that tells the two apart; the rest of hetero_rt asks the source for its ModelArgs,
+its tensor metadata (planning, no weights read), its weights (a loader) and its tokenizer.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from ..config import ModelArgs
+from ..errors import CheckpointError
+from .gguf import GGUFCheckpoint, is_gguf
+from .gguf_loader import GGUFLoader
+from .loader import SafetensorsLoader
+from .names import gguf_expert_hf_names, gguf_to_hf, hf_tensor_shapes
+from .safetensors import SafetensorsCheckpoint
+from .tokenizer import Tokenizer
+
+SHAPES_FILE = "tensor_shapes.json.gz"
+EMBEDDING = "model.embed_tokens.weight"
+TensorMeta = dict[str, tuple[str, tuple[int, ...]]]   # HF name -> (stored dtype or ggml type, shape)
+
+
+def default_dtype(tensors: TensorMeta) -> str:
+    """The dtype a model runs in when neither the rules nor the caller set one: float32 for a
+    checkpoint that stores its embedding in F32, else bfloat16."""
+    return "float32" if tensors.get(EMBEDDING, ("BF16",))[0] == "F32" else "bfloat16"
+
+
+def open_source(path: str | Path) -> "DirectorySource | GGUFSource":
+    return GGUFSource(Path(path)) if is_gguf(path) else DirectorySource(Path(path))
+
+
+class DirectorySource:
+    def __init__(self, path: Path):
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or directory; pass a checkpoint directory "
+                                  f"(config.json + *.safetensors)")
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a Hugging Face checkpoint directory (config.json + "
+                                  f"*.safetensors)")
+        self.path = path
+        self._ckpt: SafetensorsCheckpoint | None = None
+
+    @property
+    def ckpt(self) -> SafetensorsCheckpoint:
+        if self._ckpt is None:
+            self._ckpt = SafetensorsCheckpoint(self.path)
+        return self._ckpt
+
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_config_file(self.path / "config.json")
+
+    def embedding_dtype(self) -> str:
+        return default_dtype({EMBEDDING: (self.ckpt.info(EMBEDDING).dtype, ())} if EMBEDDING in self.ckpt else {})
+
+    def tensor_meta(self, args: ModelArgs | None = None) -> TensorMeta:
+        """From the safetensors headers; for a metadata-only description, from tensor_shapes.json.gz
+        ({"tensors": {name: [dtype, shape]}}); for a directory holding only config.json (planning
+        before a download), derived from `args`."""
+        shapes = self.path / SHAPES_FILE
+        if args is not None and not shapes.is_file() and not any(self.path.glob("*.safetensors")):
+            return hf_tensor_shapes(args)
+        if shapes.is_file():
+            try:
+                data = json.loads(gzip.decompress(shapes.read_bytes()))
+                return {n: (d, tuple(s)) for n, (d, s) in data["tensors"].items()}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{shapes}: not a tensor shape description ({e})") from None
+        return {n: (self.ckpt.info(n).dtype, self.ckpt.info(n).shape) for n in self.ckpt.names()}
+
+    def loader(self, args: ModelArgs) -> SafetensorsLoader:
+        return SafetensorsLoader(self.ckpt, args)
+
+    def tokenizer(self) -> Tokenizer | None:
+        return Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").exists() else None
+
+    def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.close()
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        self.path = path
+        self.ckpt = GGUFCheckpoint(path)
+
+    def args(self) -> ModelArgs:
+        return self.ckpt.args()
+
+    def embedding_dtype(self) -> str:
+        return default_dtype({EMBEDDING: (self.ckpt.info("token_embd.weight").type, ())})
+
+    def tensor_meta(self, args: ModelArgs | None = None) -> TensorMeta:
+        """The GGUF's tensors under the HF names the placement rules match: fused experts become one
+        entry per expert, attn_k_b + attn_v_b the kv_b projection; dtype is the GGML type name."""
+        out: TensorMeta = {}
+        for name in self.ckpt.names():
+            info = self.ckpt.info(name)
+            hf = gguf_to_hf(name)
+            if not hf:
+                continue
+            per_expert = gguf_expert_hf_names(name, info.shape[0])
+            if per_expert is not None:
+                out.update({n: (info.type, info.shape[1:]) for n in per_expert})
+            elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+                h, a, b = info.shape
+                rows = h * (b if name.endswith("attn_k_b.weight") else a)     # k_b (H, C, N), v_b (H, V, C)
+                prev = out.get(hf[0], (info.type, (0, a if name.endswith("attn_k_b.weight") else b)))
+                out[hf[0]] = (info.type, (prev[1][0] + rows, prev[1][1]))
+            else:
+                out[hf[0]] = (info.type, info.shape)
+        return out
+
+    def loader(self, args: ModelArgs) -> GGUFLoader:
+        return GGUFLoader(self.ckpt, args)
+
+    def tokenizer(self) -> Tokenizer | None:
+        return Tokenizer.from_gguf(self.ckpt.meta, str(self.path)) if "tokenizer.ggml.tokens" in self.ckpt.meta \
+            else None
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def read_tensor_meta(path: str | Path, args: ModelArgs | None = None) -> TensorMeta:
+    """Tensor metadata of the checkpoint at `path` (see the sources' tensor_meta)."""
+    source = open_source(path)
+    try:
+        return source.tensor_meta(args)
+    finally:
+        source.close()
