@@ -1,59 +1,14 @@
 #!/usr/bin/env python3
-"""Write a DeepSeek-V2-Lite-shaped deepseek2 GGUF with random weights, quantized by llama.cpp.
-
-Real V2-Lite layer shapes (hidden 2048, 16 heads, kv_lora_rank 512, no query compression, expert
-width 1408, top-6 routing, 2 shared experts, one leading dense layer of width 10944, vocabulary 102400),
-written in F16 by hetero_rt's GGUF writer, then quantized with llama_cpp.llama_model_quantize (Q4_K_M
-by default; the F16 file is deleted afterwards unless --keep-f16).
-
-Two defaults differ from a real V2-Lite, on purpose:
-- 27 layers: llama.cpp runs deepseek2 files without query compression only when they have 26 or 27
-  layers (it detects "lite" models by layer count), so fewer layers would not load there;
-- --experts 16 routed experts per layer instead of 64, so that the file is ~3 GB and builds in a few
-  minutes on a small machine. Decode reads the top-6 experts of each layer either way; pass
-  --experts 64 for the full-size model (~9 GB at Q4_K_M, ~31 GB of F16 on the way).
+"""Write a DeepSeek-V2-Lite-shaped deepseek2 GGUF with random weights, quantized by llama.cpp (needs
+the `llama` extra). Logic and the choice of shapes: hetero_rt.bench.synthetic_gguf.
 
     python scripts/make_synthetic_gguf.py out/v2lite-q4km.gguf [--experts 16] [--layers 27] [--type Q4_K_M]
 """
-from __future__ import annotations
-
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-from hetero_rt.checkpoint.gguf_write import Lazy, write_gguf
-from hetero_rt.checkpoint.names import hf_tensor_shapes
-from hetero_rt.checkpoint.tokenizer_builder import build_tokenizer
-from hetero_rt.config import ModelArgs
-
-FTYPES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "F16": 1}
-
-
-def v2_lite_config(layers: int, experts: int) -> dict:
-    return dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                moe_intermediate_size=1408, num_hidden_layers=layers, num_attention_heads=16, q_lora_rank=None,
-                kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                n_routed_experts=experts, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
-                moe_layer_freq=1, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
-                norm_topk_prob=False, routed_scaling_factor=1.0, rms_norm_eps=1e-6, rope_theta=10000.0,
-                max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-
-
-def lazy_tensors(args: ModelArgs, seed: int) -> dict[str, Lazy]:
-    """Random weights, made one tensor at a time: N(0, 1/fan_in) matrices, norms near 1."""
-    out = {}
-    for k, (name, (_, shape)) in enumerate(hf_tensor_shapes(args).items()):
-        def make(shape=shape, k=k, name=name):
-            rng = np.random.default_rng([seed, k])
-            if len(shape) == 1:
-                return (1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-            scale = 1.0 if "embed_tokens" in name else 1 / np.sqrt(shape[-1])
-            return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
-        out[name] = Lazy(shape, make)
-    return out
+from hetero_rt.bench.synthetic_gguf import FTYPES, make
 
 
 def main(argv=None) -> int:
@@ -66,37 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-f16", action="store_true")
     ns = p.parse_args(argv)
-    try:
-        import llama_cpp
-    except ImportError:
-        print("make_synthetic_gguf: needs llama-cpp-python (pip install '.[llama]')", file=sys.stderr)
-        return 2
-    cfg = v2_lite_config(ns.layers, ns.experts)
-    args = ModelArgs.from_dict(cfg)
-    ns.out.parent.mkdir(parents=True, exist_ok=True)
-    tok_dir = ns.out.parent / (ns.out.stem + ".tokenizer")
-    tok_dir.mkdir(exist_ok=True)
-    build_tokenizer(tok_dir, 2048)
-    f16 = ns.out.with_suffix(".f16.gguf") if ns.type != "F16" else ns.out
-    t0 = time.perf_counter()
-    write_gguf(f16, {**cfg, "_name": "synthetic DeepSeek-V2-Lite-shaped"}, lazy_tensors(args, ns.seed),
-               types="F16", tokenizer_dir=tok_dir)
-    print(f"wrote {f16} ({f16.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    if ns.type == "F16":
-        return 0
-    t0 = time.perf_counter()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[ns.type]
-    params.nthread = ns.threads
-    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(ns.out).encode(), params)
-    if rc != 0:
-        print(f"llama_model_quantize failed ({rc})", file=sys.stderr)
-        return 1
-    print(f"quantized to {ns.type}: {ns.out} ({ns.out.stat().st_size / 2**30:.2f} GiB) in "
-          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    if not ns.keep_f16:
-        f16.unlink()
-    return 0
+    return make(ns.out, ns.layers, ns.experts, ns.type, ns.threads, ns.seed, ns.keep_f16)
 
 
 if __name__ == "__main__":

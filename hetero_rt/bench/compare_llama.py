@@ -1,0 +1,224 @@
+"""hetero_rt and llama.cpp (llama-cpp-python) side by side on the same GGUF, thread count and prompt
+(scripts/compare_llama_cpp.py).
+
+Each engine runs in its own process (so peak RSS is its own): load, one warm-up token, then a
+prefill of `prompt_tokens` tokens (timed), `gen` greedy decode steps (timed), and a forward over a
+shorter `agree_tokens` prompt returning logits for every position, from which the parent reports
+top-1 agreement and the max |logit difference| (relative to the max |logit|).
+
+The prompt is fixed pseudo-random token ids (seeded) drawn from the ordinary tokens of the vocabulary,
+after BOS, identical for both engines. Both compute the lm_head for the last prompt token only.
+The workers run this file (runpy, without importing the hetero_rt package: the llama.cpp worker's
+peak RSS is llama.cpp's, not torch's), so hetero_rt is imported inside run_hetero only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# python -c this FILE ARGS...: runs FILE as __main__ without putting its folder first on sys.path
+_RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def prompt_ids(n: int, vocab: int, seed: int, bos: int | None) -> list[int]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(8, min(vocab, 2048), size=n).tolist()  # ordinary tokens, past the specials
+    return ([bos] if bos is not None else []) + ids[: n - (bos is not None)]
+
+
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last token evaluated (llama.cpp keeps only those without logits_all)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+def run_llama(ns, prompt, agree) -> dict:
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    if not ns.llama_extra_bufts:  # see --no-llama-extra-bufts
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        llama_module.llama_cpp.llama_model_default_params = params
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(ns.model, n_ctx=len(prompt) + ns.gen + 16, n_batch=512, n_ubatch=512,
+                          n_threads=ns.threads, n_threads_batch=ns.threads, logits_all=False, verbose=False)
+    load = time.perf_counter() - t0
+    llm.eval(prompt[:1])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - t0
+    tok = int(np.argmax(last_logits(llm)))
+    llm.eval([tok])  # first decode step (graph for one token) outside the timing, as for hetero_rt
+    tok = int(np.argmax(last_logits(llm)))
+    t0 = time.perf_counter()
+    for _ in range(ns.gen):
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits(llm)))
+    decode = time.perf_counter() - t0
+    del llm
+    llm = llama_cpp.Llama(ns.model, n_ctx=len(agree) + 16, n_threads=ns.threads, n_threads_batch=ns.threads,
+                          logits_all=True, verbose=False)
+    llm.eval(agree)
+    logits = np.array(llm.scores[: len(agree)], dtype=np.float32)
+    return dict(load_s=load, prefill_s=prefill, decode_s=decode, logits=logits,
+                version=llama_cpp.__version__)
+
+
+def run_hetero(ns, prompt, agree) -> dict:
+    import hetero_rt  # before torch: sets the OpenMP wait policy (hetero_rt/__init__.py)
+    import torch
+    from hetero_rt.experts.numba_backend import NumbaExperts
+
+    torch.set_num_threads(ns.threads)
+    t0 = time.perf_counter()
+    rt = hetero_rt.load(ns.model, ns.rules, dtype=ns.dtype, context=len(prompt) + ns.gen + 16)
+    load = time.perf_counter() - t0
+    for m in rt.model.modules():
+        if isinstance(m, NumbaExperts):
+            m.threads = ns.threads
+    warm = rt.warmup()                                     # every kernel compiled or loaded, untimed
+    t0 = time.perf_counter()
+    logits = rt.step(torch.tensor(prompt), 0, last_only=True)
+    prefill = time.perf_counter() - t0
+    tok = int(logits[-1].argmax())
+    tok = int(rt.step(torch.tensor([tok]), len(prompt), last_only=True)[-1].argmax())  # untimed, as for llama.cpp
+    t0 = time.perf_counter()
+    for i in range(ns.gen):
+        tok = int(rt.step(torch.tensor([tok]), len(prompt) + 1 + i, last_only=True)[-1].argmax())
+    decode = time.perf_counter() - t0
+    return dict(load_s=load, warmup_s=warm, prefill_s=prefill, decode_s=decode, logits=rt.logits(agree))
+
+
+def worker(ns) -> int:
+    prompt = json.loads(Path(ns.ids).read_text())
+    fn = run_llama if ns.worker == "llama" else run_hetero
+    res = fn(ns, prompt["prompt"], prompt["agree"])
+    np.save(ns.ids + f".{ns.worker}.npy", res.pop("logits"))
+    res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+def decode_bytes(ck, args) -> int:
+    """Stored bytes one decode token reads: every weight once, the routed experts' k/E share, one
+    embedding row (the expected value for routing spread evenly over the experts)."""
+    total = 0
+    for name in ck.names():
+        info = ck.info(name)
+        if name.endswith("_exps.weight"):
+            total += info.nbytes * args.num_experts_per_tok // args.n_routed_experts
+        elif name == "token_embd.weight":
+            total += info.nbytes // info.shape[0]
+        else:
+            total += info.nbytes
+    return total
+
+
+def measured_bandwidth(threads: int) -> float:
+    from hetero_rt.bench.kernels import read_bandwidth
+    from hetero_rt.kernels.threads import use_threads
+
+    use_threads(threads)
+    return read_bandwidth(np.ones(256 * 2 ** 20, np.float32))  # 1 GiB
+
+
+@dataclass(frozen=True)
+class Options:
+    model: str
+    threads: int
+    prompt_tokens: int = 512
+    gen: int = 32
+    agree_tokens: int = 64
+    rules: str = "placement_rules/gguf-cpu-only.yaml"
+    dtype: str = "float32"
+    seed: int = 0
+    llama_extra_bufts: bool = True
+
+
+def compare(ns: Options) -> int:
+    """Runs both workers, prints the table; returns the exit status (1 when a worker failed)."""
+    from hetero_rt.checkpoint.gguf import GGUFCheckpoint
+    with GGUFCheckpoint(ns.model) as ck:
+        args = ck.args()
+        size = sum(f.stat().st_size for f in ck.files)
+        token_bytes = decode_bytes(ck, args)
+    bandwidth = measured_bandwidth(ns.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = Path(tmp) / "ids.json"
+        ids.write_text(json.dumps({"prompt": prompt_ids(ns.prompt_tokens, args.vocab_size, ns.seed, args.bos_token_id),
+                                   "agree": prompt_ids(ns.agree_tokens, args.vocab_size, ns.seed + 1, args.bos_token_id)}))
+        results = {}
+        for name in ("llama", "hetero"):
+            cmd = [sys.executable, "-c", _RUN_FILE, __file__, ns.model, "--worker", name, "--ids", str(ids), "--threads", str(ns.threads),
+                   "--prompt-tokens", str(ns.prompt_tokens), "--gen", str(ns.gen), "--rules", ns.rules,
+                   "--dtype", ns.dtype] + ([] if ns.llama_extra_bufts else ["--no-llama-extra-bufts"])
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+                print(f"compare_llama_cpp: the {name} worker failed (exit {out.returncode})", file=sys.stderr)
+                return 1
+            results[name] = json.loads(line[0][7:])
+            results[name]["logits"] = np.load(str(ids) + f".{name}.npy")
+    a, b = results["hetero"], results["llama"]
+    diff = float(np.abs(a["logits"] - b["logits"]).max() / np.abs(b["logits"]).max())
+    agree = float((a["logits"].argmax(-1) == b["logits"].argmax(-1)).mean())
+    rows = []
+    for key, label in (("prefill", f"prefill tok/s ({ns.prompt_tokens} tokens)"), ("decode", f"decode tok/s ({ns.gen} tokens)")):
+        n = ns.prompt_tokens if key == "prefill" else ns.gen
+        ours, theirs = n / a[f"{key}_s"], n / b[f"{key}_s"]
+        rows.append((label, f"{ours:.2f}", f"{theirs:.2f}", f"{ours / theirs:.2f}"))
+    rows.append(("peak RSS (GiB)", f"{a['peak_rss'] / 2**30:.2f}", f"{b['peak_rss'] / 2**30:.2f}",
+                 f"{a['peak_rss'] / b['peak_rss']:.2f}"))
+    rows.append(("load s", f"{a['load_s']:.1f}", f"{b['load_s']:.1f}", ""))
+    print(f"model {ns.model} ({size / 2**30:.2f} GiB), threads {ns.threads}, llama-cpp-python {b['version']}, "
+          f"llama.cpp extra buffer types {'on' if ns.llama_extra_bufts else 'OFF'}; "
+          f"hetero_rt rules {ns.rules} dtype {ns.dtype}; hetero_rt JIT warm-up {a['warmup_s']:.1f} s (untimed)")
+    gbs = [token_bytes * ns.gen / r["decode_s"] / 1e9 for r in (a, b)]
+    rows.append(("decode weight GB/s (share of read BW)", f"{gbs[0]:.2f} ({gbs[0] / bandwidth:.0%})",
+                 f"{gbs[1]:.2f} ({gbs[1] / bandwidth:.0%})", f"{gbs[0] / gbs[1]:.2f}"))
+    print(f"memory read bandwidth measured now ({ns.threads} threads): {bandwidth:.1f} GB/s; weights read per "
+          f"decode token (stored bytes, routed experts k/E of theirs, embedding row only): {token_bytes / 1e9:.2f} GB")
+    print("| | hetero_rt | llama.cpp | ratio |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"agreement over a {ns.agree_tokens}-token prompt: top-1 {agree * 100:.1f}%, "
+          f"max |logit diff| / max |logit| = {diff:.2e}")
+    return 0
+
+
+
+def _worker_main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="one engine of hetero_rt.bench.llama_cpp.compare (internal)")
+    p.add_argument("model")
+    p.add_argument("--worker", choices=["llama", "hetero"], required=True)
+    p.add_argument("--ids", required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--prompt-tokens", type=int, required=True)
+    p.add_argument("--gen", type=int, required=True)
+    p.add_argument("--rules", required=True)
+    p.add_argument("--dtype", required=True)
+    p.add_argument("--no-llama-extra-bufts", dest="llama_extra_bufts", action="store_false")
+    return worker(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
