@@ -14,21 +14,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..placement.schema import HeteroSpec
+from ..api import load
+from ..experts.hetero import install, make_policy
 from ..experts.hetero.cost_model import CostModel
 from ..experts.hetero.expert_cache import ExpertCache, belady_hits, simulate
 from ..experts.hetero.prefetch import Copier
+from ..placement.schema import HeteroSpec
 from .routing import RoutingRecorder, random_prompts, record_routing
-from ..experts.hetero import install, make_policy
 
 
 def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
           profile_prompts: int = 4, seed: int = 0, repeats: int = 2, cost: CostModel = CostModel()) -> str:
-    import hetero_rt
     rules = Path(tempfile.mkdtemp()) / "numba.yaml"
     rules.write_text(f"defaults: {{device: cuda, dtype: {dtype}}}\nrules:\n  - match: {{kind: routed_experts}}\n"
                      "    place: {device: cpu, backend: numba}\n")
-    rt = hetero_rt.load(path, rules, cpu_fallback=True)
+    rt = load(path, rules, cpu_fallback=True)
     args = rt.args
     moe = [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
     prompt = random_prompts(1, prompt_len, args.vocab_size, seed + 1)[0]

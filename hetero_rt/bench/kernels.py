@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-import numba
-
 from ..experts.numba_backend import NumbaExperts
-from ..kernels.threads import default_threads
 from ..experts.torch_backend import TorchExperts
-from ..quant.ggml import FORMATS, quantize
 from ..kernels.dot import block_sums, dot_row, dot_row_i8, quantize_act
+from ..kernels.moe import moe_forward
+from ..kernels.threads import default_threads, use_threads
+from ..quant.ggml import FORMATS, quantize
+from . import llama_cpp_ref
 
 SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
 MODEL_EXPERTS = {"v3": 256, "v2-lite": 64}   # routed experts per layer of the real model
@@ -221,7 +221,6 @@ def _round(ne, ref, int8: bool, baseline, tokens: int, k: int, dim: int, n_route
 
 def _llama(ne: NumbaExperts, dim: int, inter: int, max_tokens: int, k: int, threads: int, log):
     """llama.cpp's MoE graph over a copy of ne's bytes; None (logged) when it cannot run here."""
-    from . import llama_cpp_ref
     if not llama_cpp_ref.available():
         return None
     ref = llama_cpp_ref.GgmlMoE(ne.w1, ne.w3, ne.w2, ne.fmt13.name, ne.fmt2.name, dim, inter, max_tokens, k,
@@ -251,7 +250,7 @@ def run(shapes: list[str], formats: list[str], token_counts: list[int], threads:
     """Run the benchmark; returns a markdown report. llama: add llama.cpp rows when llama_cpp is
     importable; int8: add decode rows with int8 activations for the block formats."""
     threads = threads or default_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    use_threads(threads)
     torch.set_num_threads(threads)
     for f in formats:
         if f not in FORMATS:
@@ -326,7 +325,6 @@ def wrapper_overhead(fmt: str = "q4_k", calls: int = 2000, log=print) -> str:
     """First-call time (JIT compile, or numba cache load) and the per-call cost of the Python wrapper
     at decode: NumbaExperts.run and forward (torch in/out) against moe_forward called directly, on
     experts so small (E=8, D=256, I=256, top-2) that the kernels' own work is a few microseconds."""
-    from ..kernels.moe import moe_forward
     ne = make_experts(fmt, 8, 256, 256, threads=default_threads())
     first = ne.warmup()
     x = np.ones((1, 256), np.float32)

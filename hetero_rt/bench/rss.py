@@ -17,6 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint.names import hf_tensor_shapes
+from ..checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
+from ..config import ModelArgs
+
 
 # Run in the child process. argv[1]: checkpoint directory. Prints one JSON line.
 _CHILD = r"""
@@ -100,10 +104,6 @@ def _run_child(code: str, argv: list[str], directory) -> LoadRSS:
 def write_sized_checkpoint(directory: str | Path, size_bytes: int, seed: int = 0) -> Path:
     """A synthetic DeepSeek-V3-architecture checkpoint (demo shapes, bf16) with enough MoE layers to
     hold at least size_bytes of weights."""
-    from ..config import ModelArgs
-    from ..checkpoint.names import hf_tensor_shapes
-    from ..checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
-
     layers = 2
     while True:
         cfg = synthetic_config("demo", num_hidden_layers=layers)

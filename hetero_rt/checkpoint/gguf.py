@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError
@@ -83,10 +85,8 @@ class GGUFCheckpoint:
 
     def dequantize(self, name: str) -> np.ndarray:
         """fp32 copy in numpy shape (the exact reference for quantized types)."""
-        from gguf.quants import dequantize
-
         _, t = self._get(name)
-        out = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.info(name).shape)
+        out = np.asarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.info(name).shape)
         return out if out.flags.writeable else out.copy()  # F32 comes back as the read-only map itself
 
     def total_bytes(self) -> int:
@@ -148,8 +148,6 @@ def split_files(path: Path) -> list[Path]:
 
 
 def _open_reader(file: Path):
-    from gguf import GGUFReader
-
     size = file.stat().st_size
     try:
         reader = GGUFReader(file)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
 from ..errors import CheckpointError
 
 # tokenizer.ggml.pre -> the regex splits (each 'Isolated') that precede the byte-level mapping.
@@ -35,9 +37,6 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 def gguf_tokenizer(meta: dict[str, Any], source: str):
     """-> (tokenizers.Tokenizer, bos text, eos texts, add_bos, chat template) from GGUF metadata."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import AddedToken
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise CheckpointError(f"{source}: tokenizer.ggml.model is {kind!r}; hetero_rt reads byte-level BPE "

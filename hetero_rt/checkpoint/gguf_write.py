@@ -20,10 +20,12 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
+import gguf
 import numpy as np
 import torch
 
 from ..quant.ggml import quantize as ggml_quantize
+from .gguf_tokenizer import PRE_TOKENIZERS
 from .names import EXPERT_NAMES, GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES
 
 _HF_LAYER_TO_GGUF = {hf: next(g for g, o in GGUF_LAYER_NAMES.items() if o == ours)
@@ -63,8 +65,6 @@ def write_gguf(out: str | Path, config: Mapping, tensors: Mapping[str, torch.Ten
                types: TypeRule | str = "F32", tokenizer_dir: str | Path | None = None,
                kv_b: str = "split", split_max_tensors: int = 0) -> list[Path]:
     """Write the model; returns the files written (several with split_max_tensors > 0)."""
-    import gguf
-
     rule = (MIXES.get(types) or uniform(types)) if isinstance(types, str) else types
     if not config.get("rope_interleave", True):
         raise ValueError("llama.cpp's deepseek2 rotates adjacent pairs; a config with rope_interleave=false "
@@ -179,8 +179,6 @@ def _tokenizer(w, directory: Path, config: Mapping) -> None:
 
 def _pre_name(tj: dict) -> str:
     """llama.cpp's pre-tokenizer name for a tokenizer.json's pre_tokenizer (see gguf_tokenizer.py)."""
-    from .gguf_tokenizer import PRE_TOKENIZERS
-
     pre = tj.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -237,8 +235,6 @@ def _thunk(t):
 
 def _layout(shape: tuple[int, ...], qtype: str):
     """(numpy dtype, shape, bytes) of the encoded tensor as written."""
-    import gguf
-
     if qtype == "F32":
         return np.dtype(np.float32), shape, 4 * int(np.prod(shape))
     if qtype == "F16":
@@ -255,8 +251,6 @@ def _np(t) -> np.ndarray:
 
 
 def _encode(a: np.ndarray, qtype: str):
-    import gguf
-
     raw = gguf.GGMLQuantizationType[qtype]
     if qtype == "F32":
         return np.ascontiguousarray(a, np.float32)

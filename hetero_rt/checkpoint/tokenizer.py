@@ -5,10 +5,17 @@ transformers does), and a streaming decoder that emits only text that can no lon
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as Backend
+
 from ..errors import CheckpointError, InputError
+from .gguf_tokenizer import gguf_tokenizer
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
 
@@ -27,8 +34,6 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
-        from tokenizers import Tokenizer as Backend
-
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -47,8 +52,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, meta: dict, source: str) -> "Tokenizer":
         """The vocabulary, special tokens and chat template a GGUF carries in its metadata."""
-        from .gguf_tokenizer import gguf_tokenizer
-
         backend, bos, eos, add_bos, template = gguf_tokenizer(meta, source)
         return cls(backend, bos, eos, add_bos, template, (), source)
 
@@ -154,12 +157,6 @@ def _template(value: Any, path: Path) -> str | None:
 def _jinja_env():
     """The environment transformers renders chat templates in (untrusted code from the Hub, so
     sandboxed): loop controls, a tojson that keeps non-ASCII, raise_exception and strftime_now."""
-    from datetime import datetime
-
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise TemplateError(message)
 

@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)  # ids 0..3, in this order
@@ -69,8 +71,6 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 2048, *, model_max_length: 
 def _train(vocab_size: int):
     """BPE trained on corpus(), doubled until it has text for vocab_size tokens (the trainer stops early
     when no pair is left to merge), so the vocabulary is exactly vocab_size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     n_lines = 600
     while True:
         tok = Tokenizer(models.BPE())

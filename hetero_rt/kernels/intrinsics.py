@@ -11,7 +11,8 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
 """
 from __future__ import annotations
 
-from llvmlite import ir
+import numba
+from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -149,8 +150,6 @@ _V8F32 = ir.VectorType(ir.FloatType(), 8)
 def cpu_has(*features: str) -> bool:
     """Whether the CPU numba compiles for has every one of these LLVM features ("avx512f", ...): the
     host's, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target."""
-    import numba
-    from llvmlite import binding
     given = numba.config.CPU_FEATURES
     if given is None and not numba.config.CPU_NAME:
         host = binding.get_host_cpu_features()
