@@ -10,8 +10,9 @@ from .checkpoint.source import open_source
 from .config import ModelArgs
 from .errors import HeteroRTError
 from .placement.apply import TORCH_DTYPES, load_model
+from .placement.defaults import default_rules
 from .placement.plan import Plan, resolve
-from .placement.schema import Place, RuleSet, load_rules
+from .placement.schema import load_rules
 from .runtime.engine import Runtime
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -22,16 +23,18 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     """Load a Hugging Face DeepSeek-V2/V3/Kimi-K2 checkpoint directory or a deepseek2 GGUF file
     (`model.gguf`, or any part of a split `model-0000K-of-0000N.gguf`).
 
-    rules:        a placement YAML (see docs/placement_rules.md); None puts everything on `device`.
+    rules:        a placement YAML (see docs/placement_rules.md); None: the default placement
+                  (placement.defaults: for a GGUF on the CPU, every weight kept as stored, like
+                  placement_rules/gguf-cpu-only.yaml; else everything on `device`).
     context:      KV-cache positions to preallocate (default min(max_position_embeddings, 4096)).
     dtype:        weight/activation dtype when the rules do not set one (default float32 for fp32
-                  checkpoints, else bfloat16).
+                  checkpoints and for the default placement of a GGUF on the CPU, else bfloat16).
     device:       without rules, where the whole model runs ("cpu" by default, "cuda").
     cpu_fallback: map every device the rules name to the CPU (for machines without a GPU).
     """
     source = open_source(path)
     args = source.args()
-    plan = make_plan(args, rules, device, cpu_fallback)
+    plan = make_plan(args, rules, device, cpu_fallback, in_place=source.in_place, dtype=dtype)
     if plan.cpu_fallback:
         print(f"hetero_rt: cpu_fallback: the placement in {plan.source} is kept as written, but every device "
               f"is mapped to the CPU", file=sys.stderr)
@@ -42,15 +45,22 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
 
 
 def make_plan(args: ModelArgs, rules: str | Path | None, device: str | None, cpu_fallback: bool,
-              check_devices: bool = True) -> Plan:
-    """check_devices=False plans for the GPU the rules name without checking this machine has one."""
+              check_devices: bool = True, in_place: bool = False, dtype: str | torch.dtype | None = None) -> Plan:
+    """Without rules, the default placement (placement.defaults) for `device`, for a checkpoint whose
+    formats the CPU kernels read in place when in_place (GGUF), in `dtype` when given.
+    check_devices=False plans for the GPU the rules name without checking this machine has one."""
     if rules is None:
-        ruleset = RuleSet(f"<device={device or 'cpu'}>", Place(device=device or "cpu"))
+        ruleset = default_rules(args, device, in_place, None if dtype is None else dtype_name(dtype))
     elif device is not None:
         raise HeteroRTError("pass either placement rules or device, not both: devices come from the rules")
     else:
         ruleset = load_rules(rules)
     return resolve(args, ruleset, cpu_fallback, check_devices)
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The placement name (float32, bfloat16, float16) of a dtype given as a name, alias or torch dtype."""
+    return next(n for n, t in TORCH_DTYPES.items() if t == resolve_dtype(dtype))
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

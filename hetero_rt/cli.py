@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint directory: config.json plus *.safetensors (only headers are read), "
                            "tensor_shapes.json.gz, or nothing (shapes derived from config.json, bf16); "
                            "or a .gguf file (headers only)")
-    plan.add_argument("--rules", default=None, help="placement YAML (default: everything on the CPU)")
+    plan.add_argument("--rules", default=None, help="placement YAML (default: everything on the CPU; a GGUF's "
+                                                    "weights kept as stored)")
     plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB")
     plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB")
     plan.add_argument("--context", type=int, default=4096, help="KV-cache positions to plan for")
@@ -111,7 +112,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         ns.write_rules.write_text(text)
         print(f"wrote {ns.write_rules}", file=sys.stderr)
         ns.rules = ns.write_rules
-    plan = make_plan(args, ns.rules, None, cpu_fallback=False, check_devices=False)
+    plan = make_plan(args, ns.rules, None, cpu_fallback=False, check_devices=False, in_place=source.in_place,
+                     dtype=ns.dtype)
     budgets = {}
     if ns.gpu_mem:
         budgets.update({d: parse_bytes(ns.gpu_mem, "--gpu-mem") for d in set(plan.written_devices)

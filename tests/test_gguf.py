@@ -16,7 +16,10 @@ from hetero_rt.checkpoint.tokenizer import Tokenizer
 from hf_models import hf_logits
 
 IDS = [3, 17, 42, 5, 88, 61, 0, 23, 9, 77, 31, 12, 50, 4, 66, 8]
-BACKENDS = {"torch": None, "numba": "placement_rules/cpu-only.yaml"}
+FIXTURES = Path(__file__).parent / "fixtures"
+# The torch reference, numba experts with the dense part dequantized, and the default placement (no
+# rules: numba experts and the dense projections as stored, placement.defaults).
+BACKENDS = {"torch": FIXTURES / "torch-cpu.yaml", "numba": "placement_rules/cpu-only.yaml", "default": None}
 # YaRN in GGUF keeps one magnitude (yarn_log_multiplier = 0.1 * mscale_all_dim): mscale == mscale_all_dim,
 # as in every released DeepSeek-V3/R1 and Kimi-K2 config.
 YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
@@ -30,7 +33,8 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor"
 def test_f32_gguf_matches_transformers(tmp_path, variant, extra, backend):
     model, path, _ = make_gguf(variant, tmp_path, "F32", **extra)
     rt = hetero_rt.load(path, BACKENDS[backend], dtype="float32")
-    assert type(rt.model.layers[1].ffn.experts).__name__ == ("NumbaExperts" if backend == "numba" else "TorchExperts")
+    assert type(rt.model.layers[1].ffn.experts).__name__ == ("TorchExperts" if backend == "torch" else "NumbaExperts")
+    assert (getattr(rt.model.layers[1].attn.wo, "stored", None) is not None) == (backend == "default")
     ref = hf_logits(model, IDS)
     assert rel_err(rt.logits(IDS), ref) <= 1e-4
     assert ref.std() > 0.1
@@ -50,7 +54,7 @@ def test_quantized_gguf_matches_dequantized_reference(tmp_path, types, backend):
     ref_model = dequantized_reference(model, path, cfg)
     ref = hf_logits(ref_model, IDS)
     rt = hetero_rt.load(path, BACKENDS[backend], dtype="float32")
-    if backend == "numba":  # experts run in place in their stored format
+    if backend != "torch":  # experts run in place in their stored format
         with GGUFCheckpoint(path) as ck:
             stored = ck.info("blk.1.ffn_gate_exps.weight").type.lower()
         assert rt.model.layers[1].ffn.experts.fmt13.name == {"bf16": "bf16", "f16": "fp16"}.get(stored, stored)

@@ -147,7 +147,7 @@ class Options:
     prompt_tokens: int = 512
     gen: int = 32
     agree_tokens: int = 64
-    rules: str = "placement_rules/gguf-cpu-only.yaml"
+    rules: str | None = None     # None: the default placement (a GGUF on the CPU: every weight as stored)
     dtype: str = "float32"
     seed: int = 0
     llama_extra_bufts: bool = True
@@ -168,7 +168,7 @@ def compare(ns: Options) -> int:
         results = {}
         for name in ("llama", "hetero"):
             cmd = [sys.executable, "-c", _RUN_FILE, __file__, ns.model, "--worker", name, "--ids", str(ids), "--threads", str(ns.threads),
-                   "--prompt-tokens", str(ns.prompt_tokens), "--gen", str(ns.gen), "--rules", ns.rules,
+                   "--prompt-tokens", str(ns.prompt_tokens), "--gen", str(ns.gen), "--rules", ns.rules or "",
                    "--dtype", ns.dtype] + ([] if ns.llama_extra_bufts else ["--no-llama-extra-bufts"])
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -191,7 +191,7 @@ def compare(ns: Options) -> int:
     rows.append(("load s", f"{a['load_s']:.1f}", f"{b['load_s']:.1f}", ""))
     print(f"model {ns.model} ({size / 2**30:.2f} GiB), threads {ns.threads}, llama-cpp-python {b['version']}, "
           f"llama.cpp extra buffer types {'on' if ns.llama_extra_bufts else 'OFF'}; "
-          f"hetero_rt rules {ns.rules} dtype {ns.dtype}; hetero_rt JIT warm-up {a['warmup_s']:.1f} s (untimed)")
+          f"hetero_rt rules {ns.rules or 'none (the default placement)'} dtype {ns.dtype}; hetero_rt JIT warm-up {a['warmup_s']:.1f} s (untimed)")
     gbs = [token_bytes * ns.gen / r["decode_s"] / 1e9 for r in (a, b)]
     rows.append(("decode weight GB/s (share of read BW)", f"{gbs[0]:.2f} ({gbs[0] / bandwidth:.0%})",
                  f"{gbs[1]:.2f} ({gbs[1] / bandwidth:.0%})", f"{gbs[0] / gbs[1]:.2f}"))
@@ -217,7 +217,9 @@ def _worker_main(argv=None) -> int:
     p.add_argument("--rules", required=True)
     p.add_argument("--dtype", required=True)
     p.add_argument("--no-llama-extra-bufts", dest="llama_extra_bufts", action="store_false")
-    return worker(p.parse_args(argv))
+    ns = p.parse_args(argv)
+    ns.rules = ns.rules or None
+    return worker(ns)
 
 
 if __name__ == "__main__":

@@ -49,16 +49,16 @@ print(json.dumps({"checkpoint_bytes": ckpt.total_bytes(), "peak_rss_bytes": peak
 """
 
 
-# Run in the child process: hetero_rt.load() of a whole model plus one forward. argv[1]: directory,
-# argv[2]: placement rules or "".
+# Run in the child process: hetero_rt.load() of a whole model plus one forward. argv[1]: checkpoint
+# (directory or GGUF), argv[2]: placement rules or "" (the default placement).
 _CHILD_MODEL = _CHILD[:_CHILD.index("baseline = ")] + r"""
 import hetero_rt
-from hetero_rt.checkpoint.safetensors import SafetensorsCheckpoint
+from hetero_rt.checkpoint.source import open_source
 
 baseline = peak_rss()
 rt = hetero_rt.load(sys.argv[1], sys.argv[2] or None, cpu_fallback=True)
 rt.logits([1, 2, 3, 4])
-print(json.dumps({"checkpoint_bytes": SafetensorsCheckpoint(sys.argv[1]).total_bytes(),
+print(json.dumps({"checkpoint_bytes": open_source(sys.argv[1]).ckpt.total_bytes(),
                   "peak_rss_bytes": peak_rss(), "baseline_rss_bytes": baseline}))
 """
 
@@ -88,8 +88,8 @@ def measure_load_peak_rss(directory: str | Path) -> LoadRSS:
 
 
 def measure_model_load_peak_rss(directory: str | Path, rules: str | Path | None = None) -> LoadRSS:
-    """hetero_rt.load() the model (with `rules`, CPU fallback) and run one forward in a fresh
-    process; return its peak RSS."""
+    """hetero_rt.load() the model (a checkpoint directory or a GGUF; with `rules`, CPU fallback, or
+    the default placement) and run one forward in a fresh process; return its peak RSS."""
     return _run_child(_CHILD_MODEL, [str(directory), str(rules or "")], directory)
 
 

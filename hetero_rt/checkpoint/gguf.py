@@ -62,6 +62,8 @@ class GGUFCheckpoint:
                     raise CheckpointError(f"{file}: tensor '{t.name}' also appears in "
                                           f"{self.files[self._tensors[t.name][0]]}")
                 self._tensors[t.name] = (i, t)
+        for reader in self._readers:   # parsed fields hold numpy views per array element (about 200 MB for a
+            reader.fields = {}         # 100k-token vocabulary); their values are in self.meta now
         arch = self.meta.get("general.architecture")
         if arch != ARCH:
             raise CheckpointError(f"{self.files[0]}: general.architecture is {arch!r}; hetero_rt runs "

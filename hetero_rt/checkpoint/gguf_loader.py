@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..experts.weights import ExpertWeights, stacked_shapes
-from ..kernels.stored import stored_parameter
+from ..kernels.stored import Scratch, stored_parameter
 from ..quant import fp8
 from ..quant.ggml import format_of_dtype
 from .gguf import KERNEL_FORMATS, GGUFCheckpoint
@@ -42,6 +42,7 @@ class GGUFLoader:
         self.ckpt, self.args = ckpt, args
         self.log = log or (lambda msg: print(f"hetero_rt: {msg}", file=sys.stderr))
         self.used: set[str] = set()
+        self.scratch = Scratch()         # the decode block every stored weight of this model shares
 
     def expert_weights(self, layer: int, backend, dtype: torch.dtype) -> ExpertWeights:
         """backend: the layer's experts.registry.Backend; dtype: the experts' placement dtype."""
@@ -85,7 +86,7 @@ class GGUFLoader:
                 w = _kv_b(ckpt, name, shape, used)
             elif fmt == "stored" and len(shape) == 2:
                 src = gguf_name(name)
-                param = _stored(ckpt, src, shape, name, self.log)
+                param = _stored(ckpt, src, shape, name, self.log, self.scratch, dtype)
                 used.add(src)
                 if param is not None:
                     _assign_param(model, name, param)
@@ -104,9 +105,10 @@ class GGUFLoader:
         _check_unused(ckpt, used)
 
 
-def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, log):
-    """The GGUF tensor as a stored-format parameter (kernels.stored), or None (with a notice) when the
-    kernels do not read its type."""
+def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, log, scratch: Scratch,
+            dtype: torch.dtype):
+    """The GGUF tensor as a stored-format parameter (kernels.stored) sharing `scratch`, its looked-up
+    rows in `dtype`, or None (with a notice) when the kernels do not read its type."""
     _require(ckpt, src, ours)
     info = ckpt.info(src)
     if info.shape != shape:
@@ -116,7 +118,7 @@ def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, l
     if fmt is None:
         log(f"{src}: {info.type} has no numba kernel: dequantized at load instead of format: stored")
         return None
-    return stored_parameter(_bytes(ckpt.raw(src)), fmt)
+    return stored_parameter(_bytes(ckpt.raw(src)), fmt, scratch=scratch, dtype=dtype)
 
 
 def _assign_param(model: nn.Module, name: str, param: nn.Parameter) -> None:

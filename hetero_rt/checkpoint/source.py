@@ -34,6 +34,8 @@ def open_source(path: str | Path) -> "DirectorySource | GGUFSource":
 
 
 class DirectorySource:
+    in_place = False     # safetensors weights arrive in the placement dtype (see loader.py)
+
     def __init__(self, path: Path):
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or directory; pass a checkpoint directory "
@@ -83,6 +85,8 @@ class DirectorySource:
 
 
 class GGUFSource:
+    in_place = True      # ggml types the CPU kernels read in place (experts.registry, kernels.stored)
+
     def __init__(self, path: Path):
         self.path = path
         self.ckpt = GGUFCheckpoint(path)

@@ -39,6 +39,14 @@ def gemv(fmt, w, x, y):
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def gather_rows(fmt, w, ids, out):
+    """out (T, C) fp32 = rows ids[0], ids[1], ... of W decoded from its stored bytes w (R, RB)."""
+    cols = out.shape[1]
+    for t in prange(ids.shape[0]):
+        decode_tile(fmt, w, ids[t], 1, 0, cols, out[t:t + 1])
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
 def decode_rows(fmt, w, r0, out):
     """out (n, C) fp32 = rows r0 .. r0+n-1 of W decoded from its stored bytes w (R, RB)."""
     n = out.shape[0]

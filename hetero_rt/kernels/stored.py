@@ -3,7 +3,9 @@ multiplied in place by the numba kernels of kernels.linear: what `format: stored
 placement rules gives the dense projections of a GGUF model that run on the CPU.
 
 The model sees an nn.Parameter holding the raw bytes (R, row_bytes) uint8 with this object as its
-`.stored` attribute; model.layers.linear() and quant.fp8.materialize() dispatch on it.
+`.stored` attribute; model.layers.linear(), model.layers.embedding() and quant.fp8.materialize()
+dispatch on it. The stored weights of one model share one Scratch (the fp32 block the GEMM path
+decodes into), so the decode buffers cost one block, not one per weight.
 """
 from __future__ import annotations
 
@@ -13,15 +15,30 @@ import numpy as np
 import torch
 
 from ..quant.ggml import get_format
-from .linear import decode_rows, gemv
+from .linear import decode_rows, gather_rows, gemv
 from .threads import default_threads, use_threads
 
 GEMV_MAX_TOKENS = 8        # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
 BLOCK_ROWS = 1024          # rows decoded to fp32 at a time for the GEMM path
 
 
+class Scratch:
+    """An fp32 buffer grown to the largest block asked for; shared by the stored weights of one model,
+    whose forward runs in one thread at a time."""
+
+    def __init__(self):
+        self._buf = np.empty(0, np.float32)
+
+    def block(self, rows: int, cols: int) -> np.ndarray:
+        if self._buf.size < rows * cols:
+            self._buf = np.empty(rows * cols, np.float32)
+        return self._buf[:rows * cols].reshape(rows, cols)
+
+
 class StoredWeight:
-    def __init__(self, raw: np.ndarray, fmt: str, threads: int | None = None):
+    def __init__(self, raw: np.ndarray, fmt: str, threads: int | None = None, scratch: Scratch | None = None,
+                 dtype: torch.dtype = torch.float32):
+        """dtype: of the rows embedding() returns (matmul returns x's dtype)."""
         self.fmt = get_format(fmt)
         if raw.dtype != np.uint8 or raw.ndim != 2 or not raw.flags.c_contiguous:
             raise ValueError(f"stored weight: expected C-contiguous uint8 (rows, row_bytes), got {raw.dtype} "
@@ -29,7 +46,8 @@ class StoredWeight:
         self.raw = raw
         self.shape = (raw.shape[0], self.fmt.cols(raw.shape[1]))
         self.threads = threads or default_threads()
-        self._block = None
+        self.scratch = scratch or Scratch()
+        self.dtype = dtype
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., C) -> (..., R) in x's dtype."""
@@ -47,14 +65,24 @@ class StoredWeight:
             out = torch.from_numpy(y)
         else:
             out = torch.empty(xs.shape[0], rows, dtype=torch.float32)
-            if self._block is None:
-                self._block = np.empty((min(BLOCK_ROWS, rows), cols), np.float32)
+            block = self.scratch.block(min(BLOCK_ROWS, rows), cols)
             for r0 in range(0, rows, BLOCK_ROWS):
                 n = min(BLOCK_ROWS, rows - r0)
-                blk = self._block[:n]
+                blk = block[:n]
                 decode_rows(self.fmt.code, self.raw, r0, blk)
                 out[:, r0:r0 + n] = xs @ torch.from_numpy(blk).T
         return out.reshape(*lead, rows).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (T,) int64 -> the rows (T, C) in self.dtype (an embedding lookup, decoded in place)."""
+        idx = ids.detach().to("cpu", torch.int64).contiguous().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"stored weight {self.shape}: row ids must lie in [0, {self.shape[0]}), got "
+                             f"min {idx.min()} max {idx.max()}")
+        out = np.empty((idx.shape[0], self.shape[1]), np.float32)
+        use_threads(self.threads)
+        gather_rows(self.fmt.code, self.raw, idx, out)
+        return torch.from_numpy(out).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         out = np.empty(self.shape, np.float32)
@@ -62,8 +90,9 @@ class StoredWeight:
         return torch.from_numpy(out)
 
 
-def stored_parameter(raw: np.ndarray, fmt: str, threads: int | None = None) -> torch.nn.Parameter:
-    weight = StoredWeight(raw, fmt, threads)
+def stored_parameter(raw: np.ndarray, fmt: str, threads: int | None = None, scratch: Scratch | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.nn.Parameter:
+    weight = StoredWeight(raw, fmt, threads, scratch, dtype)
     with warnings.catch_warnings():  # read-only memory map: the parameter is never written
         warnings.simplefilter("ignore", UserWarning)
         param = torch.nn.Parameter(torch.from_numpy(raw), requires_grad=False)

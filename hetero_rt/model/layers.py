@@ -33,6 +33,13 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, materialize(w, x.dtype))
 
 
+def embedding(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """ids (T,) -> rows (T, D) of w (Vocab, D); a weight in its stored GGUF format is decoded row by row
+    in place."""
+    stored = getattr(w, "stored", None)
+    return stored.rows(ids) if stored is not None else F.embedding(ids, w)
+
+
 class MLP(nn.Module):
     """SwiGLU FFN: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
 

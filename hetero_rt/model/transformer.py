@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..experts import TorchExperts
-from .layers import MLP, RMSNorm, linear
+from .layers import MLP, RMSNorm, embedding, linear
 from .mla import MLA, Rope
 from .moe import MoE
 
@@ -57,7 +57,7 @@ class Transformer(nn.Module):
         Returns fp32 logits (T, Vocab), or (1, Vocab) for the last token with last_only."""
         if absorbed is None:
             absorbed = tokens.shape[0] == 1
-        h = self.embed(tokens)                                           # (T, D)
+        h = embedding(tokens, self.embed.weight)                         # (T, D)
         for i, block in enumerate(self.layers):
             h = block(h, start, rope, cache[i], absorbed)
         if last_only:

@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # as the file stores them (ggml types, multiplied in place by numba kernels: kernels.stored).
 FORMATS = ("dtype", "float8_e4m3", "stored")
 FP8_KINDS = ("attention", "shared_experts", "dense_mlp")  # the kinds whose matmuls expand FP8 weights
-FORMAT_KINDS = {"float8_e4m3": FP8_KINDS, "stored": FP8_KINDS + ("lm_head",)}
+FORMAT_KINDS = {"float8_e4m3": FP8_KINDS, "stored": FP8_KINDS + ("lm_head", "embedding")}
 PLACE_KEYS = ("device", "dtype", "format", "backend", "threads", "activations", "hetero")
 HETERO_KEYS = ("cache", "policy", "profile", "decay", "prefetch", "overlap", "defer", "stream", "pcie_gbps",
                "cpu_gflops")
