@@ -53,6 +53,9 @@ class MemoryPlan:
     budgets: dict[str, int]
     context: int
     expert_layer_bytes: dict[int, int]                       # per MoE layer, routed experts
+    # (kind, ggml type, placed dtype) -> [tensors, stored bytes, bytes after load]: placed to run as
+    # stored, but a type without a kernel: dequantized at load (the loader says so too)
+    dequantized: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
 
     def over(self) -> dict[str, int]:
         return {d: self.devices[d].total - b for d, b in self.budgets.items()
@@ -70,6 +73,9 @@ class MemoryPlan:
             if mem.working:
                 lines.append(f"  working buffers          {fmt_bytes(mem.working):>12s}")
             lines.append(f"  total                    {fmt_bytes(mem.total):>12s}")
+        for (kind, ggml, placed), (n, stored, loaded) in sorted(self.dequantized.items()):
+            lines.append(f"notice: {n} {kind} {'matrix' if n == 1 else 'matrices'} in {ggml} have no kernel that reads them in place: "
+                         f"dequantized at load to {placed}, {fmt_bytes(stored)} in the file -> {fmt_bytes(loaded)}")
         lines.append(self.verdict())
         return "\n".join(lines)
 
@@ -106,6 +112,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
     devices: dict[str, DeviceMemory] = {}
     expert_layers: dict[int, int] = {}
     expand = 0  # largest transient dense copy of an FP8 weight during its matmul
+    dequantized: dict[tuple[str, str, str], list[int]] = {}
     for name, (dtype, shape) in tensors.items():
         if name.endswith("_scale_inv"):
             continue
@@ -115,9 +122,16 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
         stored = KERNEL_FORMATS.get(dtype)
-        if stored is not None and ((p.module.kind == "routed_experts" and registry.get(p.backend).runs_stored(stored))
-                                   or (p.format == "stored" and len(shape) == 2)):
+        as_stored = ((p.module.kind == "routed_experts" and bool(registry.get(p.backend).stored_formats))
+                     or (p.format == "stored" and len(shape) == 2))
+        if as_stored and stored is not None and (p.module.kind != "routed_experts"
+                                                 or registry.get(p.backend).runs_stored(stored)):
             nbytes = _ggml_bytes(dtype, shape)  # GGUF weights kept in the memory map, in their stored format
+        elif as_stored and dtype in GGMLQuantizationType.__members__:
+            entry = dequantized.setdefault((p.module.kind, dtype, placed), [0, 0, 0])
+            entry[0] += 1
+            entry[1] += _ggml_bytes(dtype, shape)
+            entry[2] += nbytes
         if p.format == "float8_e4m3" and len(shape) == 2:  # 1 byte per value + an fp32 scale per 128x128
             nbytes = math.prod(shape) + 4 * math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
             expand = max(expand, math.prod(shape) * DTYPE_BYTES[placed] + 8 * 1024 * shape[1])
@@ -133,7 +147,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
     main.working = working_bytes(args, context, main_dtype) + expand
     if any(_has_gpu_cache(p) for p in plan.placements):  # the hetero layers' fp32 (T, D) accumulators
         main.working += 2 * PREFILL_CHUNK * args.hidden_size * 4
-    return MemoryPlan(devices, budgets or {}, context, expert_layers)
+    return MemoryPlan(devices, budgets or {}, context, expert_layers, dequantized)
 
 
 def expert_cache_bytes(args: ModelArgs, plan: Plan, dtype: str) -> int:
