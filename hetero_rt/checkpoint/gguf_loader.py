@@ -28,7 +28,7 @@ from ..kernels.stored import Scratch, stored_parameter
 from ..quant import fp8
 from ..quant.ggml import format_of_dtype
 from .gguf import KERNEL_FORMATS, GGUFCheckpoint
-from .loader import EXPERT_PARAM, KEEP_FP32, Where, assign
+from .loader import Where, assign, dense_params
 from .names import GGUF_KV_B_SPLIT, gguf_name
 
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.nextn\..*)$")
@@ -76,17 +76,13 @@ class GGUFLoader:
     def load(self, model: nn.Module, where: Where) -> None:
         """Every parameter but the routed experts; where(our name) -> (device, dtype, format)."""
         ckpt, used = self.ckpt, self.used
-        for name, param in list(model.named_parameters()):
-            if EXPERT_PARAM.match(name):
-                continue
-            device, dtype, fmt = where(name)
-            want = torch.float32 if KEEP_FP32.search(name) else dtype
+        for name, param, device, want, fmt in dense_params(model, where):
             shape = tuple(param.shape)
             if name.endswith("attn.wkv_b"):
                 w = _kv_b(ckpt, name, shape, used)
             elif fmt == "stored" and len(shape) == 2:
                 src = gguf_name(name)
-                param = _stored(ckpt, src, shape, name, self.log, self.scratch, dtype)
+                param = _stored(ckpt, src, shape, name, self.log, self.scratch, want)
                 used.add(src)
                 if param is not None:
                     _assign_param(model, name, param)

@@ -30,6 +30,16 @@ KEEP_FP32 = re.compile(r"ffn\.gate\.bias$")
 Where = Callable[[str], tuple[torch.device, torch.dtype, str | None]]
 
 
+def dense_params(model: nn.Module, where: Where):
+    """(name, param, device, dtype to load in, format) of every parameter the loaders fill, i.e. all
+    but the routed experts (built before the model); small routing tensors stay fp32 (KEEP_FP32)."""
+    for name, param in list(model.named_parameters()):
+        if EXPERT_PARAM.match(name):
+            continue
+        device, dtype, fmt = where(name)
+        yield name, param, device, torch.float32 if KEEP_FP32.search(name) else dtype, fmt
+
+
 def build_model(args: ModelArgs, make_experts: ExpertsFactory | None = None) -> Transformer:
     with torch.device("meta"):
         return Transformer(args, make_experts)
@@ -55,11 +65,7 @@ class SafetensorsLoader:
         it is placed with (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights
         block-FP8; format "stored" (GGUF ggml types kept in place) means the same as "dtype" here."""
         ckpt, used = self.ckpt, self.used
-        for name, param in list(model.named_parameters()):
-            if EXPERT_PARAM.match(name):
-                continue
-            device, dtype, fmt = where(name)
-            want = torch.float32 if KEEP_FP32.search(name) else dtype
+        for name, param, device, want, fmt in dense_params(model, where):
             src = hf_name(name)
             _require(ckpt, src, name)
             scale = None
