@@ -13,7 +13,7 @@ from .checkpoint.synthetic import ensure_demo_checkpoint
 from .errors import HeteroRTError
 from .experts import registry
 from .placement.memory import plan_memory
-from .placement.sizes import parse_bytes
+from .placement.sizes import machine_budgets, parse_bytes
 from .placement.write import write_rules
 from .runtime.engine import print_stream
 
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "or a .gguf file (headers only)")
     plan.add_argument("--rules", default=None, help="placement YAML (default: everything on the CPU; a GGUF's "
                                                     "weights kept as stored)")
-    plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB")
-    plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB")
+    plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB (default: the GPU's own)")
+    plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB (default: this machine's RAM)")
     plan.add_argument("--context", type=int, default=4096, help="KV-cache positions to plan for")
     plan.add_argument("--dtype", default=None, help="dtype of the dense part when the rules set none")
     plan.add_argument("--write-rules", type=Path, default=None,
@@ -99,29 +99,33 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
+    gpu_mem = None if ns.gpu_mem is None else parse_bytes(ns.gpu_mem, "--gpu-mem")
+    host_mem = None if ns.host_mem is None else parse_bytes(ns.host_mem, "--host-mem")
     source = open_source(ns.model)
     args = source.args()
     tensors = source.tensor_meta(args)
     source.close()
     dtype = ns.dtype or default_dtype(tensors)
     if ns.write_rules is not None:
-        if ns.gpu_mem is None:
+        if gpu_mem is None:
             raise HeteroRTError("--write-rules needs --gpu-mem (the budget the placement must fit)")
-        text = write_rules(args, tensors, parse_bytes(ns.gpu_mem, "--gpu-mem"), ns.context, dtype,
+        text = write_rules(args, tensors, gpu_mem, ns.context, dtype,
                            ns.expert_backend)
         ns.write_rules.write_text(text)
         print(f"wrote {ns.write_rules}", file=sys.stderr)
         ns.rules = ns.write_rules
     plan = make_plan(args, ns.rules, None, cpu_fallback=False, check_devices=False, in_place=source.in_place,
                      dtype=ns.dtype)
-    budgets = {}
-    if ns.gpu_mem:
-        budgets.update({d: parse_bytes(ns.gpu_mem, "--gpu-mem") for d in set(plan.written_devices)
-                        if d.startswith("cuda")})
-    if ns.host_mem:
-        budgets["cpu"] = parse_bytes(ns.host_mem, "--host-mem")
+    gpus = {d for d in plan.written_devices if d.startswith("cuda")}
+    budgets, said = machine_budgets(({"cpu"} if host_mem is None else set()) | (gpus if gpu_mem is None else set()))
+    if gpu_mem is not None:
+        budgets.update({d: gpu_mem for d in gpus})
+    if host_mem is not None:
+        budgets["cpu"] = host_mem
     mem = plan_memory(args, plan, tensors, ns.context, plan.main.dtype or dtype, budgets)
     print(plan.describe())
+    for line in said:
+        print(line)
     print(mem.describe())
     return 0 if not mem.over() else 1
 

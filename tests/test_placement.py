@@ -20,6 +20,7 @@ from hf_models import build_hf_model, hf_logits, save_hf_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V3 = FIXTURES / "deepseek_v3"
+ROOT = Path(__file__).parent.parent
 IDS = [4, 8, 15, 16, 23, 42, 7, 1]
 
 
@@ -172,12 +173,38 @@ def test_write_rules_fits_the_budget(v3_args):
 
 def test_plan_cli_answers_from_metadata(capsys, tmp_path):
     from hetero_rt.cli import main
-    rc = main(["plan", "--model", str(V3), "--gpu-mem", "80GiB", "--write-rules", str(tmp_path / "out.yaml")])
+    rc = main(["plan", "--model", str(V3), "--gpu-mem", "80GiB", "--host-mem", "2TiB",
+               "--write-rules", str(tmp_path / "out.yaml")])
     out = capsys.readouterr().out
     assert rc == 0 and "verdict: fits" in out and "routed_experts" in out
     load_rules(tmp_path / "out.yaml")
-    assert main(["plan", "--model", str(V3), "--rules", str(tmp_path / "out.yaml"), "--gpu-mem", "40GiB"]) == 1
+    assert main(["plan", "--model", str(V3), "--rules", str(tmp_path / "out.yaml"), "--gpu-mem", "40GiB",
+                 "--host-mem", "2TiB"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_plan_budgets_default_to_this_machine(capsys, monkeypatch):
+    """Without --host-mem the CPU budget is this machine's RAM (forced here to 64 GiB) and plan says so;
+    a GPU the machine lacks gets no budget, with a line saying so; given budgets are used as given."""
+    import psutil
+    from hetero_rt.cli import main
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"total": 64 << 30})())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rules = str(ROOT / "placement_rules" / "deepseek-v3-24gb.yaml")
+    assert main(["plan", "--model", str(V3), "--rules", rules]) == 1
+    out = capsys.readouterr().out
+    assert "assumed: cpu budget = this machine's RAM, 64.00 GiB" in out
+    assert "no budget for cuda: this machine has no such GPU" in out and "cpu is short by" in out
+    assert main(["plan", "--model", str(V3), "--rules", rules, "--host-mem", "2TiB", "--gpu-mem", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed" not in out and "no budget" not in out and "verdict: fits" in out
+
+
+@pytest.mark.parametrize("flag", ["--gpu-mem", "--host-mem"])
+def test_plan_refuses_a_budget_without_a_unit(flag, capsys):
+    from hetero_rt.cli import main
+    assert main(["plan", "--model", str(V3), flag, "24"]) == 2
+    assert f"{flag}: '24' has no unit; write e.g. 24GiB or 24GB" in capsys.readouterr().err
 
 
 def test_sizes():
