@@ -95,6 +95,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = ensure_demo_checkpoint(ns.cache_dir)
     print(f"[demo] synthetic checkpoint: {path} ({time.perf_counter() - t0:.1f} s to build or find)", file=sys.stderr)
+    print("[demo] its weights are random (DeepSeek-V3's architecture at a small size), so the text below is "
+          "noise: the tokens/s are the point", file=sys.stderr)
     return _generate(ns, path)
 
 
