@@ -3,6 +3,7 @@ DeepSeek-V3-architecture checkpoint once and generates from it, printing tokens/
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from .checkpoint.synthetic import ensure_demo_checkpoint
 from .errors import HeteroRTError
 from .experts import registry
 from .placement.memory import plan_memory
-from .placement.sizes import machine_budgets, parse_bytes
+from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes
 from .placement.write import write_rules
 from .runtime.engine import print_stream
 
@@ -135,7 +136,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 def _generate(ns: argparse.Namespace, path: Path) -> int:
     t0 = time.perf_counter()
     rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
-    print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s; {rt.plan.summary()}", file=sys.stderr)
     warm = rt.warmup()  # kernels compiled or loaded, allocator and BLAS/cuBLAS set up, outside the timings
     print(f"[hetero-rt] warm-up {warm:.2f} s", file=sys.stderr)
     res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
@@ -144,7 +145,19 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
     print(f"[hetero-rt] prompt {len(res.prompt_ids)} tokens, prefill {res.prefill_tokens_per_s:.1f} tok/s; "
           f"generated {len(res.new_ids)} tokens, decode {res.decode_tokens_per_s:.2f} tok/s; "
           f"stop: {res.stop_reason}", file=sys.stderr)
+    print(f"[hetero-rt] time to first token {res.prefill_s * 1e3:.1f} ms; peak RSS {fmt_bytes(peak_rss_bytes())}",
+          file=sys.stderr)
     return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's high-water resident memory: VmHWM on Linux, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
 
 
 if __name__ == "__main__":

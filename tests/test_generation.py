@@ -2,6 +2,8 @@
 limits, bad prompts; text streaming; the CLI."""
 import json
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,15 @@ def test_cli_run(tiny, capsys):
     assert cli_main(["run", "--model", str(tiny), "--prompt", "hello there", "-n", "5"]) == 0
     err = capsys.readouterr().err
     assert "decode" in err and "tok/s" in err
+
+
+def test_cli_run_reports_first_token_memory_and_placement(tiny, capsys):
+    assert cli_main(["run", "--model", str(tiny), "--prompt", "hello there", "-n", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "placement <device=cpu>: dense part on cpu; routed experts: 1 layer torch on cpu" in err
+    ttft = float(re.search(r"time to first token ([0-9.]+) ms", err).group(1))
+    rss = re.search(r"peak RSS ([0-9.]+) (MiB|GiB)", err)
+    assert 0 < ttft < 60_000 and rss is not None and float(rss.group(1)) > 0
 
 
 def test_cli_demo_says_its_weights_are_random(tiny, capsys, monkeypatch):

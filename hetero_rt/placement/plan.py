@@ -70,6 +70,22 @@ class Plan:
     def experts(self, layer: int) -> Placement:
         return next(p for p in self.placements if p.module.kind == "routed_experts" and p.module.layer == layer)
 
+    def summary(self) -> str:
+        """One line: where the dense part runs and what runs the routed experts."""
+        main = self.main
+        dense = f"dense part on {main.device}" + (f" {main.dtype}" if main.dtype else "")
+        stored = sorted({p.module.kind for p in self.placements if p.format == "stored"})
+        if stored:
+            dense += f" (stored: {', '.join(stored)})"
+        experts: dict[tuple, int] = {}
+        for p in self.placements:
+            if p.module.kind == "routed_experts":
+                key = (p.backend, p.device, p.activations)
+                experts[key] = experts.get(key, 0) + 1
+        parts = [f"{n} layer{'s' * (n > 1)} {b} on {d}" + (f" ({a} activations)" if a else "")
+                 for (b, d, a), n in experts.items()]
+        return f"placement {self.source}: {dense}; routed experts: {', '.join(parts) or 'none'}"
+
     def describe(self) -> str:
         rows = [f"placement from {self.source}" + ("  [cpu fallback: every device mapped to cpu]"
                                                   if self.cpu_fallback else "")]
