@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--write-rules", type=Path, default=None,
                       help="write a placement that fits --gpu-mem to this YAML file")
     plan.add_argument("--expert-backend", default=registry.CPU_DEFAULT, choices=registry.without_settings(),
-                      help="backend written for the routed experts placed on the CPU")
+                      help="backend written for the routed experts placed on the CPU: " + "; ".join(
+                          f"{b}: {registry.get(b).summary}" for b in registry.without_settings()))
     plan.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser("demo", help="build (once) a synthetic DeepSeek-V3-style checkpoint and run it")
