@@ -85,6 +85,8 @@ def _generation_args(p: argparse.ArgumentParser, default_n: int = 64) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: from the checkpoint)")
     p.add_argument("--device", default=None, help="cpu | cuda: the whole model, when no --rules are given")
     p.add_argument("--rules", default=None, help="placement YAML (see placement_rules/ and docs/placement_rules.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the kernels and torch (default: physical cores)")
     p.add_argument("--cpu-fallback", action="store_true",
                    help="map every device in the rules to the CPU (machines without a GPU)")
 
@@ -138,6 +140,8 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
     t0 = time.perf_counter()
     rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s; {rt.plan.summary()}", file=sys.stderr)
+    if ns.threads is not None:
+        rt.set_threads(ns.threads)
     warm = rt.warmup()  # kernels compiled or loaded, allocator and BLAS/cuBLAS set up, outside the timings
     print(f"[hetero-rt] warm-up {warm:.2f} s", file=sys.stderr)
     res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,

@@ -145,3 +145,19 @@ def test_plan_says_which_weights_are_dequantized_at_load(tmp_path, capfd):
     capfd.readouterr()
     assert cli_main(["plan", "--model", str(q8)]) == 0
     assert "notice:" not in capfd.readouterr().out
+
+
+def test_set_threads_reaches_every_cpu_kernel(tmp_path):
+    _, path, _ = make_gguf("v3", tmp_path, "Q8_0", **KQUANT_DIMS)
+    rt = hetero_rt.load(path)
+    before = torch.get_num_threads()
+    try:
+        rt.set_threads(1)
+        experts = [m for m in rt.model.modules() if isinstance(m, NumbaExperts)]
+        stored = [p.stored for p in rt.model.parameters() if getattr(p, "stored", None) is not None]
+        assert experts and stored and {k.threads for k in experts + stored} == {1}
+        assert torch.get_num_threads() == 1
+        with pytest.raises(hetero_rt.InputError, match="threads must be a positive integer, got 0"):
+            rt.set_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -117,7 +117,10 @@ def test_cli_run(tiny, capsys):
 
 
 def test_cli_run_reports_first_token_memory_and_placement(tiny, capsys):
-    assert cli_main(["run", "--model", str(tiny), "--prompt", "hello there", "-n", "3"]) == 0
+    threads = torch.get_num_threads()
+    assert cli_main(["run", "--model", str(tiny), "--prompt", "hello there", "-n", "3", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert "placement <device=cpu>: dense part on cpu; routed experts: 1 layer torch on cpu" in err
     ttft = float(re.search(r"time to first token ([0-9.]+) ms", err).group(1))

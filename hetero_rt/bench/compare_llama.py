@@ -85,15 +85,12 @@ def run_llama(ns, prompt, agree) -> dict:
 def run_hetero(ns, prompt, agree) -> dict:
     import hetero_rt  # before torch: sets the OpenMP wait policy (hetero_rt/__init__.py)
     import torch
-    from hetero_rt.experts.numba_backend import NumbaExperts
 
-    torch.set_num_threads(ns.threads)
+    torch.set_num_threads(ns.threads)                      # for the load as well
     t0 = time.perf_counter()
     rt = hetero_rt.load(ns.model, ns.rules, dtype=ns.dtype, context=len(prompt) + ns.gen + 16)
     load = time.perf_counter() - t0
-    for m in rt.model.modules():
-        if isinstance(m, NumbaExperts):
-            m.threads = ns.threads
+    rt.set_threads(ns.threads)
     warm = rt.warmup()                                     # every kernel compiled or loaded, untimed
     t0 = time.perf_counter()
     logits = rt.step(torch.tensor(prompt), 0, last_only=True)

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint.tokenizer import Tokenizer
 from ..config import PREFILL_CHUNK, ModelArgs
 from ..errors import InputError
+from ..experts import NumbaExperts
 from ..kv_cache import LatentCache
 from ..model.mla import Rope
 from ..model.transformer import Transformer
@@ -34,6 +35,16 @@ class Runtime:
         self.prefill_chunk = PREFILL_CHUNK
 
     # ---- public API ----
+    def set_threads(self, n: int) -> None:
+        """Run the CPU kernels (routed experts, stored-format weights) and torch's CPU ops on n threads."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"threads must be a positive integer, got {n!r}")
+        torch.set_num_threads(n)
+        kernels = [m for m in self.model.modules() if isinstance(m, NumbaExperts)]
+        kernels += [p.stored for p in self.model.parameters() if getattr(p, "stored", None) is not None]
+        for k in kernels:
+            k.threads = n
+
     @torch.inference_mode()
     def warmup(self) -> float:
         """Compile (or load from numba's cache) every kernel generation can reach, so that none is
