@@ -151,3 +151,52 @@ def test_load_argument_errors(v2, tmp_path, capsys):
         hetero_rt.load(v2[1], tmp_path / "r.yaml", device="cpu")
     assert cli_main(["plan", "--model", str(v2[1]), "--write-rules", str(tmp_path / "w.yaml")]) == 2
     assert "--write-rules needs --gpu-mem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([1, 2.0, 3], r"prompt \(token ids\)\[1\] must be an integer, got float"),
+    ([1, True], r"prompt \(token ids\)\[1\] must be an integer, got bool"),
+    ([1, "2"], r"prompt \(token ids\)\[1\] must be an integer, got str"),
+    ([[1, 2], [3, 4]], r"prompt \(token ids\)\[0\] must be an integer, got list"),
+    (b"\x01\x02", r"prompt \(token ids\) must be a sequence of integers, got bytes"),
+    (np.array([[1, 2]]), r"prompt \(token ids\) must be 1-D, got shape \(1, 2\)"),
+    (np.array([1.0, 2.0]), r"prompt \(token ids\) must hold integers, got dtype float64"),
+    (torch.tensor([True, False]), r"prompt \(token ids\) must hold integers, got dtype torch.bool"),
+    (7, r"prompt \(token ids\) must be a sequence of integers, got int"),
+])
+def test_token_ids_are_integers_never_converted(tiny, prompt, message):
+    rt = hetero_rt.load(tiny)
+    with pytest.raises(InputError, match=message):
+        rt.generate(prompt, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=1.5), "max_new_tokens must be an integer >= 1, got 1.5"),
+    (dict(max_new_tokens="4"), "max_new_tokens must be an integer >= 1, got '4'"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    (dict(temperature=float("nan")), r"temperature \(0 = greedy\) must be a finite number"),
+    (dict(temperature="0.7"), r"temperature \(0 = greedy\) must be a finite number in \[0.0, inf\], got '0.7'"),
+    (dict(temperature=None), r"temperature \(0 = greedy\) must be a finite number"),
+    (dict(top_p=float("inf")), r"top_p \(1 = off\) must be a finite number in \(0.0, 1.0\]"),
+    (dict(top_p=0), r"top_p \(1 = off\) must be a finite number in \(0.0, 1.0\], got 0"),
+    (dict(top_k=2.5), r"top_k \(0 = off\) must be an integer >= 0, got 2.5"),
+    (dict(top_k=True), r"top_k \(0 = off\) must be an integer >= 0, got True"),
+    (dict(seed=1.5), "seed must be an integer or None, got float 1.5"),
+    (dict(seed="1"), "seed must be an integer or None, got str '1'"),
+    (dict(chat="yes"), "chat must be true or false, got 'yes'"),
+])
+def test_generation_parameters_are_checked_by_type_and_range(tiny, kwargs, message):
+    rt = hetero_rt.load(tiny)
+    with pytest.raises(InputError, match=message):
+        rt.generate([1, 2, 3], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_integer_ids_of_any_kind_and_any_integer_seed(tiny):
+    rt = hetero_rt.load(tiny)
+    ref = rt.generate([5, 17, 99], max_new_tokens=3).new_ids
+    for ids in ([np.int64(5), np.int32(17), 99], np.array([5, 17, 99]), torch.tensor([5, 17, 99]), (5, 17, 99)):
+        assert rt.generate(ids, max_new_tokens=3).new_ids == ref
+    big = rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=2 ** 70 + 3).new_ids
+    assert rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=2 ** 70 + 3).new_ids == big
+    assert rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=-1).new_ids == \
+        rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=2 ** 64 - 1).new_ids

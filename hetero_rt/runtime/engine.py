@@ -21,6 +21,7 @@ from ..experts import NumbaExperts
 from ..kv_cache import LatentCache
 from ..model.mla import Rope
 from ..model.transformer import Transformer
+from . import arguments
 from .generate import GenerationResult, generate_ids
 from .sampling import Sampler, SamplingParams
 
@@ -87,8 +88,8 @@ class Runtime:
                  stream: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens after the prompt (text, or token ids). `stream` receives text
         pieces as they become final. Returns ids, text, stop reason and timings."""
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = arguments.count(max_new_tokens, "max_new_tokens", minimum=1)
+        chat = arguments.flag(chat, "chat")
         sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
         ids = self.check_ids(self.encode(prompt, chat), new_tokens=max_new_tokens)
         decoder = self.tokenizer.stream_decoder() if self.tokenizer is not None else None
@@ -121,17 +122,18 @@ class Runtime:
         if not isinstance(prompt, str):
             if chat:
                 raise InputError("chat=True needs a text prompt, not token ids")
-            return list(prompt)
+            return arguments.token_ids(prompt, "prompt (token ids)")
         if self.tokenizer is None:
-            raise InputError(f"{self.source} has no tokenizer.json, so text prompts cannot be encoded; "
-                             f"pass token ids instead")
+            raise InputError(f"{self.source} has no tokenizer (no tokenizer.json in a checkpoint directory, no "
+                             f"tokenizer.ggml.* metadata in a GGUF), so text prompts cannot be encoded; pass token "
+                             f"ids instead")
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(text)
         return self.tokenizer.encode(prompt)
 
     def check_ids(self, token_ids: Sequence[int], new_tokens: int) -> list[int]:
-        ids = [int(t) for t in token_ids]
+        ids = arguments.token_ids(token_ids)
         if not ids:
             raise InputError("empty prompt: at least one token is needed")
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]

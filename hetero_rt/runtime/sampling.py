@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from . import arguments
 
 _MASS_SLACK = 1e-5  # fp32 cumsum of a softmax is off by a few ulps of 1.0
 
@@ -20,12 +21,12 @@ class SamplingParams:
     seed: int | None = None    # None -> a fresh random seed
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        """Checked (runtime.arguments) and normalised: floats, ints, the seed taken modulo 2**64."""
+        set_ = object.__setattr__
+        set_(self, "temperature", arguments.real(self.temperature, "temperature (0 = greedy)", 0.0))
+        set_(self, "top_k", arguments.count(self.top_k, "top_k (0 = off)"))
+        set_(self, "top_p", arguments.real(self.top_p, "top_p (1 = off)", 0.0, 1.0, low_open=True))
+        set_(self, "seed", arguments.seed(self.seed))
 
 
 class Sampler:
