@@ -17,6 +17,7 @@ from .placement.memory import plan_memory
 from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes
 from .placement.write import write_rules
 from .runtime.engine import print_stream
+from .runtime.generate import GenerationInterrupted
 
 DEMO_PROMPT = ("The router reads every token and picks the experts that answer it. Each expert is a small "
                "feed forward layer, and the host memory holds all of them while the device runs the "
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except HeteroRTError as e:
         print(f"hetero-rt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:           # outside generation (loading, warm-up): nothing to report
+        print("\nhetero-rt: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +148,19 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
         rt.set_threads(ns.threads)
     warm = rt.warmup()  # kernels compiled or loaded, allocator and BLAS/cuBLAS set up, outside the timings
     print(f"[hetero-rt] warm-up {warm:.2f} s", file=sys.stderr)
-    res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
-                      top_p=ns.top_p, seed=ns.seed, chat=ns.chat, stream=print_stream)
+    try:
+        res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                          top_p=ns.top_p, seed=ns.seed, chat=ns.chat, stream=print_stream)
+    except GenerationInterrupted as stop:
+        print()
+        res = stop.result
+        if res is None:
+            print("[hetero-rt] interrupted during the prompt's prefill; nothing generated", file=sys.stderr)
+        else:
+            print(f"[hetero-rt] interrupted after {len(res.new_ids)} generated tokens; prompt "
+                  f"{len(res.prompt_ids)} tokens, prefill {res.prefill_tokens_per_s:.1f} tok/s, decode "
+                  f"{res.decode_tokens_per_s:.2f} tok/s", file=sys.stderr)
+        return 130
     print()
     print(f"[hetero-rt] prompt {len(res.prompt_ids)} tokens, prefill {res.prefill_tokens_per_s:.1f} tok/s; "
           f"generated {len(res.new_ids)} tokens, decode {res.decode_tokens_per_s:.2f} tok/s; "

@@ -200,3 +200,37 @@ def test_integer_ids_of_any_kind_and_any_integer_seed(tiny):
     assert rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=2 ** 70 + 3).new_ids == big
     assert rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=-1).new_ids == \
         rt.generate([5, 17, 99], max_new_tokens=4, temperature=1.0, seed=2 ** 64 - 1).new_ids
+
+
+def test_ctrl_c_keeps_the_partial_result(tiny):
+    """A KeyboardInterrupt during decode (here raised by the stream callback) surfaces as
+    GenerationInterrupted carrying the tokens, text and timings so far."""
+    from hetero_rt.runtime.generate import GenerationInterrupted
+    rt = hetero_rt.load(tiny)
+    seen = []
+
+    def stream(piece):
+        seen.append(piece)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(GenerationInterrupted) as info:
+        rt.generate("the model reads", max_new_tokens=20, stream=stream)
+    res = info.value.result
+    assert isinstance(info.value, KeyboardInterrupt) and res.stop_reason == "interrupted"
+    assert 2 <= len(res.new_ids) < 20 and res.text == "".join(seen) and res.prefill_s > 0
+
+
+def test_cli_ctrl_c_prints_one_line_and_the_partial_timings(tiny, capsys, monkeypatch):
+    import hetero_rt.cli as cli
+    calls = []
+
+    def stream(piece):
+        calls.append(piece)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "print_stream", stream)
+    assert cli_main(["run", "--model", str(tiny), "--prompt", "hello there", "-n", "20"]) == 130
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "interrupted after" in lines[0] and "decode" in lines[0]
+    assert "Traceback" not in err

@@ -22,7 +22,7 @@ from ..kv_cache import LatentCache
 from ..model.mla import Rope
 from ..model.transformer import Transformer
 from . import arguments
-from .generate import GenerationResult, generate_ids
+from .generate import GenerationInterrupted, GenerationResult, generate_ids
 from .sampling import Sampler, SamplingParams
 
 
@@ -87,7 +87,8 @@ class Runtime:
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
                  stream: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate up to max_new_tokens after the prompt (text, or token ids). `stream` receives text
-        pieces as they become final. Returns ids, text, stop reason and timings."""
+        pieces as they become final. Returns ids, text, stop reason and timings. Ctrl-C raises
+        GenerationInterrupted (a KeyboardInterrupt) carrying the result so far."""
         max_new_tokens = arguments.count(max_new_tokens, "max_new_tokens", minimum=1)
         chat = arguments.flag(chat, "chat")
         sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
@@ -102,7 +103,13 @@ class Runtime:
                 if stream is not None and piece:
                     stream(piece)
 
-        res = generate_ids(lambda t, pos: self.step(t, pos, last_only=True), ids, max_new_tokens, sampler, self.eos_ids(), on_token)
+        try:
+            res = generate_ids(lambda t, pos: self.step(t, pos, last_only=True), ids, max_new_tokens, sampler,
+                               self.eos_ids(), on_token)
+        except GenerationInterrupted as stop:
+            if stop.result is not None:
+                stop.result.text = "".join(pieces)
+            raise
         if decoder is not None:
             tail = decoder.flush()
             pieces.append(tail)

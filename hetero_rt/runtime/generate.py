@@ -13,12 +13,21 @@ import torch
 from .sampling import Sampler
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation: a KeyboardInterrupt that carries what was generated so far
+    (`result`, stop_reason "interrupted", timings up to the interruption; None during the prefill)."""
+
+    def __init__(self, result: "GenerationResult | None"):
+        super().__init__("generation interrupted")
+        self.result = result
+
+
 @dataclass
 class GenerationResult:
     prompt_ids: list[int]
     new_ids: list[int] = field(default_factory=list)
     text: str = ""
-    stop_reason: str = "length"   # "eos" | "length"
+    stop_reason: str = "length"   # "eos" | "length" | "interrupted"
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -39,10 +48,24 @@ def generate_ids(step: Callable[[torch.Tensor, int], torch.Tensor], prompt: list
     """step(tokens (T,), start) -> logits (T, Vocab) runs the model and fills the cache."""
     res = GenerationResult(prompt_ids=list(prompt))
     t0 = time.perf_counter()
-    logits = step(torch.tensor(prompt, dtype=torch.long), 0)[-1]
+    try:
+        logits = step(torch.tensor(prompt, dtype=torch.long), 0)[-1]
+    except KeyboardInterrupt:
+        raise GenerationInterrupted(None) from None
     res.prefill_s = time.perf_counter() - t0
-    pos = len(prompt)
     t1 = time.perf_counter()
+    try:
+        _decode(step, logits, res, max_new_tokens, sampler, eos_ids, on_token)
+    except KeyboardInterrupt:
+        res.stop_reason = "interrupted"
+        res.decode_s = time.perf_counter() - t1
+        raise GenerationInterrupted(res) from None
+    res.decode_s = time.perf_counter() - t1
+    return res
+
+
+def _decode(step, logits, res: GenerationResult, max_new_tokens: int, sampler: Sampler, eos_ids, on_token) -> None:
+    pos = len(res.prompt_ids)
     while len(res.new_ids) < max_new_tokens:
         token = sampler(logits)
         res.new_ids.append(token)
@@ -55,5 +78,3 @@ def generate_ids(step: Callable[[torch.Tensor, int], torch.Tensor], prompt: list
             break
         logits = step(torch.tensor([token], dtype=torch.long), pos)[-1]
         pos += 1
-    res.decode_s = time.perf_counter() - t1
-    return res
