@@ -25,6 +25,12 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 _REQUIRED = object()
+# Largest plausible values (several times the largest released DeepSeek/Kimi model's): a size above
+# its limit is a corrupt file, refused before anything is sized by it (1e6 layers, 2**40-wide experts).
+SIZE_LIMITS = {"num_hidden_layers": 1024, "n_routed_experts": 1 << 16, "num_experts_per_tok": 1 << 10,
+               "n_shared_experts": 1 << 8, "num_attention_heads": 1 << 12, "vocab_size": 1 << 22,
+               "max_position_embeddings": 1 << 24, "num_nextn_predict_layers": 64}
+DIM_LIMIT = 1 << 17          # hidden, intermediate, LoRA ranks and head dims
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,15 @@ class _Parser:
                     raise self.fail(name, f"must be >= 0, found {getattr(a, name)}")
             elif getattr(a, name) <= 0:
                 raise self.fail(name, f"must be > 0, found {getattr(a, name)}")
+        for name in counts + ["q_lora_rank"]:
+            value, limit = getattr(a, name), SIZE_LIMITS.get(name, DIM_LIMIT)
+            if value is not None and value > limit:
+                raise self.fail(name, f"{value} is not a plausible size (at most {limit}); the file is corrupt or "
+                                      f"not a DeepSeek-family model")
+        for name, value in (("rms_norm_eps", a.rms_norm_eps), ("routed_scaling_factor", a.routed_scaling_factor),
+                            ("rope_theta", a.rope_theta)):
+            if not (math.isfinite(value) and value > 0):
+                raise self.fail(name, f"must be a finite number > 0, found {value}")
         if a.qk_rope_head_dim % 2:
             raise self.fail("qk_rope_head_dim", f"must be even (rotary pairs), found {a.qk_rope_head_dim}")
         if a.num_experts_per_tok > a.n_routed_experts:
@@ -333,5 +348,10 @@ class _Parser:
                                               f"num_experts_per_tok={a.num_experts_per_tok}")
             if a.topk_method == "noaux_tc" and a.n_group > 1 and per_group < 2:
                 raise self.fail("n_group", "noaux_tc scores a group by its top-2 experts; needs >= 2 per group")
-        if a.rope_scaling is not None and a.rope_scaling.factor <= 0:
-            raise self.fail("rope_scaling.factor", f"must be > 0, found {a.rope_scaling.factor}")
+        if a.rope_scaling is not None:
+            y = a.rope_scaling
+            if not (math.isfinite(y.factor) and y.factor > 0):
+                raise self.fail("rope_scaling.factor", f"must be a finite number > 0, found {y.factor}")
+            for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                if not math.isfinite(getattr(y, name)):
+                    raise self.fail(f"rope_scaling.{name}", f"must be finite, found {getattr(y, name)}")

@@ -99,6 +99,14 @@ def mutate(key, value):
     ("rope_parameters", {"rope_type": "default", "rope_theta": 5000.0}, "'rope_theta': 10000.0 contradicts"),
     ("quantization_config", {"quant_method": "gptq"}, "only DeepSeek's block fp8 is supported"),
     ("q_lora_rank", -1, "'q_lora_rank': expected null or a positive integer"),
+    ("num_hidden_layers", 1_000_000, "'num_hidden_layers': 1000000 is not a plausible size (at most 1024)"),
+    ("moe_intermediate_size", 2 ** 40, f"'moe_intermediate_size': {2 ** 40} is not a plausible size"),
+    ("vocab_size", 2 ** 30, "'vocab_size': 1073741824 is not a plausible size"),
+    ("rms_norm_eps", float("nan"), "'rms_norm_eps': must be a finite number > 0, found nan"),
+    ("rms_norm_eps", 0.0, "'rms_norm_eps': must be a finite number > 0, found 0.0"),
+    ("routed_scaling_factor", float("nan"), "'routed_scaling_factor': must be a finite number > 0, found nan"),
+    ("routed_scaling_factor", float("inf"), "'routed_scaling_factor': must be a finite number > 0, found inf"),
+    ("rope_theta", 0, "'rope_theta': must be a finite number > 0, found 0.0"),
 ])
 def test_bad_field_is_named(key, value, needle):
     with pytest.raises(ConfigError) as e:
