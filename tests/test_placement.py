@@ -343,3 +343,36 @@ def test_readme_example_is_a_valid_placement(v3_args):
     example = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
     plan = resolve(v3_args, parse_rules(example, "README.md"), check_devices=False)
     assert plan.experts(3).device == "cuda" and plan.experts(5).backend == "numba"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rules:\n  - match: {kind: routed_experts}\n    place: {backend: hetero, hetero: {decay: .nan}}\n",
+     r"r.yaml:3: hetero.decay must be a number in \(0, 1\], found nan"),
+    ("rules:\n  - match: {kind: routed_experts}\n    place: {backend: hetero, hetero: {pcie_gbps: .inf}}\n",
+     "r.yaml:3: hetero.pcie_gbps must be a positive number"),
+    ("rules:\n  - match: {kind: routed_experts}\n    place: {threads: 1000000}\n",
+     r"r.yaml:3: threads must be a positive integer \(at most 4096\), found 1000000"),
+    ("rules:\n" + "  " * 2 + "[" * 5000 + "]" * 5000 + "\n", "r.yaml: nested too deeply"),
+])
+def test_absurd_or_hostile_rules_get_a_located_error(text, message):
+    with pytest.raises(PlacementError, match=message):
+        parse_rules(text, "r.yaml")
+
+
+def test_rules_file_that_is_not_utf8_or_too_large(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("defaults: {device: cpu}\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PlacementError, match=r"latin1.yaml:2: not UTF-8 text \(byte 29\)"):
+        load_rules(bad)
+    big = tmp_path / "big.yaml"
+    big.write_text("#" * (2 << 20))
+    with pytest.raises(PlacementError, match="is not a placement file"):
+        load_rules(big)
+
+
+def test_a_backtracking_name_pattern_is_refused_not_hung(v3_args):
+    """(a|a)*-style nesting on a module path backtracks exponentially; matching stops at the timeout."""
+    rules = parse_rules("defaults: {device: cpu}\nrules:\n  - match: {name: '(m|[a-z.0-9]|.)*x'}\n"
+                        "    place: {device: cpu}\n", "r.yaml")
+    with pytest.raises(PlacementError, match=r"r.yaml:3: the name pattern .* backtracked for more than"):
+        resolve(v3_args, rules)

@@ -13,11 +13,13 @@ The full reference is docs/placement_rules.md.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
 from ..errors import HeteroRTError
@@ -38,6 +40,9 @@ HETERO_KEYS = ("cache", "policy", "profile", "decay", "prefetch", "overlap", "de
                "cpu_gflops")
 POLICIES = ("static", "dynamic")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+MAX_FILE_BYTES = 1 << 20     # a placement file is a few hundred bytes; larger input is refused unread
+MAX_THREADS = 4096
+REGEX_TIMEOUT_S = 0.5        # per module path: a name pattern that backtracks longer is refused, never hangs
 
 
 class PlacementError(HeteroRTError, ValueError):
@@ -82,13 +87,23 @@ class Place:
 
 @dataclass(frozen=True)
 class Rule:
-    name: re.Pattern | None
+    name: regex.Pattern | None
     kind: str | None
     place: Place
     line: int
+    source: str = ""
 
     def matches(self, path: str, kind: str) -> bool:
-        return (self.kind is None or self.kind == kind) and (self.name is None or bool(self.name.fullmatch(path)))
+        if self.kind is not None and self.kind != kind:
+            return False
+        if self.name is None:
+            return True
+        try:
+            return bool(self.name.fullmatch(path, timeout=REGEX_TIMEOUT_S))
+        except TimeoutError:
+            raise PlacementError(f"{self.source}:{self.line}: the name pattern {self.name.pattern!r} backtracked for "
+                                 f"more than {REGEX_TIMEOUT_S} s on {path!r}; simplify it (module paths look like "
+                                 f"'model.layers.3.mlp.experts')") from None
 
 
 @dataclass(frozen=True)
@@ -103,12 +118,26 @@ def load_rules(path: str | Path) -> RuleSet:
     if not path.is_file():
         raise PlacementError(f"{path}: placement file not found; ship one from placement_rules/ or write your own "
                              f"(see docs/placement_rules.md)")
-    return parse_rules(path.read_text(encoding="utf-8"), str(path))
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise PlacementError(f"{path}: {path.stat().st_size} bytes is not a placement file (at most "
+                             f"{MAX_FILE_BYTES} bytes)")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PlacementError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    return parse_rules(text, str(path))
 
 
 def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
+    if len(text) > MAX_FILE_BYTES:
+        raise PlacementError(f"{source}: {len(text)} characters is not a placement file (at most {MAX_FILE_BYTES})")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise PlacementError(f"{source}: nested too deeply to be a placement file (rules are a list of "
+                             f"{{match, place}} mappings)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -171,10 +200,10 @@ class _Parser:
         if "name" in match:
             pattern = self.scalar(match["name"], "name")
             try:
-                name = re.compile(str(pattern))
-            except re.error as e:
+                name = regex.compile(str(pattern))
+            except regex.error as e:
                 raise self.fail(match["name"], f"invalid regex {pattern!r}: {e}") from None
-        return Rule(name, kind, self.place(parts["place"], "place", kind), node.start_mark.line + 1)
+        return Rule(name, kind, self.place(parts["place"], "place", kind), node.start_mark.line + 1, self.source)
 
     def place(self, node: yaml.Node, what: str, kind: str | None) -> Place:
         fields = self.mapping(node, what, PLACE_KEYS)
@@ -209,7 +238,7 @@ class _Parser:
 
     def hetero_value(self, key: str, value: Any, node: yaml.Node) -> dict[str, Any]:
         def number(positive_int=False, lo=None, hi=None):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if positive_int:
                 ok = ok and isinstance(value, int)
             if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -273,8 +302,8 @@ class _Parser:
                 raise self.fail(node, f"backend {value!r} cannot run kind {kind!r}; only "
                                       f"{', '.join(BACKEND_KINDS)} has a choice of backend")
         elif key == "threads":
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise self.fail(node, f"threads must be a positive integer, found {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_THREADS:
+                raise self.fail(node, f"threads must be a positive integer (at most {MAX_THREADS}), found {value!r}")
         elif key == "activations":
             if value not in ACTIVATIONS:
                 raise self.fail(node, f"unknown activations {value!r}; expected one of {', '.join(ACTIVATIONS)}")
