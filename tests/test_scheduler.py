@@ -352,3 +352,21 @@ def test_bench_script_runs(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=600)
     assert out.returncode == 0, out.stderr
     assert sum(load_trace(trace)[1][0].shape) > 0 and profile.is_file()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2, 3]", "not a routing profile"),
+    ('{"layers": {"1": [1, 2]}}', "not a routing profile .*format 'hetero_rt.routing_profile/1'"),
+    ('{"format": "hetero_rt.routing_profile/1", "layers": [1]}', "not a routing profile"),
+    ('{"format": "hetero_rt.routing_profile/1", "layers": {"1": "many"}}', "counts must be a list of finite"),
+    ('{"format": "hetero_rt.routing_profile/1", "layers": {"1": [1, "x", 3, 4]}}', "counts must be a list of finite"),
+    ('{"format": "hetero_rt.routing_profile/1", "layers": {"1": [1, -2, 3, 4]}}', "counts must be a list of finite"),
+    ('{"format": "hetero_rt.routing_profile/1", "layers": {"1": [1, 2]}}', "has counts for 2 experts, the model has 4"),
+    ("\xff not json", "not a routing profile"),
+])
+def test_a_file_that_is_not_a_routing_profile_is_named(tmp_path, content, message):
+    from hetero_rt.experts.hetero import load_profile
+    path = tmp_path / "p.json"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(HeteroRTError, match=message):
+        load_profile(path, 1, 4)

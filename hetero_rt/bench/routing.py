@@ -17,8 +17,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import HeteroRTError
-
-PROFILE_FORMAT = "hetero_rt.routing_profile/1"
+from ..experts.hetero.builder import PROFILE_FORMAT  # the reader owns the format
 
 
 class RoutingRecorder:

@@ -23,18 +23,27 @@ from .session import HeteroSession
 from .worker import CpuWorker
 
 
+PROFILE_FORMAT = "hetero_rt.routing_profile/1"   # written by bench.routing, read here
+
+
 def load_profile(path: str | Path, layer: int, n_experts: int) -> np.ndarray:
     """Routing counts (E,) of one layer from a profile written by scripts/record_routing.py."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"expected a JSON object with format {PROFILE_FORMAT!r}")
         counts = data["layers"].get(str(layer))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise HeteroRTError(f"{path}: not a routing profile ({e}); record one with scripts/record_routing.py") \
             from None
     if counts is None:
         raise HeteroRTError(f"{path}: the routing profile has no counts for layer {layer}; record it on this "
                             f"model with scripts/record_routing.py")
+    if not isinstance(counts, list) or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and np.isfinite(c) and c >= 0 for c in counts):
+        raise HeteroRTError(f"{path}: layer {layer}'s counts must be a list of finite numbers >= 0; the profile is "
+                            f"corrupt: record it again with scripts/record_routing.py")
     if len(counts) != n_experts:
         raise HeteroRTError(f"{path}: layer {layer} has counts for {len(counts)} experts, the model has "
                             f"{n_experts}; the profile was recorded on another model")
