@@ -131,16 +131,16 @@ def test_stored_weights_of_a_model_share_one_scratch(tmp_path):
 
 
 def test_plan_says_which_weights_are_dequantized_at_load(tmp_path, capfd):
-    """Q5_1 has no kernel: the default placement dequantizes those weights at load; plan says so, with
+    """TQ2_0 has no kernel: the default placement dequantizes those weights at load; plan says so, with
     the sizes, as the loader does."""
-    _, path, _ = make_gguf("v3", tmp_path, "Q5_1", **KQUANT_DIMS)
+    _, path, _ = make_gguf("v3", tmp_path, "TQ2_0", **KQUANT_DIMS)
     assert cli_main(["plan", "--model", str(path)]) == 0
     out = capfd.readouterr().out
     notices = [line for line in out.splitlines() if line.startswith("notice:")]
-    assert any("routed_experts matrices in Q5_1" in n and "dequantized at load to float32" in n for n in notices)
-    assert any(n.startswith("notice: ") and "attention matrices in Q5_1" in n for n in notices)
+    assert any("routed_experts matrices in TQ2_0" in n and "dequantized at load to float32" in n for n in notices)
+    assert any(n.startswith("notice: ") and "attention matrices in TQ2_0" in n for n in notices)
     hetero_rt.load(path)
-    assert "Q5_1" in capfd.readouterr().err
+    assert "TQ2_0" in capfd.readouterr().err
     _, q8, _ = make_gguf("v3", tmp_path / "q8", "Q8_0", **KQUANT_DIMS)
     capfd.readouterr()
     assert cli_main(["plan", "--model", str(q8)]) == 0

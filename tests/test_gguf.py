@@ -190,11 +190,11 @@ def test_mismatched_shape_is_named(tmp_path):
 
 
 def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
-    """Q5_1 experts have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
-    model, path, cfg = make_gguf("v3", tmp_path, "Q5_1", **KQUANT_DIMS)
+    """TQ2_0 experts have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
+    model, path, cfg = make_gguf("v3", tmp_path, "TQ2_0", **KQUANT_DIMS)
     ref = hf_logits(dequantized_reference(model, path, cfg), IDS)
     rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
-    assert "Q5_1" in capfd.readouterr().err
+    assert "TQ2_0" in capfd.readouterr().err
     experts = rt.model.layers[1].ffn.experts
     assert (experts.fmt13.name, experts.fmt2.name) == ("fp32", "fp32")
     assert rel_err(rt.logits(IDS), ref) <= 1e-4

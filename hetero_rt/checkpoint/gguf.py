@@ -32,9 +32,6 @@ ARCH = "deepseek2"
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # llama.cpp's expert gating function enum (LLAMA_EXPERT_GATING_FUNC_TYPE_*).
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
-# ggml types whose bytes the numba expert kernels read in place, by our format name.
-KERNEL_FORMATS = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "Q8_0": "q8_0", "Q4_0": "q4_0",
-                  "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q5_0": "q5_0"}
 
 @dataclass(frozen=True)
 class GGUFTensorInfo:

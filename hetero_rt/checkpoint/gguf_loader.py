@@ -26,8 +26,8 @@ from ..errors import CheckpointError
 from ..experts.weights import ExpertWeights, stacked_shapes
 from ..kernels.stored import Scratch, stored_parameter
 from ..quant import fp8
-from ..quant.ggml import format_of_dtype
-from .gguf import KERNEL_FORMATS, GGUFCheckpoint
+from ..quant.ggml import GGML_TYPES, format_of_dtype
+from .gguf import GGUFCheckpoint
 from .loader import Where, assign, dense_params
 from .names import GGUF_KV_B_SPLIT, gguf_name
 
@@ -60,8 +60,8 @@ class GGUFLoader:
             return ExpertWeights.dense(layer, w["w1"], w["w3"], w["w2"])
         fallback = format_of_dtype(dtype)
         types = {w: ckpt.info(src).type for w, src in names.items()}
-        fmt13 = KERNEL_FORMATS.get(types["w1"]) if types["w1"] == types["w3"] else None
-        fmt2 = KERNEL_FORMATS.get(types["w2"])
+        fmt13 = GGML_TYPES.get(types["w1"]) if types["w1"] == types["w3"] else None
+        fmt2 = GGML_TYPES.get(types["w2"])
         fmt13, fmt2 = (f if backend.runs_stored(f) else None for f in (fmt13, fmt2))
         if fmt13 is None:
             self.log(f"layer {layer}: routed experts gate/up are {types['w1']}/{types['w3']}, which the {backend.name} "
@@ -110,7 +110,7 @@ def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, l
     if info.shape != shape:
         raise CheckpointError(f"{info.file}: tensor '{src}' has shape {list(info.shape)} (numpy order), "
                               f"expected {list(shape)} for {ours} from the GGUF metadata")
-    fmt = KERNEL_FORMATS.get(info.type)
+    fmt = GGML_TYPES.get(info.type)
     if fmt is None:
         log(f"{src}: {info.type} has no numba kernel: dequantized at load instead of format: stored")
         return None

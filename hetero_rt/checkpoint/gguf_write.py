@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..quant.ggml import GGML_TYPES
 from ..quant.ggml import quantize as ggml_quantize
 from .gguf_tokenizer import PRE_TOKENIZERS
 from .names import EXPERT_NAMES, GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES
@@ -34,7 +35,8 @@ _HF_GLOBAL_TO_GGUF = {hf: g for g, ours in GGUF_GLOBAL_NAMES.items() for hf, o i
 _HF_EXPERT_TO_GGUF = {proj: g.removesuffix(".weight") for g, ours in GGUF_LAYER_NAMES.items()
                       if ours.startswith("ffn.experts.")
                       for proj, w in EXPERT_NAMES.items() if ours.endswith("." + w)}   # gate_proj -> ffn_gate_exps
-_OUR_QUANTS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+# block types our quantizers write (quant.ggml; they use gguf's own where it has one)
+_OUR_QUANTS = {t: f for t, f in GGML_TYPES.items() if t not in ("F32", "F16", "BF16")}
 # llama.cpp's token types
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5
 
@@ -44,7 +46,7 @@ TypeRule = Callable[[str, tuple[int, ...]], str]
 def uniform(qtype: str) -> TypeRule:
     """Every 2-D/3-D weight in qtype (falling back to Q8_0 where rows are not whole blocks)."""
     def rule(name: str, shape: tuple[int, ...]) -> str:
-        block = 256 if qtype.endswith("_K") else 32 if qtype.startswith("Q") else 1
+        block = 1 if qtype in ("F32", "F16", "BF16") else gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
         return qtype if shape[-1] % block == 0 else ("Q8_0" if shape[-1] % 32 == 0 else "F16")
     return rule
 

@@ -29,7 +29,7 @@ from . import RoutedExperts
 DECODE_TILE, PREFILL_TILE = 16, 64
 PREFILL_MIN_TOKENS_PER_EXPERT = 8
 # Formats used for w2 when its rows (I) are not a multiple of 256; llama.cpp falls back likewise.
-KQUANT_FALLBACK = {"q4_k": "q8_0", "q5_k": "q8_0", "q6_k": "q8_0"}
+KQUANT_FALLBACK = {"q4_k": "q8_0", "q5_k": "q8_0", "q6_k": "q8_0", "q2_k": "q8_0", "q3_k": "q8_0", "iq4_xs": "q8_0"}
 ACTIVATIONS = ("fp32", "int8")
 
 

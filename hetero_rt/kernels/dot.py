@@ -19,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..quant.ggml import BF16, FP16, FP32, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0  # noqa: F401  (format codes)
+from ..quant.ggml import (BF16, FP8, FP16, FP32, IQ4_XS, KVALUES_IQ4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K,  # noqa: F401
+                          Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)
 
-from .intrinsics import (f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q4_to_i32, q5_to_f32, q5_to_i32, q6_to_f32,
-                         q4k_block_i8, q6_to_i32, q8_0_dot_i8, u8_to_f32)
+from .intrinsics import (e4m3_to_f32, f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q3_to_f32, q4_to_i32,
+                         q4k_block_i8, q5_to_f32, q5_to_i32, q6_to_f32, q6_to_i32, q8_0_dot_i8, u8_to_f32)
 
 U = np.uint64
 F0 = np.float32(0.0)
@@ -147,6 +148,32 @@ def _dot_q4_0(row, x, xs):
             t0 += u8_to_f32(q0, 0, 15) * x[xo + U(k)] + u8_to_f32(q0, 4, 15) * x[xo + U(16 + k)]
         s0 += f16_at(row, o - U(2)) * (t0 - np.float32(8.0) * xs[b])
     return s0 + s1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q4_1(row, x, xs):
+    """Q4_1 weight = d * q + m (d at 0, m at 2, nibbles at 4): d * sum q x + m * xs."""
+    s = F0
+    for b in range(x.shape[0] // 32):
+        o, xo = U(20 * b), U(32 * b)
+        _prefetch_ahead(row, o, 20)
+        t = F0
+        for k in range(16):
+            q = row[o + U(4 + k)]
+            t += u8_to_f32(q, 0, 15) * x[xo + U(k)] + u8_to_f32(q, 4, 15) * x[xo + U(16 + k)]
+        s += f16_at(row, o) * t + f16_at(row, o + U(2)) * xs[b]
+    return s
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q5_1(row, x, xs):
+    """Q5_1 weight = d * q + m, q as Q5_0's with the block shifted by 2 bytes (d, m, qh at 4, qs at 8)."""
+    s = F0
+    for b in range(x.shape[0] // 32):
+        o, xo = U(24 * b), U(32 * b)
+        _prefetch_ahead(row, o, 24)
+        s += f16_at(row, o) * _q5_0_block(row, o + U(2), x, xo) + f16_at(row, o + U(2)) * xs[b]
+    return s
 
 
 @njit(inline="always", cache=True)
@@ -304,6 +331,168 @@ def _dot_q6_k(row, x):
     return s
 
 
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q2_k(row, x):
+    """Element 128h + 32s + l: bits 2s of qs[32h + l] (qs at 16), sub-block 8h + 2s + l // 16 with
+    scale (lo nibble) and min (hi nibble) byte at 8h + 2s + l // 16, d at 80, dmin at 82:
+    d * sum_j sc_j sum q x - dmin * sum_j m_j sum x (the x sums per 16 taken in the same loop)."""
+    s = F0
+    n16 = opaque(16)
+    for b in range(x.shape[0] // 256):
+        o = U(84 * b)
+        _prefetch_ahead(row, o, 84)
+        acc = mm = F0
+        for h in range(2):
+            q, xo = o + U(16 + 32 * h), U(256 * b + 128 * h)
+            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = F0
+            u0 = u1 = u2 = u3 = u4 = u5 = u6 = u7 = F0
+            for l in range(n16):
+                a, c = row[q + U(l)], row[q + U(16 + l)]
+                x0, x1 = x[xo + U(l)], x[xo + U(16 + l)]
+                x2, x3 = x[xo + U(32 + l)], x[xo + U(48 + l)]
+                x4, x5 = x[xo + U(64 + l)], x[xo + U(80 + l)]
+                x6, x7 = x[xo + U(96 + l)], x[xo + U(112 + l)]
+                t0 += u8_to_f32(a, 0, 3) * x0
+                t1 += u8_to_f32(c, 0, 3) * x1
+                t2 += u8_to_f32(a, 2, 3) * x2
+                t3 += u8_to_f32(c, 2, 3) * x3
+                t4 += u8_to_f32(a, 4, 3) * x4
+                t5 += u8_to_f32(c, 4, 3) * x5
+                t6 += u8_to_f32(a, 6, 3) * x6
+                t7 += u8_to_f32(c, 6, 3) * x7
+                u0 += x0
+                u1 += x1
+                u2 += x2
+                u3 += x3
+                u4 += x4
+                u5 += x5
+                u6 += x6
+                u7 += x7
+            si = o + U(8 * h)
+            acc += (u8_to_f32(row[si], 0, 15) * t0 + u8_to_f32(row[si + U(1)], 0, 15) * t1
+                    + u8_to_f32(row[si + U(2)], 0, 15) * t2 + u8_to_f32(row[si + U(3)], 0, 15) * t3
+                    + u8_to_f32(row[si + U(4)], 0, 15) * t4 + u8_to_f32(row[si + U(5)], 0, 15) * t5
+                    + u8_to_f32(row[si + U(6)], 0, 15) * t6 + u8_to_f32(row[si + U(7)], 0, 15) * t7)
+            mm += (u8_to_f32(row[si], 4, 15) * u0 + u8_to_f32(row[si + U(1)], 4, 15) * u1
+                   + u8_to_f32(row[si + U(2)], 4, 15) * u2 + u8_to_f32(row[si + U(3)], 4, 15) * u3
+                   + u8_to_f32(row[si + U(4)], 4, 15) * u4 + u8_to_f32(row[si + U(5)], 4, 15) * u5
+                   + u8_to_f32(row[si + U(6)], 4, 15) * u6 + u8_to_f32(row[si + U(7)], 4, 15) * u7)
+        s += f16_at(row, o + U(80)) * acc - f16_at(row, o + U(82)) * mm
+    return s
+
+
+@njit(inline="always", cache=True)
+def q3_k_scale(row, base, j):
+    """Signed 6-bit scale of Q3_K sub-block j (0..15) from the 12 bytes at row[base:], as fp32."""
+    lo = (row[base + U(j % 8)] >> U(4 * (j // 8))) & 15
+    hi = (row[base + U(8 + j % 4)] >> U(2 * (j // 4))) & 3
+    return np.float32(np.int32(lo | (hi << 4)) - 32)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_q3_k(row, x):
+    """Element 128h + 32s + l: bits 2s of qs[32h + l] (qs at 32) and bit 4h + s of hmask[l] (at 0)
+    as the third bit, minus 4; sub-block 8h + 2s + l // 16 (scales at 96); d at 108."""
+    s = F0
+    n16 = opaque(16)
+    for b in range(x.shape[0] // 256):
+        o = U(110 * b)
+        _prefetch_ahead(row, o, 110)
+        acc = F0
+        for h in range(2):
+            q, xo = o + U(32 + 32 * h), U(256 * b + 128 * h)
+            hs = 4 * h
+            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = F0
+            for l in range(n16):
+                a, c = row[q + U(l)], row[q + U(16 + l)]
+                ha, hc = row[o + U(l)], row[o + U(16 + l)]
+                t0 += q3_to_f32(a, ha, 0, hs) * x[xo + U(l)]
+                t1 += q3_to_f32(c, hc, 0, hs) * x[xo + U(16 + l)]
+                t2 += q3_to_f32(a, ha, 2, hs + 1) * x[xo + U(32 + l)]
+                t3 += q3_to_f32(c, hc, 2, hs + 1) * x[xo + U(48 + l)]
+                t4 += q3_to_f32(a, ha, 4, hs + 2) * x[xo + U(64 + l)]
+                t5 += q3_to_f32(c, hc, 4, hs + 2) * x[xo + U(80 + l)]
+                t6 += q3_to_f32(a, ha, 6, hs + 3) * x[xo + U(96 + l)]
+                t7 += q3_to_f32(c, hc, 6, hs + 3) * x[xo + U(112 + l)]
+            sb, j = o + U(96), 8 * h
+            acc += (q3_k_scale(row, sb, j) * t0 + q3_k_scale(row, sb, j + 1) * t1
+                    + q3_k_scale(row, sb, j + 2) * t2 + q3_k_scale(row, sb, j + 3) * t3
+                    + q3_k_scale(row, sb, j + 4) * t4 + q3_k_scale(row, sb, j + 5) * t5
+                    + q3_k_scale(row, sb, j + 6) * t6 + q3_k_scale(row, sb, j + 7) * t7)
+        s += f16_at(row, o + U(108)) * acc
+    return s
+
+
+KV_IQ4 = KVALUES_IQ4.astype(np.float32)
+
+
+@njit(inline="always", cache=True)
+def iq4_xs_scale(row, o, j):
+    """Signed 6-bit scale of IQ4_XS sub-block j (0..7) of the block at row[o:], as fp32."""
+    sh = np.uint32(row[o + U(2)]) | (np.uint32(row[o + U(3)]) << np.uint32(8))
+    lo = np.uint32((row[o + U(4 + j // 2)] >> U(4 * (j % 2))) & 15)
+    hi = (sh >> np.uint32(2 * j)) & np.uint32(3)
+    return np.float32(np.int32(lo | (hi << np.uint32(4))) - 32)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_iq4_xs(row, x):
+    """Sub-block j: nibbles of qs[16j + k] (qs at 8; lo: element 32j + k, hi: 32j + 16 + k) as
+    indexes into KV_IQ4, scaled by d * (6-bit scale - 32)."""
+    s = F0
+    kv = KV_IQ4
+    n16 = opaque(16)
+    for b in range(x.shape[0] // 256):
+        o = U(136 * b)
+        _prefetch_ahead(row, o, 136)
+        q, xo = o + U(8), U(256 * b)
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = F0
+        for k in range(n16):
+            q0, q1, q2, q3 = row[q + U(k)], row[q + U(16 + k)], row[q + U(32 + k)], row[q + U(48 + k)]
+            q4, q5, q6, q7 = row[q + U(64 + k)], row[q + U(80 + k)], row[q + U(96 + k)], row[q + U(112 + k)]
+            t0 += kv[q0 & 15] * x[xo + U(k)] + kv[q0 >> 4] * x[xo + U(16 + k)]
+            t1 += kv[q1 & 15] * x[xo + U(32 + k)] + kv[q1 >> 4] * x[xo + U(48 + k)]
+            t2 += kv[q2 & 15] * x[xo + U(64 + k)] + kv[q2 >> 4] * x[xo + U(80 + k)]
+            t3 += kv[q3 & 15] * x[xo + U(96 + k)] + kv[q3 >> 4] * x[xo + U(112 + k)]
+            t4 += kv[q4 & 15] * x[xo + U(128 + k)] + kv[q4 >> 4] * x[xo + U(144 + k)]
+            t5 += kv[q5 & 15] * x[xo + U(160 + k)] + kv[q5 >> 4] * x[xo + U(176 + k)]
+            t6 += kv[q6 & 15] * x[xo + U(192 + k)] + kv[q6 >> 4] * x[xo + U(208 + k)]
+            t7 += kv[q7 & 15] * x[xo + U(224 + k)] + kv[q7 >> 4] * x[xo + U(240 + k)]
+        acc = (iq4_xs_scale(row, o, 0) * t0 + iq4_xs_scale(row, o, 1) * t1 + iq4_xs_scale(row, o, 2) * t2
+               + iq4_xs_scale(row, o, 3) * t3 + iq4_xs_scale(row, o, 4) * t4 + iq4_xs_scale(row, o, 5) * t5
+               + iq4_xs_scale(row, o, 6) * t6 + iq4_xs_scale(row, o, 7) * t7)
+        s += f16_at(row, o) * acc
+    return s
+
+
+@njit(inline="always", cache=True)
+def f32_at(row, i):
+    """fp32 stored little-endian at row[i], i uint64."""
+    return f32_from_bits(np.uint32(row[i]) | (np.uint32(row[i + U(1)]) << np.uint32(8))
+                         | (np.uint32(row[i + U(2)]) << np.uint32(16)) | (np.uint32(row[i + U(3)]) << np.uint32(24)))
+
+
+FP8_UNIT = np.float32(256.0)   # e4m3_to_f32 returns value / 256
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_fp8(row, x):
+    """float8_e4m3 rows (quant.fp8.pack): per 128 values, scale * 256 * sum e4m3_to_f32(q) x."""
+    s0 = s1 = F0
+    n64 = opaque(64)
+    for b in range(x.shape[0] // 128):
+        o, xo = U(132 * b), U(128 * b)
+        _prefetch_ahead(row, o, 132)
+        t0 = t1 = F0
+        for k in range(n64):
+            t0 += e4m3_to_f32(row[o + U(4 + k)]) * x[xo + U(k)]
+            t1 += e4m3_to_f32(row[o + U(68 + k)]) * x[xo + U(64 + k)]
+        d = f32_at(row, o) * FP8_UNIT
+        s0 += d * t0
+        s1 += d * t1
+    return s0 + s1
+
+
 @njit(inline="always", cache=True)
 def _i8(v):
     """uint8 byte read as int8, as fp32."""
@@ -313,7 +502,7 @@ def _i8(v):
 @njit(nogil=True, fastmath=True, cache=True)
 def dot_row(fmt, row, x, xs):
     """dot(weights of the stored row, x): row (RB,) uint8, x (C,) fp32, xs (C // 32,) = block_sums(x)
-    (read by Q4_0/Q5_0/Q4_K/Q5_K only)."""
+    (read by Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K only)."""
     if fmt <= FP16:
         return _dot_fp(fmt, row, x)
     if fmt == Q8_0:
@@ -326,6 +515,18 @@ def dot_row(fmt, row, x, xs):
         return _dot_q5_k(row, x, xs)
     if fmt == Q5_0:
         return _dot_q5_0(row, x, xs)
+    if fmt == Q4_1:
+        return _dot_q4_1(row, x, xs)
+    if fmt == Q5_1:
+        return _dot_q5_1(row, x, xs)
+    if fmt == Q2_K:
+        return _dot_q2_k(row, x)
+    if fmt == Q3_K:
+        return _dot_q3_k(row, x)
+    if fmt == IQ4_XS:
+        return _dot_iq4_xs(row, x)
+    if fmt == FP8:
+        return _dot_fp8(row, x)
     return _dot_q6_k(row, x)
 
 

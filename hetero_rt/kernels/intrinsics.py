@@ -7,6 +7,8 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   u8_to_f32(v, shift, mask)  ((v >> shift) & mask) as fp32, computed on 8-bit integers
   q5_to_f32(lo, hi, ls, hs)  ((lo >> ls) & 15) | (((hi >> hs) & 1) << 4) as fp32 (Q5_K weight)
   q6_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 15) | (((hi >> hs) & 3) << 4)) - 32 as fp32 (Q6_K weight)
+  q3_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 3) | (((hi >> hs) & 1) << 2)) - 4 as fp32 (Q3_K weight)
+  e4m3_to_f32(v)             the float8 e4m3 value of byte v / 256 (exact; through fp16: vcvtph2ps)
   q4_to_i32 / q5_to_i32 / q6_to_i32: the same values as int32 (the int8-activation dots)
 """
 from __future__ import annotations
@@ -75,6 +77,33 @@ def q6_to_f32(typingctx, lo, hi, ls, hs):
     def codegen(context, builder, sig, args):
         return builder.sitofp(_q6(builder, *args), ir.FloatType())
     return types.float32(types.uint8, types.uint8, types.int64, types.int64), codegen
+
+
+def _q3(builder, lo, hi, ls, hs):
+    low = builder.and_(builder.lshr(lo, builder.trunc(ls, _I8)), _c8(3))
+    high = builder.shl(builder.and_(builder.lshr(hi, builder.trunc(hs, _I8)), _c8(1)), _c8(2))
+    return builder.sub(builder.or_(low, high), _c8(4))
+
+
+@intrinsic
+def q3_to_f32(typingctx, lo, hi, ls, hs):
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_q3(builder, *args), ir.FloatType())
+    return types.float32(types.uint8, types.uint8, types.int64, types.int64), codegen
+
+
+@intrinsic
+def e4m3_to_f32(typingctx, v):
+    """e4m3 (sign, 4-bit exponent of bias 7, 3-bit mantissa) moved into fp16's fields is the same
+    value times 2**-8 (fp16's bias is 15), subnormals included; the caller folds the 256 into its
+    scale. The NaN codes 0x7f/0xff come out as +-480/256 (checkpoints carry no NaN weights)."""
+    def codegen(context, builder, sig, args):
+        i16 = ir.IntType(16)
+        v = builder.zext(args[0], i16)
+        sign = builder.shl(builder.and_(v, ir.Constant(i16, 0x80)), ir.Constant(i16, 8))
+        rest = builder.shl(builder.and_(v, ir.Constant(i16, 0x7F)), ir.Constant(i16, 7))
+        return builder.fpext(builder.bitcast(builder.or_(sign, rest), ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint8), codegen
 
 
 @intrinsic

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..checkpoint.gguf import KERNEL_FORMATS
 from ..checkpoint.source import TensorMeta
 from ..config import PREFILL_CHUNK, ModelArgs
 from ..experts import registry
+from ..quant.ggml import GGML_TYPES
 from .plan import Plan
 from .sizes import fmt_bytes
 
@@ -121,7 +121,7 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
-        stored = KERNEL_FORMATS.get(dtype)
+        stored = GGML_TYPES.get(dtype)
         as_stored = ((p.module.kind == "routed_experts" and bool(registry.get(p.backend).stored_formats))
                      or (p.format == "stored" and len(shape) == 2))
         if as_stored and stored is not None and (p.module.kind != "routed_experts"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 FP8_MAX = 448.0
@@ -61,3 +62,38 @@ def materialize(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if stored is not None:  # a GGUF weight kept in its stored format (kernels.stored)
         return stored.dequantize().to(dtype)
     return w
+
+
+# --- the CPU kernels' row layout (quant.ggml format "float8_e4m3") ------------------------------
+# Each row a run of 132-byte blocks: the fp32 scale of the 128x128 block the 128 values lie in,
+# then those 128 e4m3 bytes. The kernels read a row as one stream, as for the ggml formats; the
+# scale is repeated for each of a block's 128 rows (3% over the stored bytes).
+PACKED_BLOCK = 4 + BLOCK
+
+
+def pack(w, scale_inv, out=None):
+    """fp8 (O, I) (torch float8_e4m3fn, or its bytes as uint8) and scale_inv (R, C) -> uint8
+    (O, I // 128 * 132), written into `out` (a numpy uint8 array of that shape) when given."""
+    w = w.view(torch.uint8) if isinstance(w, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(w))
+    if w.dim() != 2 or w.shape[1] % BLOCK:
+        raise ValueError(f"fp8 rows for the CPU kernels must be whole {BLOCK}-value blocks; got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    nb = cols // BLOCK
+    check_scale_shape(w, scale_inv)
+    if out is None:
+        out = np.empty((rows, nb * PACKED_BLOCK), np.uint8)
+    dst = out.reshape(rows, nb, PACKED_BLOCK)
+    scales = scale_inv.to(torch.float32).contiguous().numpy()                 # (R, C)
+    dst[:, :, :4] = np.repeat(scales, BLOCK, axis=0)[:rows].reshape(rows, nb, 1).view(np.uint8)
+    dst[:, :, 4:] = w.numpy().reshape(rows, nb, BLOCK)
+    return out
+
+
+def unpack(raw) -> torch.Tensor:
+    """pack's bytes (O, I // 128 * 132) -> the dequantized weight (O, I) in fp32."""
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    rows, nb = raw.shape[0], raw.shape[1] // PACKED_BLOCK
+    blocks = raw.reshape(rows, nb, PACKED_BLOCK)
+    scale = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :4]).view(np.float32))        # (O, nb, 1)
+    q = torch.from_numpy(np.ascontiguousarray(blocks[:, :, 4:])).view(torch.float8_e4m3fn).float()
+    return (q * scale).reshape(rows, nb * BLOCK)
