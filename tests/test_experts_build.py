@@ -95,14 +95,18 @@ def test_builder_refuses_a_second_build_and_a_missing_layer(ckpt):
         builder.experts_for(2, None)
 
 
-def test_safetensors_loader_hands_stacked_tensors_in_the_placement_dtype(ckpt):
+@pytest.mark.parametrize("backend,want", [("torch", torch.bfloat16), ("numba", torch.float32)])
+def test_safetensors_loader_hands_stacked_tensors(ckpt, backend, want):
+    """In the placement dtype for the torch backend; as stored (this checkpoint: fp32) for a backend
+    whose kernels read the format as stored, as the GGUF loader does."""
     source = open_source(ckpt)
     args = source.args()
-    w = source.loader(args).expert_weights(2, registry.get("numba"), torch.bfloat16)
+    w = source.loader(args).expert_weights(2, registry.get(backend), torch.bfloat16)
     e, i, d = args.n_routed_experts, args.moe_intermediate_size, args.hidden_size
-    assert isinstance(w, ExpertWeights) and w.is_dense and (w.fmt13, w.fmt2) == ("bf16", "bf16")
-    assert w.shape == (e, i, d) and tuple(w.w2.shape) == (e, d, i) and w.w1.dtype == torch.bfloat16
-    expert3 = source.ckpt.load("model.layers.2.mlp.experts.3.down_proj.weight", (d, i), torch.bfloat16)
+    fmt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[want]
+    assert isinstance(w, ExpertWeights) and w.is_dense and (w.fmt13, w.fmt2) == (fmt, fmt)
+    assert w.shape == (e, i, d) and tuple(w.w2.shape) == (e, d, i) and w.w1.dtype == want
+    expert3 = source.ckpt.load("model.layers.2.mlp.experts.3.down_proj.weight", (d, i), want)
     assert torch.equal(w.w2[3], expert3)
 
 

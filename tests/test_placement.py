@@ -165,10 +165,46 @@ def test_write_rules_fits_the_budget(v3_args):
     mem = plan_memory(v3_args, plan, tensors, 4096, "bfloat16", {"cuda": parse_bytes("80GiB")})
     assert not mem.over()
     on_gpu = [p.module.layer for p in plan.placements if p.module.kind == "routed_experts" and p.device == "cuda"]
-    per_layer = 256 * 3 * 2048 * 7168 * 2
+    per_layer = 256 * 3 * 2048 * 7168 * 2                # an expert layer on the GPU, bf16 (torch backend)
     assert len(on_gpu) >= 1 and mem.devices["cuda"].total + per_layer > parse_bytes("80GiB")
     with pytest.raises(hetero_rt.HeteroRTError, match="even with every routed expert on the CPU"):
-        write_rules(v3_args, tensors, parse_bytes("24GiB"), 4096, "bfloat16")
+        write_rules(v3_args, tensors, parse_bytes("16GiB"), 4096, "bfloat16")
+
+
+def _as_gguf_q4_k_m(tensors):
+    """The V3 metadata with the types of a llama.cpp Q4_K_M file (Q4_K; Q6_K for lm_head and every
+    other layer's expert down projections; norms F32; no FP8 scales)."""
+    out = {}
+    for name, (dtype, shape) in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if len(shape) == 1 or "e_score_correction_bias" in name or ".mlp.gate.weight" in name:
+            out[name] = ("F32", shape)
+        elif name == "lm_head.weight" or (layer and int(layer.group(1)) % 2 == 0 and "down_proj" in name):
+            out[name] = ("Q6_K", shape)
+        else:
+            out[name] = ("Q4_K", shape)
+    return out
+
+
+@pytest.mark.parametrize("kind,host", [("fp8", "768GiB"), ("q4_k_m", "512GiB")])
+def test_write_rules_fits_deepseek_v3_on_24gb_plus_host_ram(v3_args, kind, host):
+    """DeepSeek-V3 as released (block FP8) plans into 24 GB + 768 GB, and as a Q4_K_M GGUF into
+    24 GB + 512 GB: routed experts on the CPU at their stored size, the dense part on the GPU in
+    block FP8 (as stored; quantized at load from Q4_K_M, which the rules' header says)."""
+    tensors = read_tensor_meta(V3) if kind == "fp8" else _as_gguf_q4_k_m(read_tensor_meta(V3))
+    text = write_rules(v3_args, tensors, parse_bytes("24GiB"), 4096, "bfloat16")
+    assert "format: float8_e4m3" in text and (("quantized to" in text) == (kind == "q4_k_m"))
+    plan = resolve(v3_args, parse_rules(text, "w.yaml"), check_devices=False)
+    mem = plan_memory(v3_args, plan, tensors, 4096, "bfloat16", {"cuda": parse_bytes("24GiB"), "cpu": parse_bytes(host)})
+    assert not mem.over(), mem.describe()
+    experts = mem.devices["cpu"].weights["routed_experts"]
+    mtp = f"model.layers.{v3_args.num_hidden_layers}."                          # not loaded
+    stored = sum(np.prod(s) for n, (d, s) in tensors.items()
+                 if ".mlp.experts." in n and not n.startswith(mtp) and not n.endswith("_scale_inv"))  # values
+    per_value = 132 / 128 if kind == "fp8" else 4.5 / 8                            # bytes as stored
+    assert stored * per_value * 0.99 <= experts <= stored * per_value * 1.1
 
 
 def test_plan_cli_answers_from_metadata(capsys, tmp_path):

@@ -224,12 +224,12 @@ def test_demo_checkpoint_is_built_once(tmp_path, monkeypatch):
 
 
 def test_shape_table_matches_the_real_deepseek_v3_release():
-    """hf_tensor_shapes (used by the writer and the planner) against the independent V3 fixture."""
+    """hf_tensor_shapes (used by the writer and the planner) against the independent V3 fixture: every
+    tensor's dtype and shape, the FP8 weights' block scales included (the config is block FP8)."""
     fixture = Path(__file__).parent / "fixtures" / "deepseek_v3"
     real = json.loads(gzip.decompress((fixture / "tensor_shapes.json.gz").read_bytes()))["tensors"]
-    real = {n: tuple(s) for n, (_, s) in real.items() if not n.endswith("_scale_inv")
-            and not n.startswith("model.layers.61.")}
-    ours = {n: s for n, (_, s) in hf_tensor_shapes(ModelArgs.from_config_file(fixture / "config.json")).items()}
+    real = {n: (d, tuple(s)) for n, (d, s) in real.items() if not n.startswith("model.layers.61.")}
+    ours = hf_tensor_shapes(ModelArgs.from_config_file(fixture / "config.json"))
     assert ours == real
 
 

@@ -107,7 +107,7 @@ def write_sized_checkpoint(directory: str | Path, size_bytes: int, seed: int = 0
     layers = 2
     while True:
         cfg = synthetic_config("demo", num_hidden_layers=layers)
-        shapes = hf_tensor_shapes(ModelArgs.from_dict(cfg)).values()
+        shapes = [s for n, s in hf_tensor_shapes(ModelArgs.from_dict(cfg)).items() if not n.endswith("_scale_inv")]
         if sum(2 * math.prod(s) for _, s in shapes) >= size_bytes:
             return write_synthetic_checkpoint(directory, cfg, seed=seed, dtype="bfloat16")
         layers += 1

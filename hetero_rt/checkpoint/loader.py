@@ -6,23 +6,34 @@ ExpertWeights) with its shape checked; every checkpoint tensor is either used or
 ignored (MTP layers, fp8 scales): anything else is an error, so a checkpoint that does not match
 its config.json never runs silently wrong.
 Weights whose stored dtype equals the requested dtype stay zero-copy views of the memory map.
+
+Stored formats: when the experts' backend reads the checkpoint's format as stored (experts.registry),
+routed experts stay in it: fp32/bf16/fp16 stacked as they are, block FP8 (`weight` F8_E4M3 +
+`weight_scale_inv`, the official DeepSeek-V3/R1 and Kimi-K2 layout) repacked into the kernels' rows
+(quant.fp8.pack: 1.03x the stored bytes), never expanded. `format: stored` does the same for 2-D
+dense weights (kernels.stored); a tensor the kernels cannot read (rows not whole 128-blocks) is
+loaded in the placement dtype with a notice.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..experts.weights import ExpertWeights, stacked_shapes
+from ..kernels.stored import Scratch, stored_parameter
 from ..model.transformer import ExpertsFactory, Transformer
 from ..quant import fp8
+from ..quant.ggml import stored_bytes, stored_format
 from .names import EXPERT_NAMES, expert_hf_name, hf_name, is_ignored
-from .safetensors import SafetensorsCheckpoint
+from .safetensors import SCALE_SUFFIX, WEIGHT_DTYPES, SafetensorsCheckpoint
 
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.ffn\.experts\.")   # built by experts.build, not loaded here
 # Small tensors kept in fp32 whatever the model dtype: routing precision decides which experts run.
@@ -49,35 +60,123 @@ class SafetensorsLoader:
     """The weights of one safetensors checkpoint for the model its config.json describes: first each
     MoE layer's routed experts (expert_weights), then everything else (load)."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, args: ModelArgs):
+    def __init__(self, ckpt: SafetensorsCheckpoint, args: ModelArgs, log: Callable[[str], None] | None = None):
         self.ckpt, self.args = ckpt, args
         self.used: set[str] = set()
+        self.log = log or (lambda msg: print(f"hetero_rt: {msg}", file=sys.stderr))
+        self.scratch = Scratch()   # shared by this model's stored-format weights
+        self._said: set[str] = set()
+
+    def _once(self, msg: str) -> None:
+        if msg not in self._said:
+            self._said.add(msg)
+            self.log(msg)
 
     def expert_weights(self, layer: int, backend, dtype: torch.dtype) -> ExpertWeights:
-        """The layer's experts stacked in `dtype` in host memory (whatever the backend: safetensors
-        weights are converted to the placement dtype at load)."""
-        w = {which: _load_stacked(self.ckpt, layer, which, shape, dtype, self.used)
-             for which, shape in stacked_shapes(self.args).items()}
-        return ExpertWeights.dense(layer, w["w1"], w["w3"], w["w2"])
+        """The layer's experts stacked in host memory: in their stored format when the backend reads it
+        as stored (see the module docstring), else converted to `dtype`."""
+        w, fmts = {}, {}
+        for which, shape in stacked_shapes(self.args).items():
+            fmt = self._expert_format(layer, which, shape, backend)
+            if fmt is None:
+                w[which], fmts[which] = _load_stacked(self.ckpt, layer, which, shape, dtype, self.used), None
+            elif fmt == "float8_e4m3":
+                w[which], fmts[which] = _load_stacked_fp8(self.ckpt, layer, which, shape, self.used), fmt
+            else:
+                stored = _TORCH_OF_FORMAT[fmt]
+                w[which], fmts[which] = _load_stacked(self.ckpt, layer, which, shape, stored, self.used), fmt
+        if all(f is None for f in fmts.values()):
+            return ExpertWeights.dense(layer, w["w1"], w["w3"], w["w2"])
+        if fmts["w1"] != fmts["w3"]:
+            raise CheckpointError(f"layer {layer}: routed experts' gate and up projections are stored in different "
+                                  f"formats ({fmts['w1']}, {fmts['w3']}); hetero_rt needs them alike")
+        fmt13 = fmts["w1"] or _FORMAT_OF_TORCH[dtype]
+        fmt2 = fmts["w2"] or _FORMAT_OF_TORCH[dtype]
+        return ExpertWeights(layer, w["w1"], w["w3"], w["w2"], fmt13, fmt2, stacked_shapes(self.args)["w1"])
+
+    def _expert_format(self, layer: int, which: str, shape: tuple[int, ...], backend) -> str | None:
+        """The format the layer's `which` experts stay in, or None (converted to the placement dtype)."""
+        if not backend.stored_formats:
+            return None
+        src = expert_hf_name(layer, 0, which)
+        _require(self.ckpt, src, f"layers.{layer}.ffn.experts.{which}[0]")
+        info = self.ckpt.info(src)
+        fmt = stored_format(info.dtype, shape[1:])
+        if fmt == "float8_e4m3" and src + SCALE_SUFFIX not in self.ckpt:
+            fmt = None   # an F8_E4M3 tensor without block scales: load() names the problem
+        if fmt is None and info.dtype == "F8_E4M3":
+            self._once(f"routed experts {which}: F8_E4M3 rows of {shape[2]} values are not whole 128-value "
+                       f"blocks, which the CPU kernels need: dequantized at load")
+        return fmt if fmt is not None and backend.runs_stored(fmt) else None
 
     def load(self, model: Transformer, where: Where) -> None:
         """Every parameter but the routed experts. where(our parameter name) -> (device, dtype, format)
         it is placed with (placement.apply.param_placement); format "float8_e4m3" keeps 2-D weights
-        block-FP8; format "stored" (GGUF ggml types kept in place) means the same as "dtype" here."""
+        block-FP8 as torch tensors; format "stored" keeps 2-D weights on the CPU as the kernels read
+        them (see the module docstring)."""
         ckpt, used = self.ckpt, self.used
         for name, param, device, want, fmt in dense_params(model, where):
             src = hf_name(name)
             _require(ckpt, src, name)
+            used.add(src)
+            if fmt == "stored" and param.dim() == 2:
+                stored = self._stored(src, tuple(param.shape), want)
+                if stored is not None:
+                    _set_param(model, name, stored)
+                    continue
             scale = None
             if fmt == "float8_e4m3" and param.dim() == 2:
                 tensor, scale = _load_fp8(ckpt, src, tuple(param.shape))
             else:
                 tensor = ckpt.load(src, tuple(param.shape), want)
-            used.add(src)
             assign(model, name, tensor.to(device), None if scale is None else scale.to(device))
         if model.args.tie_word_embeddings and "lm_head.weight" in ckpt:
             used.add("lm_head.weight")  # a duplicate of the embedding some tied checkpoints still carry
         _check_unused(ckpt, used, model.args.num_hidden_layers, model.args.num_nextn_predict_layers)
+
+    def _stored(self, src: str, shape: tuple[int, ...], dtype: torch.dtype):
+        """The tensor as a stored-format parameter (kernels.stored, rows looked up in `dtype`), or None
+        with a notice when the kernels do not read it as stored."""
+        info = self.ckpt.info(src)
+        ckpt_shape_ok = info.shape == shape
+        fmt = stored_format(info.dtype, shape) if ckpt_shape_ok else None
+        if fmt == "float8_e4m3" and src + SCALE_SUFFIX not in self.ckpt:
+            fmt = None
+        if fmt is None:
+            if ckpt_shape_ok and info.dtype in WEIGHT_DTYPES:
+                self.log(f"{src}: {info.dtype} {list(shape)} is not read as stored by the CPU kernels: loaded "
+                         f"in {str(dtype).removeprefix('torch.')} instead of format: stored")
+            return None   # the caller's load() checks shape and dtype and names any problem
+        if fmt == "float8_e4m3":
+            raw = _packed_fp8(self.ckpt, src, shape)
+        else:
+            raw = np.empty((shape[0], stored_bytes(fmt, shape[1:])), np.uint8)
+            _pread(info.file, info.offset, torch.from_numpy(raw))
+        return stored_parameter(raw, fmt, scratch=self.scratch, dtype=dtype)
+
+
+_TORCH_OF_FORMAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FORMAT_OF_TORCH = {t: f for f, t in _TORCH_OF_FORMAT.items()}
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
+
+
+def _packed_fp8(ckpt: SafetensorsCheckpoint, src: str, shape: tuple[int, ...], out: np.ndarray | None = None):
+    """One F8_E4M3 weight (O, I) and its scale as quant.fp8.pack's rows, into `out` when given. The fp8
+    bytes are read with pread (not through the memory map, so they do not stay resident)."""
+    info = ckpt.info(src)
+    if info.shape != shape:
+        raise CheckpointError(f"{info.file}: tensor '{src}' has shape {list(info.shape)}, expected {list(shape)}")
+    scale = ckpt.raw(src + SCALE_SUFFIX).float()
+    tmp = torch.empty(shape, dtype=torch.uint8)
+    _pread(info.file, info.offset, tmp)
+    try:
+        return fp8.pack(tmp, scale, out)
+    except ValueError as e:
+        raise CheckpointError(f"{info.file}: tensor '{src}': {e}") from None
 
 
 def _load_stacked(ckpt, layer: int, which: str, shape: tuple[int, ...], dtype, used: set[str]) -> torch.Tensor:
@@ -86,6 +185,22 @@ def _load_stacked(ckpt, layer: int, which: str, shape: tuple[int, ...], dtype, u
         src = expert_hf_name(layer, e, which)
         _require(ckpt, src, f"layers.{layer}.ffn.experts.{which}[{e}]")
         _fill(out[e], ckpt, src)
+        used.add(src)
+    return out
+
+
+def _load_stacked_fp8(ckpt, layer: int, which: str, shape: tuple[int, ...], used: set[str]) -> np.ndarray:
+    """The layer's F8_E4M3 experts as one uint8 (E, rows, row_bytes) block of quant.fp8.pack rows."""
+    e_count, rows, cols = shape
+    out = np.empty((e_count, rows, stored_bytes("float8_e4m3", (cols,))), np.uint8)
+    for e in range(e_count):
+        src = expert_hf_name(layer, e, which)
+        _require(ckpt, src, f"layers.{layer}.ffn.experts.{which}[{e}]")
+        if ckpt.info(src).dtype != "F8_E4M3" or src + SCALE_SUFFIX not in ckpt:
+            raise CheckpointError(f"{ckpt.info(src).file}: tensor '{src}' is {ckpt.info(src).dtype}"
+                                  f"{'' if src + SCALE_SUFFIX in ckpt else ' without ' + src + SCALE_SUFFIX}, while "
+                                  f"expert 0 of the layer is block FP8; the experts of a layer must be stored alike")
+        _packed_fp8(ckpt, src, (rows, cols), out[e])
         used.add(src)
     return out
 

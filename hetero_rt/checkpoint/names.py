@@ -69,9 +69,18 @@ def is_ignored(name: str, n_layers: int, n_mtp: int) -> bool:
     return bool(m) and n_layers <= int(m.group(1)) < n_layers + n_mtp
 
 
+def is_fp8_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether the official block-FP8 releases (DeepSeek-V3/R1, Kimi-K2) store this HF weight in FP8:
+    the 2-D linear weights of attention, dense MLPs and experts; embeddings, norms, the router gate
+    and lm_head stay bf16."""
+    return len(shape) == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate."))
+
+
 def hf_tensor_shapes(args: ModelArgs, dtype: str = "BF16") -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (safetensors dtype, shape) of every tensor a HF checkpoint of this config holds, in
-    layer order (MTP layers excluded). Used to plan before a download and to write synthetic checkpoints."""
+    layer order (MTP layers excluded). Used to plan before a download and to write synthetic checkpoints.
+    A config with a block-FP8 quantization_config gets the release's layout: is_fp8_weight tensors
+    F8_E4M3, each with its fp32 `_scale_inv` (one value per block)."""
     D, H, C, R = args.hidden_size, args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
     qk, v, moe = args.qk_head_dim, args.v_head_dim, args.moe_intermediate_size
     t = {"model.embed_tokens.weight": (args.vocab_size, D), "model.norm.weight": (D,)}
@@ -102,7 +111,15 @@ def hf_tensor_shapes(args: ModelArgs, dtype: str = "BF16") -> dict[str, tuple[st
         if args.n_shared_experts:
             t.update({p + f"mlp.shared_experts.{k}.weight": s
                       for k, s in ffn(moe * args.n_shared_experts).items()})
-    return {n: ("F32" if n.endswith("correction_bias") else dtype, tuple(s)) for n, s in t.items()}
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for n, shape in t.items():
+        if args.fp8_block_size is not None and is_fp8_weight(n, shape):
+            rows, cols = args.fp8_block_size
+            out[n] = ("F8_E4M3", tuple(shape))
+            out[n + "_scale_inv"] = ("F32", (-(-shape[0] // rows), -(-shape[1] // cols)))
+        else:
+            out[n] = ("F32" if n.endswith("correction_bias") else dtype, tuple(shape))
+    return out
 
 
 # --- GGUF (llama.cpp's deepseek2 names) -------------------------------------------------------

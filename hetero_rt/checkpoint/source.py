@@ -34,7 +34,6 @@ def open_source(path: str | Path) -> "DirectorySource | GGUFSource":
 
 
 class DirectorySource:
-    in_place = False     # safetensors weights arrive in the placement dtype (see loader.py)
 
     def __init__(self, path: Path):
         if not path.exists():
@@ -45,6 +44,16 @@ class DirectorySource:
                                   f"*.safetensors)")
         self.path = path
         self._ckpt: SafetensorsCheckpoint | None = None
+        self._meta: TensorMeta | None = None
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the routed experts are stored in a format the CPU kernels read as stored without
+        expanding it: block FP8 (the official DeepSeek-V3/R1 and Kimi-K2 releases). bf16/fp16
+        checkpoints are not: their default placement stays in their dtype on the device asked for."""
+        meta = self._meta if self._meta is not None else self.tensor_meta(self.args())
+        return any(dtype == "F8_E4M3" and n.replace(".weight", ".weight_scale_inv") in meta
+                   for n, (dtype, _) in meta.items() if ".mlp.experts." in n)
 
     @property
     def ckpt(self) -> SafetensorsCheckpoint:
@@ -62,6 +71,11 @@ class DirectorySource:
         """From the safetensors headers; for a metadata-only description, from tensor_shapes.json.gz
         ({"tensors": {name: [dtype, shape]}}); for a directory holding only config.json (planning
         before a download), derived from `args`."""
+        if self._meta is None:
+            self._meta = self._read_meta(args)
+        return self._meta
+
+    def _read_meta(self, args: ModelArgs | None) -> TensorMeta:
         shapes = self.path / SHAPES_FILE
         if args is not None and not shapes.is_file() and not any(self.path.glob("*.safetensors")):
             return hf_tensor_shapes(args)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ..config import ModelArgs
-from .names import hf_tensor_shapes
+from .names import hf_tensor_shapes, is_fp8_weight
 from .safetensors import DTYPES, INDEX_FILE, SCALE_SUFFIX, quantize_fp8_block
 from .tokenizer_builder import build_tokenizer
 
@@ -66,6 +66,7 @@ def synthetic_config(preset: str = "demo", **overrides) -> dict:
 def checkpoint_size(config: dict, dtype: str = "bfloat16") -> tuple[int, int]:
     """(parameters, bytes of safetensors data) of the checkpoint write_synthetic_checkpoint would write."""
     shapes = hf_tensor_shapes(ModelArgs.from_dict(config, source="synthetic config"))
+    shapes = {n: v for n, v in shapes.items() if not n.endswith(SCALE_SUFFIX)}   # _stored adds the scales
     params = sum(math.prod(s) for _, s in shapes.values())
     return params, sum(_nbytes(t) for name, (_, shape) in shapes.items() for t in _stored(name, shape, dtype))
 
@@ -148,6 +149,8 @@ def _plan_shards(args: ModelArgs, dtype: str, shard_bytes: float) -> list[_Shard
     shards: list[_Shard] = [[]]
     size = 0
     for name, (_, shape) in hf_tensor_shapes(args).items():
+        if name.endswith(SCALE_SUFFIX):
+            continue   # _stored adds each weight's scale
         stored = _stored(name, shape, dtype)
         nbytes = sum(_nbytes(t) for t in stored)
         if shards[-1] and size + nbytes > shard_bytes:
@@ -162,7 +165,7 @@ def _stored(name: str, shape: tuple[int, ...], dtype: str) -> list[_Stored]:
     """What the checkpoint holds for one HF weight in this dtype."""
     if name.endswith("correction_bias"):
         return [_Stored(name, "F32", shape)]
-    if dtype == "fp8" and _is_fp8(name, shape):
+    if dtype == "fp8" and is_fp8_weight(name, shape):
         scale = (math.ceil(shape[0] / _FP8_BLOCK), math.ceil(shape[1] / _FP8_BLOCK))
         return [_Stored(name, "F8_E4M3", shape), _Stored(name + SCALE_SUFFIX, "F32", scale)]
     return [_Stored(name, "F32" if dtype == "float32" else "BF16", shape)]
@@ -195,12 +198,6 @@ def _write_shard(file: Path, shard: _Shard, gen: torch.Generator, dtype: str) ->
                 f.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
-def _is_fp8(name: str, shape: tuple[int, ...]) -> bool:
-    """As in the official FP8 release: the 2-D linear weights of attention, dense MLP and experts;
-    embeddings, norms, the router gate and lm_head stay bf16."""
-    return len(shape) == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate."))
-
-
 def _make(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: str) -> dict[str, torch.Tensor]:
     if name.endswith("correction_bias"):
         return {name: 0.1 * torch.randn(shape, generator=gen)}
@@ -210,7 +207,7 @@ def _make(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: str) -
         t = torch.randn(shape, generator=gen)
     else:
         t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
-    if dtype == "fp8" and _is_fp8(name, shape):
+    if dtype == "fp8" and is_fp8_weight(name, shape):
         w, scale = quantize_fp8_block(t, _FP8_BLOCK)
         return {name: w, name + SCALE_SUFFIX: scale}
     return {name: t.to(torch.bfloat16 if dtype == "fp8" else _TORCH[dtype])}

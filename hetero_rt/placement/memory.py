@@ -29,7 +29,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..checkpoint.source import TensorMeta
 from ..config import PREFILL_CHUNK, ModelArgs
 from ..experts import registry
-from ..quant.ggml import GGML_TYPES
+from ..quant.ggml import stored_bytes, stored_format
 from .plan import Plan
 from .sizes import fmt_bytes
 
@@ -121,12 +121,12 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
             continue  # MTP layers and rope buffers: not loaded
         placed = "float32" if name.endswith("e_score_correction_bias") else (p.dtype or main_dtype)
         nbytes = math.prod(shape) * DTYPE_BYTES[placed]
-        stored = GGML_TYPES.get(dtype)
+        stored = stored_format(dtype, shape)
         as_stored = ((p.module.kind == "routed_experts" and bool(registry.get(p.backend).stored_formats))
                      or (p.format == "stored" and len(shape) == 2))
         if as_stored and stored is not None and (p.module.kind != "routed_experts"
                                                  or registry.get(p.backend).runs_stored(stored)):
-            nbytes = _ggml_bytes(dtype, shape)  # GGUF weights kept in the memory map, in their stored format
+            nbytes = stored_bytes(stored, shape)   # kept as stored (GGUF: in the memory map; FP8: repacked)
         elif as_stored and dtype in GGMLQuantizationType.__members__:
             entry = dequantized.setdefault((p.module.kind, dtype, placed), [0, 0, 0])
             entry[0] += 1

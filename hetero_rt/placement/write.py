@@ -1,6 +1,9 @@
 """Write a placement that fits a GPU budget: attention, KV cache, router, shared experts, dense
 layers, embeddings and lm_head on the GPU; routed experts on the CPU, except whole expert layers
-moved back onto the GPU while the remaining memory holds them (a static expert placement)."""
+moved back onto the GPU while the remaining memory holds them (a static expert placement).
+For a block-FP8 checkpoint (DeepSeek-V3/R1, Kimi-K2 as released) the GPU's attention, shared-expert
+and dense-MLP weights stay FP8 (format: float8_e4m3) and the CPU's routed experts stay FP8 in the
+kernels' rows, so the model is counted, and runs, at about its stored size."""
 from __future__ import annotations
 
 from ..config import ModelArgs
@@ -8,7 +11,7 @@ from ..errors import HeteroRTError
 from ..experts import registry
 from .memory import plan_memory
 from .plan import resolve
-from .schema import parse_rules
+from .schema import FP8_KINDS, parse_rules
 from .sizes import fmt_bytes
 
 HEADER = """\
@@ -20,21 +23,33 @@ HEADER = """\
 
 def write_rules(args: ModelArgs, tensors: dict, gpu_budget: int, context: int, dtype: str,
                 expert_backend: str = registry.CPU_DEFAULT, gpu: str = "cuda", cpu_threads: int | None = None) -> str:
-    base = _yaml(args, dtype, expert_backend, gpu, cpu_threads, gpu_layers=[])
-    mem = _plan(args, base, tensors, context, dtype, gpu, gpu_budget)
+    fp8 = _stores_fp8(tensors)
+    mem = _plan(args, _yaml(args, dtype, expert_backend, gpu, cpu_threads, [], fp8), tensors, context, dtype, gpu,
+                gpu_budget)
+    requantized = False
+    if not fp8 and mem.devices[gpu].total > gpu_budget:   # the dense part in FP8 on the GPU (quantized at load)
+        fp8 = requantized = True
+        mem = _plan(args, _yaml(args, dtype, expert_backend, gpu, cpu_threads, [], fp8), tensors, context, dtype,
+                    gpu, gpu_budget)
     dense_total = mem.devices[gpu].total
     if dense_total > gpu_budget:
         raise HeteroRTError(f"even with every routed expert on the CPU, {gpu} needs {fmt_bytes(dense_total)} "
                             f"(budget {fmt_bytes(gpu_budget)}): reduce --context or use a smaller dtype")
     room = gpu_budget - dense_total
     chosen = []
-    for layer, nbytes in sorted(mem.expert_layer_bytes.items()):
+    every = sorted(mem.expert_layer_bytes)   # what each expert layer takes once on the GPU
+    on_gpu = _plan(args, _yaml(args, dtype, expert_backend, gpu, cpu_threads, every, fp8), tensors, context,
+                   dtype, gpu, gpu_budget).expert_layer_bytes
+    for layer, nbytes in sorted(on_gpu.items()):
         if nbytes <= room:
             chosen.append(layer)
             room -= nbytes
     text = HEADER.format(model=args.model_type, layers=args.num_hidden_layers, experts=args.n_routed_experts,
                          budget=fmt_bytes(gpu_budget), context=context, gpu=gpu, n_gpu=len(chosen))
-    text += _yaml(args, dtype, expert_backend, gpu, cpu_threads, chosen)
+    if requantized:
+        text += (f"# The dense part does not fit in {dtype}: attention, shared experts and dense MLPs are quantized to\n"
+                 f"# block FP8 at load (not exact: about 3% error per weight, see quant/fp8.py).\n")
+    text += _yaml(args, dtype, expert_backend, gpu, cpu_threads, chosen, fp8)
     if _plan(args, text, tensors, context, dtype, gpu, gpu_budget).over():  # a bug, not a user error
         raise HeteroRTError("internal error: the written placement does not fit its own budget")
     return text
@@ -45,10 +60,19 @@ def _plan(args, text, tensors, context, dtype, gpu, budget):
     return plan_memory(args, plan, tensors, context, dtype, {gpu: budget})
 
 
-def _yaml(args: ModelArgs, dtype: str, backend: str, gpu: str, threads: int | None, gpu_layers: list[int]) -> str:
+def _stores_fp8(tensors: dict) -> bool:
+    """The checkpoint's attention weights are block FP8 (an F8_E4M3 weight with its weight_scale_inv)."""
+    return any(d == "F8_E4M3" and ".self_attn." in n and n + "_scale_inv" in tensors for n, (d, _) in tensors.items())
+
+
+def _yaml(args: ModelArgs, dtype: str, backend: str, gpu: str, threads: int | None, gpu_layers: list[int],
+          fp8: bool) -> str:
     place = f"{{device: cpu, backend: {backend}" + (f", threads: {threads}" if threads else "") + "}"
     lines = ["defaults:", f"  device: {gpu}", f"  dtype: {dtype}", "rules:",
              "  - match: {kind: routed_experts}", f"    place: {place}"]
+    if fp8:
+        for kind in FP8_KINDS:
+            lines += [f"  - match: {{kind: {kind}}}", "    place: {format: float8_e4m3}"]
     if gpu_layers:
         alternatives = "|".join(str(i) for i in gpu_layers)
         lines += [f"  - match: {{name: 'model\\.layers\\.({alternatives})\\.mlp\\.experts'}}",

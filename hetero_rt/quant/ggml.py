@@ -76,6 +76,29 @@ QUANT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k",
 # ggml type name -> our format, for every ggml type the kernels read in place (GGUF readers ask here).
 GGML_TYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0",
               "Q5_1": "q5_1", "Q2_K": "q2_k", "Q3_K": "q3_k", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "IQ4_XS": "iq4_xs"}
+# safetensors dtype -> our format, for the stored dtypes the kernels read as stored (F8_E4M3: with its
+# `weight_scale_inv` beside it, repacked at load by quant.fp8.pack).
+SAFETENSORS_TYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "float8_e4m3"}
+
+
+def stored_format(dtype: str, shape: tuple[int, ...]) -> str | None:
+    """The format the CPU kernels read a checkpoint tensor of this stored dtype (a ggml type name of a
+    GGUF, or a safetensors dtype) and shape in, or None: not a kernel format, or rows that are not
+    whole blocks of it."""
+    name = GGML_TYPES.get(dtype) or SAFETENSORS_TYPES.get(dtype)
+    if name is None or not shape or shape[-1] % FORMATS[name].block:
+        return None
+    return name
+
+
+def stored_bytes(fmt: str, shape: tuple[int, ...]) -> int:
+    """Bytes a weight of this shape takes in format fmt (rows of whole blocks)."""
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return rows * get_format(fmt).row_bytes(shape[-1])
+
+
 # IQ4_NL / IQ4_XS's 16 non-uniform levels (ggml's kvalues_iq4nl).
 KVALUES_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 

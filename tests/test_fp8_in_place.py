@@ -1,0 +1,98 @@
+"""Block FP8 checkpoints (the official DeepSeek-V3/R1 and Kimi-K2 layout: `weight` F8_E4M3 with a
+128x128 `weight_scale_inv`) run in place on the CPU by default: the routed experts stay FP8 in the
+numba kernels' rows and the dense weights stay FP8 as stored-format weights, never expanded. The
+oracle is the same model with every FP8 weight dequantized (fp8 * scale, fp32) by the test itself."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hetero_rt
+from hetero_rt.checkpoint.source import open_source
+from hetero_rt.experts.numba_backend import NumbaExperts
+from hetero_rt.quant import fp8, ggml
+from hf_models import build_hf_model, save_hf_model
+from test_loading import IDS, copy_ckpt, fp8_dequantize, fp8_quantize
+
+# every matrix's input dimension a multiple of 128, as in the released checkpoints
+DIMS = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128,
+            num_attention_heads=4, v_head_dim=32, vocab_size=96)
+
+
+def _is_fp8(name: str, t: torch.Tensor) -> bool:
+    return t.dim() == 2 and "embed" not in name and "lm_head" not in name and ".gate.weight" not in name
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory):
+    """(FP8 checkpoint dir, the same weights dequantized, as a second dir)."""
+    tmp = tmp_path_factory.mktemp("fp8")
+    hf = build_hf_model("v3", seed=3, **DIMS)
+    src = save_hf_model(hf, "v3", tmp / "src")
+    tensors = load_file(src / "model.safetensors")
+    q8, deq = {}, {}
+    for name, t in tensors.items():
+        if _is_fp8(name, t):
+            q, s = fp8_quantize(t)
+            q8[name], q8[name + "_scale_inv"] = q, s
+            deq[name] = fp8_dequantize(q, s)
+        else:
+            q8[name] = deq[name] = t
+    cfg = json.loads((src / "config.json").read_text())
+    deq_dir = copy_ckpt(src, tmp / "deq", deq, cfg)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    return copy_ckpt(src, tmp / "fp8", q8, cfg), deq_dir
+
+
+def test_pack_round_trips_the_official_layout():
+    """quant.fp8.pack's rows decode (gguf-independent unpack, and the kernels' tile decoder) to exactly
+    fp8 * scale_inv, including rows in a partial last 128-row block."""
+    from hetero_rt.kernels.dequant import decode_tile
+    w = torch.randn(200, 384) * 0.05
+    q, s = fp8_quantize(w)
+    raw = fp8.pack(q, s)
+    assert raw.shape == (200, 3 * 132)
+    want = fp8_dequantize(q, s).numpy()
+    np.testing.assert_array_equal(fp8.unpack(raw).numpy(), want)
+    out = np.empty((200, 256), np.float32)
+    decode_tile(ggml.FP8, raw, 0, 200, 128, 256, out)
+    np.testing.assert_array_equal(out, want[:, 128:])
+    with pytest.raises(ValueError, match="whole 128-value blocks"):
+        fp8.pack(q[:, :200], s[:, :2])
+
+
+def test_fp8_checkpoint_runs_in_place_by_default(fp8_pair, capfd):
+    fp8_dir, deq_dir = fp8_pair
+    assert open_source(fp8_dir).in_place and not open_source(deq_dir).in_place
+    capfd.readouterr()
+    rt = hetero_rt.load(fp8_dir)
+    notices = capfd.readouterr().err
+    assert "dequantized" not in notices and "not read as stored" not in notices, notices
+    experts = [m for m in rt.model.modules() if isinstance(m, NumbaExperts)]
+    assert experts and {(e.fmt13.name, e.fmt2.name) for e in experts} == {("float8_e4m3", "float8_e4m3")}
+    stored = {n: p.stored.fmt.name for n, p in rt.model.named_parameters() if getattr(p, "stored", None) is not None}
+    assert stored["layers.0.attn.wq_b"] == "float8_e4m3" and stored["layers.1.ffn.shared_experts.w2"] == "float8_e4m3"
+    assert not any(p.dtype == torch.float8_e4m3fn for p in rt.model.parameters())
+    ref = hetero_rt.load(deq_dir, dtype="float32").logits(IDS)     # torch, dequantized weights
+    got = rt.logits(IDS)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_fp8_experts_are_planned_and_held_at_stored_size(fp8_pair):
+    """The planner counts FP8 experts as the kernels hold them (132 bytes per 128 values), the loader
+    holds exactly that, and both are about the checkpoint's own FP8 bytes."""
+    from hetero_rt.api import make_plan
+    from hetero_rt.placement.memory import plan_memory
+    fp8_dir, _ = fp8_pair
+    source = open_source(fp8_dir)
+    args, meta = source.args(), source.tensor_meta()
+    plan = make_plan(args, None, None, False, in_place=True)
+    planned = plan_memory(args, plan, meta, 64, "float32").devices["cpu"].weights["routed_experts"]
+    stored = sum(np.prod(shape) for n, (d, shape) in meta.items() if ".mlp.experts." in n and d == "F8_E4M3")
+    assert planned == stored * 132 // 128
+    rt = hetero_rt.load(fp8_dir)
+    held = sum(e.weight_bytes(e.n_experts) for e in rt.model.modules() if isinstance(e, NumbaExperts))
+    assert held == planned
