@@ -82,7 +82,7 @@ def test_fused_dot_row_matches_gguf(fmt, cols):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if ggml.get_format(f).block > 1 and f != "float8_e4m3"])
 def test_int8_activation_dot_within_stated_tolerance(fmt):
     """dot_row_i8 (x quantized per 32 columns to int8, integer block sums) vs the exact fp32 dot of
     the dequantized weights: within 2% of max |dot| over 64 rows (measured 4e-3 to 7e-3), and not
@@ -199,10 +199,11 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
 
 
 def test_dot_row_i8_refuses_a_format_without_int8_dot():
-    """Q5_0 has no int8 dot: dot_row_i8 says so instead of reading the row as another format (the
-    kernels never call it for Q5_0: has_int8_dot keeps those rows on fp32 activations)."""
-    from hetero_rt.kernels.dot import Q5_0, dot_row_i8, has_int8_dot
-    assert not has_int8_dot(Q5_0) and has_int8_dot(ggml.get_format("q4_k").code)
-    raw = ggml.quantize(weights(1, 64, seed=1), "q5_0")[0]
+    """Block FP8 has no int8 dot: dot_row_i8 says so instead of reading the row as another format (the
+    kernels never call it for FP8 or the fp formats: has_int8_dot keeps those rows on fp32 activations)."""
+    from hetero_rt.kernels.dot import BF16, FP8, dot_row_i8, has_int8_dot
+    assert not has_int8_dot(FP8) and not has_int8_dot(BF16)
+    assert all(has_int8_dot(ggml.get_format(f).code) for f in ggml.GGML_TYPES.values() if ggml.get_format(f).block > 1)
+    raw = ggml.quantize(weights(1, 128, seed=1), "float8_e4m3")[0]
     with pytest.raises(ValueError, match="no int8 dot for this format"):
-        dot_row_i8(Q5_0, raw, np.zeros(64, np.int8), np.zeros(2, np.float32), np.zeros(2, np.float32))
+        dot_row_i8(FP8, raw, np.zeros(128, np.int8), np.zeros(4, np.float32), np.zeros(4, np.float32))

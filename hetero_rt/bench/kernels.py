@@ -24,7 +24,7 @@ from numba import njit, prange
 
 from ..experts.numba_backend import NumbaExperts
 from ..experts.torch_backend import TorchExperts
-from ..kernels.dot import block_sums, dot_row, dot_row_i8, quantize_act
+from ..kernels.dot import block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
 from ..kernels.moe import moe_forward
 from ..kernels.threads import default_threads, use_threads
 from ..quant.ggml import FORMATS, quantize
@@ -167,7 +167,7 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         ref = _llama(ne, dim, inter, max(token_counts), k, threads, log) if llama else None
         log(f"{name} {fmt}: {n_exp} experts, {ne.weight_bytes(n_exp) / 2**30:.2f} GiB, "
             f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
-        with_int8 = int8 and FORMATS[fmt].block > 1
+        with_int8 = int8 and has_int8_dot(FORMATS[fmt].code)
         for tokens in token_counts:
             n_route = n_exp if tokens == 1 else min(n_exp, MODEL_EXPERTS[name])
             runs = [_round(ne, ref, with_int8 and tokens == 1, baseline, tokens, k, dim, n_route, rng)
@@ -290,7 +290,7 @@ def report(rows: list[Row], bw: float, mm: dict[str, float], big_t: int, threads
     return "\n".join(out)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=True)   # not cached: numba's cache would not see the kernels it calls change
 def _dot_rows(fmt, w, x, xs, xq, xd, int8, out):
     for r in range(w.shape[0]):
         out[r] = dot_row_i8(fmt, w[r], xq, xd, xs) if int8 else dot_row(fmt, w[r], x, xs)
@@ -311,7 +311,7 @@ def dot_rates(formats: list[str], dim: int = 7168, rows: int = 64, repeats: int 
     for fmt in formats:
         f = FORMATS[fmt]
         w = quantize(rng.standard_normal((rows, dim)).astype(np.float32), fmt)
-        for int8 in ((False, True) if f.block > 1 else (False,)):
+        for int8 in ((False, True) if has_int8_dot(f.code) else (False,)):
             sums = xs8 if int8 else xs
             _dot_rows(f.code, w, x, sums, xq, xd, int8, res)
             t = float(np.median([_timed(lambda: _dot_rows(f.code, w, x, sums, xq, xd, int8, res))

@@ -9,7 +9,8 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   q6_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 15) | (((hi >> hs) & 3) << 4)) - 32 as fp32 (Q6_K weight)
   q3_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 3) | (((hi >> hs) & 1) << 2)) - 4 as fp32 (Q3_K weight)
   e4m3_to_f32(v)             the float8 e4m3 value of byte v / 256 (exact; through fp16: vcvtph2ps)
-  q4_to_i32 / q5_to_i32 / q6_to_i32: the same values as int32 (the int8-activation dots)
+  q4_to_i32 / q5_to_i32 / q6_to_i32 / q3_to_i32: the same values as int32 (the int8-activation dots)
+  u8_to_i32(v, shift, mask)  ((v >> shift) & mask) as int32, computed on 8-bit integers
 """
 from __future__ import annotations
 
@@ -90,6 +91,22 @@ def q3_to_f32(typingctx, lo, hi, ls, hs):
     def codegen(context, builder, sig, args):
         return builder.sitofp(_q3(builder, *args), ir.FloatType())
     return types.float32(types.uint8, types.uint8, types.int64, types.int64), codegen
+
+
+@intrinsic
+def q3_to_i32(typingctx, lo, hi, ls, hs):
+    def codegen(context, builder, sig, args):
+        return builder.sext(_q3(builder, *args), ir.IntType(32))
+    return types.int32(types.uint8, types.uint8, types.int64, types.int64), codegen
+
+
+@intrinsic
+def u8_to_i32(typingctx, v, shift, mask):
+    def codegen(context, builder, sig, args):
+        v8, shift, mask = args
+        q = builder.and_(builder.lshr(v8, builder.trunc(shift, _I8)), builder.trunc(mask, _I8))
+        return builder.zext(q, ir.IntType(32))
+    return types.int32(types.uint8, types.int64, types.int64), codegen
 
 
 @intrinsic
