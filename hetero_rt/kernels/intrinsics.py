@@ -42,10 +42,26 @@ def f32_from_bits(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
+def _half_to_float(builder, h16):
+    """fp32 of the IEEE half whose bits are the i16 h16: vcvtph2ps where the target has F16C; else
+    exponent and mantissa moved into fp32's fields and rescaled by 2**112 (fp32's bias less fp16's),
+    which also turns fp16 subnormals into normal fp32s (LLVM's own fallback is a libcall numba's JIT
+    does not link). Inf/NaN halves come out finite there; weights and scales carry none."""
+    if F16C:
+        return builder.fpext(builder.bitcast(h16, ir.HalfType()), ir.FloatType())
+    i32 = ir.IntType(32)
+    v = builder.zext(h16, i32)
+    sign = builder.shl(builder.and_(v, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+    body = builder.bitcast(builder.shl(builder.and_(v, ir.Constant(i32, 0x7FFF)), ir.Constant(i32, 13)),
+                           ir.FloatType())
+    scaled = builder.bitcast(builder.fmul(body, ir.Constant(ir.FloatType(), 2.0 ** 112)), i32)
+    return builder.bitcast(builder.or_(scaled, sign), ir.FloatType())
+
+
 @intrinsic
 def f16_to_f32(typingctx, bits):
     def codegen(context, builder, sig, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return _half_to_float(builder, args[0])
     return types.float32(types.uint16), codegen
 
 
@@ -119,7 +135,7 @@ def e4m3_to_f32(typingctx, v):
         v = builder.zext(args[0], i16)
         sign = builder.shl(builder.and_(v, ir.Constant(i16, 0x80)), ir.Constant(i16, 8))
         rest = builder.shl(builder.and_(v, ir.Constant(i16, 0x7F)), ir.Constant(i16, 7))
-        return builder.fpext(builder.bitcast(builder.or_(sign, rest), ir.HalfType()), ir.FloatType())
+        return _half_to_float(builder, builder.or_(sign, rest))
     return types.float32(types.uint8), codegen
 
 
@@ -203,7 +219,10 @@ def cpu_has(*features: str) -> bool:
     return bool(given) and all(f"+{f}" in given.split(",") for f in features)
 
 
-VNNI = cpu_has("avx512vnni", "avx512vl")   # vpdpbusd on 256-bit vectors
+# vpdpbusd on 256-bit vectors: AVX512-VNNI (EVEX) or AVX-VNNI (VEX; Alder Lake, Zen 5, ...); LLVM
+# emits either from the same intrinsic, by the target's features.
+VNNI = cpu_has("avx512vnni", "avx512vl") or cpu_has("avxvnni")
+F16C = cpu_has("f16c")
 
 
 # --- IR helpers shared by the vector kernels below and kernels.gemm --------------------------------
@@ -248,7 +267,7 @@ def _byte_ptr(builder, base, offset, ty=None):
 def _f16_at(builder, base, offset):
     """fp32 of the little-endian fp16 at byte base + offset (base an i8*)."""
     half = builder.load(_byte_ptr(builder, base, offset, ir.IntType(16)), align=1)
-    return builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType())
+    return _half_to_float(builder, half)
 
 
 def _u8s8_dot8(builder, q, x):
