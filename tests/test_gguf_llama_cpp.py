@@ -60,9 +60,10 @@ def test_llama_cpp_ignores_v2_group_limited_routing(tmp_path):
 @pytest.mark.parametrize("ftype,name,expect", [(7, "Q8_0", "Q8_0"), (15, "Q4_K_M", "Q4_K"), (10, "Q2_K", "Q2_K"),
                                                (12, "Q3_K_M", "Q3_K"), (30, "IQ4_XS", "IQ4_XS")])
 def test_llama_cpp_quantized_file_matches_dequantized_reference(tmp_path, capfd, ftype, name, expect):
-    """Exact mode on llama.cpp's own quantization: the default placement (experts and dense weights
-    read in place from the file's bytes) and cpu-only.yaml (dequantized at load) both equal the
-    dequantized reference, and no tensor of the file is dequantized for want of a kernel."""
+    """Exact mode on llama.cpp's own quantization: the default placement with fp32 activations
+    (experts and dense weights read in place from the file's bytes) and cpu-only.yaml (dequantized at
+    load) both equal the dequantized reference, and no tensor of the file is dequantized for want of
+    a kernel."""
     model, f32, cfg = make_gguf("v3", tmp_path, "F32", tokenizer=True, **KQUANT_DIMS)
     out = tmp_path / f"model-{name}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
@@ -73,10 +74,10 @@ def test_llama_cpp_quantized_file_matches_dequantized_reference(tmp_path, capfd,
         types = {ck.info(n).type for n in ck.names() if n.endswith("_exps.weight")}
     assert expect in types, types  # the experts really are in that format
     ref = hf_logits(dequantized_reference(model, out, cfg), list(range(1, 17)))
-    for rules in (None, "placement_rules/cpu-only.yaml"):
+    for rules in ("tests/fixtures/gguf-cpu-exact.yaml", "placement_rules/cpu-only.yaml"):
         capfd.readouterr()
         rt = hetero_rt.load(out, rules, dtype="float32")
         notices = capfd.readouterr().err
         assert rel_err(rt.logits(list(range(1, 17))), ref) <= 1e-4, (rules, types)
-        if rules is None:
+        if rules.endswith("exact.yaml"):
             assert "dequantized" not in notices, notices

@@ -207,3 +207,27 @@ def test_dot_row_i8_refuses_a_format_without_int8_dot():
     raw = ggml.quantize(weights(1, 128, seed=1), "float8_e4m3")[0]
     with pytest.raises(ValueError, match="no int8 dot for this format"):
         dot_row_i8(FP8, raw, np.zeros(128, np.int8), np.zeros(4, np.float32), np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q8_0", "q6_k", "q2_k", "iq4_xs", "bf16", "float8_e4m3"])
+def test_stored_weight_int8_gemv(fmt):
+    """StoredWeight with act="int8": few-token matmuls of ggml block formats take the integer dots
+    (within 2% of max |y| of the exact product, and not exact); fp formats and block FP8 stay exact;
+    many-token matmuls (the GEMM path) stay exact whatever act says."""
+    import torch
+    from hetero_rt.kernels.stored import StoredWeight
+    w = weights(96, 512, seed=7)
+    raw = ggml.quantize(w, fmt)
+    exact = ggml.dequantize(raw, fmt).astype(np.float64)
+    sw = StoredWeight(raw, fmt, act="int8")
+    x = torch.from_numpy(np.random.default_rng(8).standard_normal((3, 512)).astype(np.float32))
+    ref = x.double().numpy() @ exact.T
+    err = np.abs(sw.matmul(x).numpy() - ref).max() / np.abs(ref).max()
+    if fmt in ("bf16", "float8_e4m3"):
+        assert err < 1e-5
+    else:
+        assert 1e-6 < err < 2e-2, err
+    big = torch.from_numpy(np.random.default_rng(9).standard_normal((20, 512)).astype(np.float32))
+    np.testing.assert_allclose(sw.matmul(big).numpy(), big.double().numpy() @ exact.T, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="act must be"):
+        sw.act = "int4"

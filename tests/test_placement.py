@@ -57,8 +57,8 @@ GOOD = "defaults: {device: cpu}\nrules:\n  - match: {kind: routed_experts}\n    
     ("rules:\n  - match: {kind: gate}\n    place: {dtype: int4}\n", "r.yaml:3: unknown dtype 'int4'"),
     ("rules:\n  - match: {kind: routed_experts}\n    place: {activations: int4}\n",
      "r.yaml:3: unknown activations 'int4'; expected one of fp32, int8"),
-    ("rules:\n  - match: {kind: attention}\n    place: {activations: int8}\n",
-     "r.yaml:3: activations is a setting of routed_experts (numba kernels), not attention"),
+    ("rules:\n  - match: {kind: gate}\n    place: {activations: int8}\n",
+     "r.yaml:3: activations is a setting of the CPU kernels (routed_experts on numba/hetero, format: stored"),
     ("defaults: {device: cpu}\nrule:\n  - {}\n", "r.yaml:2: unknown key 'rule' in the placement file"),
     ("rules:\n  - match: {}\n    place: {device: cpu}\n", "r.yaml:2: match is empty"),
     ("rules:\n  - place: {device: cpu}\n", "r.yaml:2: rule has no 'match:'"),
@@ -82,7 +82,7 @@ def test_resolution_errors(v3_args):
            "backend 'torch'" in msg
     msg = rules_error(GOOD + "  - match: {name: 'model\\.layers\\.3\\.self_attn'}\n    place: {activations: int8}\n",
                       v3_args)
-    assert "r.yaml:5: activations cannot be set for model.layers.3.self_attn (kind attention)" in msg
+    assert "r.yaml:5: model.layers.3.self_attn: activations 'int8' is a setting of the CPU kernels, which run attention only with format: stored" in msg
     msg = rules_error(GOOD + "  - match: {kind: attention}\n    place: {device: cuda}\n", v3_args,
                       check_devices=False)
     assert "every module except routed_experts runs on one device" in msg

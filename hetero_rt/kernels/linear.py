@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dequant import decode_tile
-from .dot import block_sums, dot_row
+from .dot import block_sums, dot_row, dot_row_i8, quantize_act
 
 ROWS_PER_TASK = 16
 
@@ -36,6 +36,27 @@ def gemv(fmt, w, x, y):
             wr = w[r]
             for j in range(n):
                 y[j, r] = dot_row(fmt, wr, x[j], xs[j])
+
+
+@njit(nogil=True, parallel=True, fastmath=True, cache=True)
+def gemv_i8(fmt, w, x, y):
+    """As gemv with each token's x quantized once to int8 per 32 columns (kernels.dot.quantize_act)
+    and every row dotted by the integer dots (fmt must have one: kernels.dot.has_int8_dot)."""
+    rows = w.shape[0]
+    n = x.shape[0]
+    cols = x.shape[1]
+    xq = np.empty((n, cols), np.int8)
+    xd = np.empty((n, cols // 32), np.float32)
+    xs = np.empty((n, cols // 32), np.float32)
+    for j in range(n):
+        quantize_act(x[j], xq[j], xd[j], xs[j])
+    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        r1 = min(rows, (task + 1) * ROWS_PER_TASK)
+        for r in range(task * ROWS_PER_TASK, r1):
+            wr = w[r]
+            for j in range(n):
+                y[j, r] = dot_row_i8(fmt, wr, xq[j], xd[j], xs[j])
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)

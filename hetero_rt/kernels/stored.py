@@ -6,6 +6,10 @@ The model sees an nn.Parameter holding the raw bytes (R, row_bytes) uint8 with t
 `.stored` attribute; model.layers.linear(), model.layers.embedding() and quant.fp8.materialize()
 dispatch on it. The stored weights of one model share one Scratch (the fp32 block the GEMM path
 decodes into), so the decode buffers cost one block, not one per weight.
+
+`act` ("fp32" or "int8", as the numba experts' activations): with "int8", few-token matmuls of a
+ggml block format quantize x to int8 per 32 columns and use the integer dots (llama.cpp's q8_0
+activations); fp formats, block FP8 and the GEMM path stay fp32.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import numpy as np
 import torch
 
 from ..quant.ggml import get_format
-from .linear import decode_rows, gather_rows, gemv
+from .dot import has_int8_dot
+from .linear import decode_rows, gather_rows, gemv, gemv_i8
 from .threads import default_threads, use_threads
 
 GEMV_MAX_TOKENS = 8        # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
@@ -37,9 +42,10 @@ class Scratch:
 
 class StoredWeight:
     def __init__(self, raw: np.ndarray, fmt: str, threads: int | None = None, scratch: Scratch | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, act: str = "fp32"):
         """dtype: of the rows embedding() returns (matmul returns x's dtype)."""
         self.fmt = get_format(fmt)
+        self.act = act
         if raw.dtype != np.uint8 or raw.ndim != 2 or not raw.flags.c_contiguous:
             raise ValueError(f"stored weight: expected C-contiguous uint8 (rows, row_bytes), got {raw.dtype} "
                              f"{raw.shape}")
@@ -61,7 +67,7 @@ class StoredWeight:
         use_threads(self.threads)
         if xs.shape[0] <= GEMV_MAX_TOKENS:
             y = np.empty((xs.shape[0], rows), np.float32)
-            gemv(self.fmt.code, self.raw, xs.numpy(), y)
+            (gemv_i8 if self._int8 else gemv)(self.fmt.code, self.raw, xs.numpy(), y)
             out = torch.from_numpy(y)
         else:
             out = torch.empty(xs.shape[0], rows, dtype=torch.float32)
@@ -72,6 +78,17 @@ class StoredWeight:
                 decode_rows(self.fmt.code, self.raw, r0, blk)
                 out[:, r0:r0 + n] = xs @ torch.from_numpy(blk).T
         return out.reshape(*lead, rows).to(x.dtype)
+
+    @property
+    def act(self) -> str:
+        return self._act
+
+    @act.setter
+    def act(self, value: str) -> None:
+        if value not in ("fp32", "int8"):
+            raise ValueError(f"stored weight: act must be 'fp32' or 'int8', got {value!r}")
+        self._act = value
+        self._int8 = value == "int8" and bool(has_int8_dot(self.fmt.code))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (T,) int64 -> the rows (T, C) in self.dtype (an embedding lookup, decoded in place)."""

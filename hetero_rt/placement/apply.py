@@ -27,6 +27,10 @@ def load_model(loader, args: ModelArgs, plan: Plan, main_dtype: torch.dtype) -> 
             builder.build(loader.expert_weights(layer, registry.get(p.backend), dtype), p)
     model = build_model(args, builder.experts_for)
     loader.load(model, param_placement(plan, main_dtype))
+    for name, param in model.named_parameters():        # format: stored weights take their activations
+        stored = getattr(param, "stored", None)
+        if stored is not None:
+            stored.act = plan.owner(hf_name(name)).activations or "fp32"
     return model.eval()
 
 

@@ -39,7 +39,7 @@ class Placement:
     threads: int | None        # routed experts on the CPU only
     lines: tuple[int, ...]     # lines of the rules that set a field (for messages and `plan`)
     hetero: HeteroSpec | None = None  # routed experts on backend hetero: cache, policy, prefetch, ...
-    activations: str | None = None    # routed experts on numba/hetero: "fp32" (default) or "int8"
+    activations: str | None = None    # routed experts on numba/hetero, format: stored weights: "fp32" (default) or "int8"
 
 
 @dataclass(frozen=True)
@@ -188,9 +188,11 @@ def _placement(source: str, m: Module, place: Place, lines: tuple[int, ...]) -> 
     elif place.format == "stored" and place.device != "cpu":
         raise PlacementError(f"{where}: {m.path}: format 'stored' multiplies GGUF weights in place on the CPU, "
                              f"but the rules put it on {place.device!r}; use the default format on a GPU")
-    elif backend is not None or threads is not None or hetero is not None or act is not None:
-        field = ("backend" if backend is not None else "threads" if threads is not None
-                 else "activations" if act is not None else "hetero")
+    elif act is not None and place.format != "stored":
+        raise PlacementError(f"{where}: {m.path}: activations {act!r} is a setting of the CPU kernels, which run "
+                             f"{m.kind} only with format: stored")
+    elif backend is not None or threads is not None or hetero is not None:
+        field = "backend" if backend is not None else "threads" if threads is not None else "hetero"
         raise PlacementError(f"{where}: {field} cannot be set for {m.path} (kind {m.kind}); only routed_experts "
                              f"take a backend and threads")
     fmt = None if place.format == "dtype" else place.format

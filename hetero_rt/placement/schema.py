@@ -307,6 +307,7 @@ class _Parser:
         elif key == "activations":
             if value not in ACTIVATIONS:
                 raise self.fail(node, f"unknown activations {value!r}; expected one of {', '.join(ACTIVATIONS)}")
-            if kind is not None and kind != "routed_experts":
-                raise self.fail(node, f"activations is a setting of routed_experts (numba kernels), not {kind}")
+            if kind is not None and kind != "routed_experts" and kind not in FORMAT_KINDS["stored"]:
+                raise self.fail(node, f"activations is a setting of the CPU kernels (routed_experts on numba/hetero, "
+                                      f"format: stored weights of {', '.join(FORMAT_KINDS['stored'])}), not {kind}")
         return value
