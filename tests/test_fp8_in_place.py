@@ -3,6 +3,7 @@
 numba kernels' rows and the dense weights stay FP8 as stored-format weights, never expanded. The
 oracle is the same model with every FP8 weight dequantized (fp8 * scale, fp32) by the test itself."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +97,30 @@ def test_fp8_experts_are_planned_and_held_at_stored_size(fp8_pair):
     rt = hetero_rt.load(fp8_dir)
     held = sum(e.weight_bytes(e.n_experts) for e in rt.model.modules() if isinstance(e, NumbaExperts))
     assert held == planned
+
+
+@pytest.mark.slow
+def test_fp8_default_placement_does_not_expand_the_experts(tmp_path):
+    """Fresh processes: peak RSS above the import baseline grows by at most 1.1x the checkpoint's growth
+    from a small FP8 model to a large one (the fixed costs cancel) with the default placement; the
+    torch placement in float32 (the check's control: experts dequantized, 4x the FP8 bytes) grows by
+    more than 2x."""
+    from hetero_rt.bench.rss import measure_model_load_peak_rss
+    from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
+    small = write_synthetic_checkpoint(tmp_path / "small", synthetic_config("demo", num_hidden_layers=2,
+                                       n_routed_experts=16), dtype="fp8", tokenizer=False)
+    big = write_synthetic_checkpoint(tmp_path / "big", synthetic_config("demo", num_hidden_layers=4), dtype="fp8",
+                                     tokenizer=False)
+    torch_rules = tmp_path / "torch-fp32.yaml"
+    torch_rules.write_text((Path(__file__).parent / "fixtures" / "torch-cpu.yaml").read_text().replace(
+        "  device: cpu\n", "  device: cpu\n  dtype: float32\n"))
+
+    def growth(rules):
+        a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
+        used = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
+        return used / (b.checkpoint_bytes - a.checkpoint_bytes), f"{a.report()}\n{b.report()}"
+
+    ratio, report = growth(None)
+    assert ratio <= 1.1, report
+    ratio, report = growth(torch_rules)
+    assert ratio > 2.0, report

@@ -26,7 +26,8 @@ from ..checkpoint.names import hf_tensor_shapes
 from ..checkpoint.tokenizer_builder import build_tokenizer
 from ..config import ModelArgs
 
-FTYPES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "F16": 1}
+FTYPES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "F16": 1, "Q2_K": 10, "Q3_K_M": 12,
+          "IQ4_XS": 30}
 
 
 def v2_lite_config(layers: int, experts: int) -> dict:

@@ -33,7 +33,7 @@ from ..model.transformer import ExpertsFactory, Transformer
 from ..quant import fp8
 from ..quant.ggml import stored_bytes, stored_format
 from .names import EXPERT_NAMES, expert_hf_name, hf_name, is_ignored
-from .safetensors import SCALE_SUFFIX, WEIGHT_DTYPES, SafetensorsCheckpoint
+from .safetensors import DTYPES, SCALE_DTYPES, SCALE_SUFFIX, WEIGHT_DTYPES, SafetensorsCheckpoint
 
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.ffn\.experts\.")   # built by experts.build, not loaded here
 # Small tensors kept in fp32 whatever the model dtype: routing precision decides which experts run.
@@ -170,7 +170,13 @@ def _packed_fp8(ckpt: SafetensorsCheckpoint, src: str, shape: tuple[int, ...], o
     info = ckpt.info(src)
     if info.shape != shape:
         raise CheckpointError(f"{info.file}: tensor '{src}' has shape {list(info.shape)}, expected {list(shape)}")
-    scale = ckpt.raw(src + SCALE_SUFFIX).float()
+    sinfo = ckpt.info(src + SCALE_SUFFIX)
+    if sinfo.dtype not in SCALE_DTYPES:
+        raise CheckpointError(f"{sinfo.file}: fp8 scale '{sinfo.name}' is stored as {sinfo.dtype}; expected one of "
+                              f"{sorted(SCALE_DTYPES)}")
+    scale = torch.empty(sinfo.shape, dtype=DTYPES[sinfo.dtype])   # pread too: touching the memory map here would
+    _pread(sinfo.file, sinfo.offset, scale)                         # map the neighbouring weight pages as well
+    scale = scale.float()
     tmp = torch.empty(shape, dtype=torch.uint8)
     _pread(info.file, info.offset, tmp)
     try:
