@@ -164,7 +164,8 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         ne = make_experts(fmt, n_exp, dim, inter, threads)
         compile_s = ne.warmup()
         per_expert = ne.weight_bytes()
-        ref = _llama(ne, dim, inter, max(token_counts), k, threads, log) if llama else None
+        has_ggml = ne.fmt13.name in llama_cpp_ref.GGML_TYPES and ne.fmt2.name in llama_cpp_ref.GGML_TYPES
+        ref = _llama(ne, dim, inter, max(token_counts), k, threads, log) if llama and has_ggml else None   # FP8: none
         log(f"{name} {fmt}: {n_exp} experts, {ne.weight_bytes(n_exp) / 2**30:.2f} GiB, "
             f"w2 {ne.fmt2.name}, first call (JIT compile or cache load) {compile_s:.2f} s")
         with_int8 = int8 and has_int8_dot(FORMATS[fmt].code)

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-GGML_TYPES = {"fp32": 0, "fp16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+GGML_TYPES = {"fp32": 0, "fp16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10, "q3_k": 11,
+              "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq4_xs": 23,
               "bf16": 30}
 GGML_TYPE_I32 = 26
 
