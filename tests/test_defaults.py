@@ -12,7 +12,7 @@ import torch
 import hetero_rt
 from gguf_models import KQUANT_DIMS, dequantized_reference, make_gguf, rel_err
 from hetero_rt.api import make_plan
-from hetero_rt.bench.rss import measure_model_load_peak_rss
+from hetero_rt.bench.rss import rss_growth
 from hetero_rt.checkpoint.gguf_write import Lazy, write_gguf
 from hetero_rt.checkpoint.names import hf_tensor_shapes
 from hetero_rt.checkpoint.source import open_source
@@ -108,14 +108,9 @@ def test_default_placement_does_not_expand_the_experts(tmp_path):
     big = _expert_gguf(tmp_path / "big.gguf", experts=64, layers=4)
     torch_rules = ROOT / "tests" / "fixtures" / "torch-cpu.yaml"
 
-    def growth(rules):
-        a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
-        used = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
-        return used / (b.checkpoint_bytes - a.checkpoint_bytes), f"{a.report()}\n{b.report()}"
-
-    ratio, report = growth(None)
+    ratio, report = rss_growth(small, big)
     assert ratio <= 1.1, report
-    ratio, report = growth(torch_rules)
+    ratio, report = rss_growth(small, big, torch_rules)
     assert ratio > 2.0, report
 
 

@@ -105,7 +105,7 @@ def test_fp8_default_placement_does_not_expand_the_experts(tmp_path):
     from a small FP8 model to a large one (the fixed costs cancel) with the default placement; the
     torch placement in float32 (the check's control: experts dequantized, 4x the FP8 bytes) grows by
     more than 2x."""
-    from hetero_rt.bench.rss import measure_model_load_peak_rss
+    from hetero_rt.bench.rss import rss_growth
     from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
     small = write_synthetic_checkpoint(tmp_path / "small", synthetic_config("demo", num_hidden_layers=2,
                                        n_routed_experts=16), dtype="fp8", tokenizer=False)
@@ -115,12 +115,7 @@ def test_fp8_default_placement_does_not_expand_the_experts(tmp_path):
     torch_rules.write_text((Path(__file__).parent / "fixtures" / "torch-cpu.yaml").read_text().replace(
         "  device: cpu\n", "  device: cpu\n  dtype: float32\n"))
 
-    def growth(rules):
-        a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
-        used = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
-        return used / (b.checkpoint_bytes - a.checkpoint_bytes), f"{a.report()}\n{b.report()}"
-
-    ratio, report = growth(None)
+    ratio, report = rss_growth(small, big)
     assert ratio <= 1.1, report
-    ratio, report = growth(torch_rules)
+    ratio, report = rss_growth(small, big, torch_rules)
     assert ratio > 2.0, report

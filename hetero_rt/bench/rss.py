@@ -93,6 +93,15 @@ def measure_model_load_peak_rss(directory: str | Path, rules: str | Path | None 
     return _run_child(_CHILD_MODEL, [str(directory), str(rules or "")], directory)
 
 
+def rss_growth(small, big, rules=None) -> tuple[float, str]:
+    """(peak RSS growth above the import baseline from `small` to `big`, over their checkpoints' growth;
+    both reports): the fixed costs (interpreter, compiled kernels, allocator) cancel, what is left is
+    what the placement holds per checkpoint byte."""
+    a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
+    used = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
+    return used / (b.checkpoint_bytes - a.checkpoint_bytes), f"{a.report()}\n{b.report()}"
+
+
 def _run_child(code: str, argv: list[str], directory) -> LoadRSS:
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -28,7 +28,7 @@ from ..kernels.stored import Scratch, stored_parameter
 from ..quant import fp8
 from ..quant.ggml import GGML_TYPES, format_of_dtype
 from .gguf import GGUFCheckpoint
-from .loader import Where, assign, dense_params
+from .loader import Where, assign, dense_params, set_param
 from .names import GGUF_KV_B_SPLIT, gguf_name
 
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.nextn\..*)$")
@@ -85,7 +85,7 @@ class GGUFLoader:
                 param = _stored(ckpt, src, shape, name, self.log, self.scratch, want)
                 used.add(src)
                 if param is not None:
-                    _assign_param(model, name, param)
+                    set_param(model, name, param)
                     continue
                 w = torch.from_numpy(ckpt.dequantize(src))
             else:
@@ -115,11 +115,6 @@ def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, l
         log(f"{src}: {info.type} has no numba kernel: dequantized at load instead of format: stored")
         return None
     return stored_parameter(_bytes(ckpt.raw(src)), fmt, scratch=scratch, dtype=dtype)
-
-
-def _assign_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
 
 
 def _dequant(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str) -> torch.Tensor:

@@ -122,7 +122,7 @@ class SafetensorsLoader:
             if fmt == "stored" and param.dim() == 2:
                 stored = self._stored(src, tuple(param.shape), want)
                 if stored is not None:
-                    _set_param(model, name, stored)
+                    set_param(model, name, stored)
                     continue
             scale = None
             if fmt == "float8_e4m3" and param.dim() == 2:
@@ -159,7 +159,8 @@ _TORCH_OF_FORMAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 _FORMAT_OF_TORCH = {t: f for f, t in _TORCH_OF_FORMAT.items()}
 
 
-def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+def set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Put an already built parameter (e.g. a stored-format one) at our parameter name."""
     owner_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner_name) if owner_name else model, attr, param)
 

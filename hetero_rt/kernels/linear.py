@@ -21,42 +21,28 @@ ROWS_PER_TASK = 16
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gemv(fmt, w, x, y):
-    """y (T, R) = x (T, C) @ W.T for W as stored bytes w (R, RB)."""
+def gemv(fmt, w, x, y, int8):
+    """y (T, R) = x (T, C) @ W.T for W as stored bytes w (R, RB). int8: each token's x is quantized
+    once to int8 per 32 columns (kernels.dot.quantize_act) and every row dotted by the integer dots
+    (fmt must have one: kernels.dot.has_int8_dot); else the fp32 dots with x's block sums."""
     rows = w.shape[0]
     n = x.shape[0]
     cols = x.shape[1]
     xs = np.empty((n, cols // 32), np.float32)
+    xq = np.empty((n, cols if int8 else 0), np.int8)
+    xd = np.empty((n, cols // 32 if int8 else 0), np.float32)
     for j in range(n):
-        block_sums(x[j], xs[j])
+        if int8:
+            quantize_act(x[j], xq[j], xd[j], xs[j])
+        else:
+            block_sums(x[j], xs[j])
     n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
         r1 = min(rows, (task + 1) * ROWS_PER_TASK)
         for r in range(task * ROWS_PER_TASK, r1):
             wr = w[r]
             for j in range(n):
-                y[j, r] = dot_row(fmt, wr, x[j], xs[j])
-
-
-@njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gemv_i8(fmt, w, x, y):
-    """As gemv with each token's x quantized once to int8 per 32 columns (kernels.dot.quantize_act)
-    and every row dotted by the integer dots (fmt must have one: kernels.dot.has_int8_dot)."""
-    rows = w.shape[0]
-    n = x.shape[0]
-    cols = x.shape[1]
-    xq = np.empty((n, cols), np.int8)
-    xd = np.empty((n, cols // 32), np.float32)
-    xs = np.empty((n, cols // 32), np.float32)
-    for j in range(n):
-        quantize_act(x[j], xq[j], xd[j], xs[j])
-    n_tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        r1 = min(rows, (task + 1) * ROWS_PER_TASK)
-        for r in range(task * ROWS_PER_TASK, r1):
-            wr = w[r]
-            for j in range(n):
-                y[j, r] = dot_row_i8(fmt, wr, xq[j], xd[j], xs[j])
+                y[j, r] = dot_row_i8(fmt, wr, xq[j], xd[j], xs[j]) if int8 else dot_row(fmt, wr, x[j], xs[j])
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)

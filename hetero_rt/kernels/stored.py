@@ -20,7 +20,7 @@ import torch
 
 from ..quant.ggml import get_format
 from .dot import has_int8_dot
-from .linear import decode_rows, gather_rows, gemv, gemv_i8
+from .linear import decode_rows, gather_rows, gemv
 from .threads import default_threads, use_threads
 
 GEMV_MAX_TOKENS = 8        # up to this many tokens: one pass over the bytes (gemv); more: blocked GEMM
@@ -67,7 +67,7 @@ class StoredWeight:
         use_threads(self.threads)
         if xs.shape[0] <= GEMV_MAX_TOKENS:
             y = np.empty((xs.shape[0], rows), np.float32)
-            (gemv_i8 if self._int8 else gemv)(self.fmt.code, self.raw, xs.numpy(), y)
+            gemv(self.fmt.code, self.raw, xs.numpy(), y, self._int8)
             out = torch.from_numpy(y)
         else:
             out = torch.empty(xs.shape[0], rows, dtype=torch.float32)
