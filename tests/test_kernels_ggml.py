@@ -198,6 +198,41 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
     np.testing.assert_allclose(call(raw, xq, xd, 3), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q6_k"])
+def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
+    """The whole-row int8 dots written as vector IR (q4_0_dot_i8, q5_0_dot_i8, q6_k_dot_i8: levels
+    unpacked in vectors, the offset subtracted through a second vpdpbusd, Q6_K's 16 sub-block scales
+    applied per vector lane), with and without VNNI, against float64 numpy on gguf's dequantized
+    weights and the dequantized int8 activations (an exact reference: the only difference is fp32
+    summation order); activations at the int8 extremes -128 / 127 and every level of the format."""
+    from numba import njit
+    from hetero_rt.kernels import intrinsics
+    if vnni and not intrinsics.VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    monkeypatch.setattr(intrinsics, "VNNI", vnni)
+    fn = {"q4_0": intrinsics.q4_0_dot_i8, "q5_0": intrinsics.q5_0_dot_i8, "q6_k": intrinsics.q6_k_dot_i8}[fmt]
+
+    @njit
+    def call(row, xq, xd, nb):
+        return fn(row, xq, xd, nb)
+
+    f = ggml.get_format(fmt)
+    cols = 1024 + (64 if f.block == 32 else 0)
+    rng = np.random.default_rng(11 + int(vnni))
+    raw = ggml.quantize(weights(6, cols, seed=12) * 3, fmt)
+    w = ggml.dequantize(raw, fmt).astype(np.float64)
+    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60}.get(fmt, 15)
+    xq = rng.integers(-128, 128, cols, dtype=np.int8)
+    xq[:16], xq[40:56] = -128, 127
+    xd = (rng.random(cols // 32) + 0.5).astype(np.float32)
+    xdq = xq.astype(np.float64) * np.repeat(xd.astype(np.float64), 32)
+    for r in range(6):
+        want = w[r] @ xdq
+        got = call(raw[r], xq, xd, cols // f.block)
+        assert abs(got - want) <= 2e-6 * np.abs(w[r] * xdq).sum(), (r, got, want)
+
+
 def test_dot_row_i8_refuses_a_format_without_int8_dot():
     """Block FP8 has no int8 dot: dot_row_i8 says so instead of reading the row as another format (the
     kernels never call it for FP8 or the fp formats: has_int8_dot keeps those rows on fp32 activations)."""

@@ -23,8 +23,8 @@ from ..quant.ggml import (BF16, FP8, FP16, FP32, IQ4_XS, KVALUES_IQ4, Q2_K, Q3_K
                           Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)
 
 from .intrinsics import (e4m3_to_f32, f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q3_to_f32, q3_to_i32,
-                         q4_to_i32, q4k_block_i8, q5_to_f32, q5_to_i32, q6_to_f32, q6_to_i32, q8_0_dot_i8, u8_to_f32,
-                         u8_to_i32)
+                         q4_0_dot_i8, q4_to_i32, q4k_block_i8, q5_0_dot_i8, q5_to_f32, q5_to_i32, q6_k_dot_i8,
+                         q6_to_f32, q8_0_dot_i8, u8_to_f32, u8_to_i32)
 
 U = np.uint64
 F0 = np.float32(0.0)
@@ -564,28 +564,8 @@ def _dot_q8_0_i8(row, xq, xd):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q4_0_i8(row, xq, xd, xs):
-    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
-    nb = xq.shape[0] // 32
-    s0 = s1 = F0
-    for b in range(0, nb - 1, 2):
-        o, xo = U(18 * b + 2), U(32 * b)
-        _prefetch_ahead(row, o, 36)
-        t0 = t1 = np.int32(0)
-        for k in range(n16):
-            q0, q1 = row[o + U(k)], row[o + U(18 + k)]
-            t0 = mac_i32(mac_i32(t0, q4_to_i32(q0, 0), xq[xo + U(k)]), q4_to_i32(q0, 4), xq[xo + U(16 + k)])
-            t1 = mac_i32(mac_i32(t1, q4_to_i32(q1, 0), xq[xo + U(32 + k)]), q4_to_i32(q1, 4), xq[xo + U(48 + k)])
-        s0 += f16_at(row, o - U(2)) * (xd[b] * np.float32(t0) - np.float32(8.0) * xs[b])
-        s1 += f16_at(row, o + U(16)) * (xd[b + 1] * np.float32(t1) - np.float32(8.0) * xs[b + 1])
-    if nb % 2:
-        b = nb - 1
-        o, xo = U(18 * b + 2), U(32 * b)
-        t0 = np.int32(0)
-        for k in range(n16):
-            q0 = row[o + U(k)]
-            t0 = mac_i32(mac_i32(t0, q4_to_i32(q0, 0), xq[xo + U(k)]), q4_to_i32(q0, 4), xq[xo + U(16 + k)])
-        s0 += f16_at(row, o - U(2)) * (xd[b] * np.float32(t0) - np.float32(8.0) * xs[b])
-    return s0 + s1
+    """The whole row in vector registers: intrinsics.q4_0_dot_i8."""
+    return q4_0_dot_i8(row, xq, xd, xq.shape[0] // 32)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -630,35 +610,8 @@ def _dot_q5_k_i8(row, xq, xd, xs):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q6_k_i8(row, xq, xd):
-    n32, n16 = opaque(32), opaque(16)   # see intrinsics.opaque
-    s = F0
-    for b in range(xq.shape[0] // 256):
-        o = U(210 * b)
-        _prefetch_ahead(row, o, 210)
-        d = f16_at(row, o + U(208))
-        sc = o + U(192)
-        for h in range(2):
-            lq, hq, xo = o + U(64 * h), o + U(128 + 32 * h), U(256 * b + 128 * h)
-            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-            for l in range(n16):
-                a, c = row[lq + U(l)], row[lq + U(32 + l)]
-                a2, c2 = row[lq + U(16 + l)], row[lq + U(48 + l)]
-                hb, hb2 = row[hq + U(l)], row[hq + U(16 + l)]
-                t0 = mac_i32(t0, q6_to_i32(a, hb, 0, 0), xq[xo + U(l)])
-                t1 = mac_i32(t1, q6_to_i32(a2, hb2, 0, 0), xq[xo + U(16 + l)])
-                t2 = mac_i32(t2, q6_to_i32(c, hb, 0, 2), xq[xo + U(32 + l)])
-                t3 = mac_i32(t3, q6_to_i32(c2, hb2, 0, 2), xq[xo + U(48 + l)])
-                t4 = mac_i32(t4, q6_to_i32(a, hb, 4, 4), xq[xo + U(64 + l)])
-                t5 = mac_i32(t5, q6_to_i32(a2, hb2, 4, 4), xq[xo + U(80 + l)])
-                t6 = mac_i32(t6, q6_to_i32(c, hb, 4, 6), xq[xo + U(96 + l)])
-                t7 = mac_i32(t7, q6_to_i32(c2, hb2, 4, 6), xq[xo + U(112 + l)])
-            si, xb = sc + U(8 * h), 8 * b + 4 * h
-            acc = (xd[xb] * (_i8(row[si]) * np.float32(t0) + _i8(row[si + U(1)]) * np.float32(t1))
-                   + xd[xb + 1] * (_i8(row[si + U(2)]) * np.float32(t2) + _i8(row[si + U(3)]) * np.float32(t3))
-                   + xd[xb + 2] * (_i8(row[si + U(4)]) * np.float32(t4) + _i8(row[si + U(5)]) * np.float32(t5))
-                   + xd[xb + 3] * (_i8(row[si + U(6)]) * np.float32(t6) + _i8(row[si + U(7)]) * np.float32(t7)))
-            s += d * acc
-    return s
+    """The whole row in vector registers, the 16 sub-block scales included: intrinsics.q6_k_dot_i8."""
+    return q6_k_dot_i8(row, xq, xd, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -699,13 +652,8 @@ def _q5_0_block_i8(row, o, xq, xo):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q5_0_i8(row, xq, xd, xs):
-    """Q5_0 weight = d * (q - 16): d * (xd * sum q xq - 16 * xs) per block."""
-    s = F0
-    for b in range(xq.shape[0] // 32):
-        o, xo = U(22 * b), U(32 * b)
-        _prefetch_ahead(row, o, 22)
-        s += f16_at(row, o) * (xd[b] * np.float32(_q5_0_block_i8(row, o, xq, xo)) - np.float32(16.0) * xs[b])
-    return s
+    """The whole row in vector registers: intrinsics.q5_0_dot_i8."""
+    return q5_0_dot_i8(row, xq, xd, xq.shape[0] // 32)
 
 
 @njit(nogil=True, fastmath=True, cache=True)

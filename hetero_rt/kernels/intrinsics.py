@@ -9,8 +9,11 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   q6_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 15) | (((hi >> hs) & 3) << 4)) - 32 as fp32 (Q6_K weight)
   q3_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 3) | (((hi >> hs) & 1) << 2)) - 4 as fp32 (Q3_K weight)
   e4m3_to_f32(v)             the float8 e4m3 value of byte v / 256 (exact; through fp16: vcvtph2ps)
-  q4_to_i32 / q5_to_i32 / q6_to_i32 / q3_to_i32: the same values as int32 (the int8-activation dots)
+  q4_to_i32 / q5_to_i32 / q3_to_i32: the same values as int32 (the int8-activation dots)
   u8_to_i32(v, shift, mask)  ((v >> shift) & mask) as int32, computed on 8-bit integers
+and, written directly as vector IR, the int8-activation dots of whole rows or blocks (vpdpbusd with
+AVX512-VNNI or AVX-VNNI, else 32-bit multiplies LLVM lowers to pmaddwd): q8_0_dot_i8, q4_0_dot_i8,
+q5_0_dot_i8, q6_k_dot_i8 (rows) and q4k_block_i8 (one 256-block).
 """
 from __future__ import annotations
 
@@ -150,13 +153,6 @@ def q4_to_i32(typingctx, v, shift):
 def q5_to_i32(typingctx, lo, hi, ls, hs):
     def codegen(context, builder, sig, args):
         return builder.zext(_q5(builder, *args), ir.IntType(32))
-    return types.int32(types.uint8, types.uint8, types.int64, types.int64), codegen
-
-
-@intrinsic
-def q6_to_i32(typingctx, lo, hi, ls, hs):
-    def codegen(context, builder, sig, args):
-        return builder.sext(_q6(builder, *args), ir.IntType(32))
     return types.int32(types.uint8, types.uint8, types.int64, types.int64), codegen
 
 
@@ -378,3 +374,134 @@ def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
         return _hsum8(builder, acc)
     u64 = types.uint64
     return types.float32(row, u64, xq, u64, xd, xs, types.int64), codegen
+
+
+def _is_row_args(row, xq, xd) -> bool:
+    return (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
+            and xq.dtype == types.int8 and isinstance(xd, types.Array) and xd.dtype == types.float32)
+
+
+def _offset_dot8(builder, q, x, shift):
+    """<8 x i32>: lane m = sum over j < 4 of (q[4m + j] - 2**shift) * x[4m + j], q unsigned bytes below
+    256, x signed: vpdpbusd of q less 2**shift times the vpdpbusd of 1s against x."""
+    ones = ir.Constant(_V32I8, [1] * 32)
+    return builder.sub(_u8s8_dot8(builder, q, x),
+                       builder.shl(_u8s8_dot8(builder, ones, x), ir.Constant(_V8I32, [shift] * 8)))
+
+
+def _row_blocks(context, builder, sig, args, block_bytes, body):
+    """The loop of a whole-row int8 dot (args: row, xq, xd, nb): for each of the nb blocks b of the
+    row (block_bytes each), acc = body(builder, blk (i8*: the block), xbase (i8*: xq), b, xd (float*),
+    acc) on an <8 x float> accumulator; the row is prefetched 2 KiB ahead; one horizontal sum at
+    the end."""
+    ra = context.make_array(sig.args[0])(context, builder, args[0])
+    xa = context.make_array(sig.args[1])(context, builder, args[1])
+    da = context.make_array(sig.args[2])(context, builder, args[2])
+    i8p, i64 = _I8.as_pointer(), ir.IntType(64)
+    rbase, xbase = builder.bitcast(ra.data, i8p), builder.bitcast(xa.data, i8p)
+    acc = cgutils.alloca_once(builder, _V8F32)
+    builder.store(ir.Constant(_V8F32, [0.0] * 8), acc)
+    with cgutils.for_range(builder, args[3]) as loop:
+        b = loop.index
+        blk = _byte_ptr(builder, rbase, builder.mul(b, ir.Constant(i64, block_bytes)))
+        _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))
+        builder.store(body(builder, blk, xbase, b, da.data, builder.load(acc)), acc)
+    return _hsum8(builder, builder.load(acc))
+
+
+def _blocks32_dot(builder, blk, xbase, b, xd, acc, q, shift):
+    """acc + d_b * xd[b] * (the 8 lane sums of (q - 2**shift) * x) for one 32-block whose fp16 d is
+    at blk and whose 32 unsigned levels are q (<32 x i8>)."""
+    x = builder.load(_byte_ptr(builder, xbase, builder.mul(b, ir.Constant(ir.IntType(64), 32)), _V32I8), align=1)
+    scale = builder.fmul(_f16_at(builder, blk, 0), builder.load(builder.gep(xd, [b])))
+    return builder.call(fma8(builder), [builder.sitofp(_offset_dot8(builder, q, x, shift), _V8F32),
+                                        splat(builder, scale, _V8F32), acc])
+
+
+def _nibbles32(builder, blk, offset):
+    """The 32 4-bit levels of a Q4_0/Q5_0-style block: low nibbles of the 16 bytes at blk + offset
+    (elements 0-15), then their high nibbles (16-31)."""
+    v16 = ir.VectorType(_I8, 16)
+    qs = builder.load(_byte_ptr(builder, blk, offset, v16), align=1)
+    lo = builder.and_(qs, ir.Constant(v16, [15] * 16))
+    hi = builder.lshr(qs, ir.Constant(v16, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+
+
+@intrinsic
+def q4_0_dot_i8(typingctx, row, xq, xd, nb):
+    """sum over the nb Q4_0 blocks of row (18 bytes: fp16 d, 16 bytes of nibbles) of
+    d_b * xd[b] * sum_k (q_bk - 8) * xq[32 b + k], in vector registers (vpdpbusd with VNNI)."""
+    if not _is_row_args(row, xq, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def body(builder, blk, xbase, b, xd, acc):
+            return _blocks32_dot(builder, blk, xbase, b, xd, acc, _nibbles32(builder, blk, 2), 3)
+        return _row_blocks(context, builder, sig, args, 18, body)
+    return types.float32(row, xq, xd, types.int64), codegen
+
+
+@intrinsic
+def q5_0_dot_i8(typingctx, row, xq, xd, nb):
+    """As q4_0_dot_i8 for Q5_0 (22 bytes: fp16 d, 32 high bits qh, 16 bytes of nibbles; level =
+    nibble | bit k of qh << 4, weight d * (level - 16)): the 32 high bits become bytes by a bitcast
+    to <32 x i1> (vpmovm2b with AVX-512BW)."""
+    if not _is_row_args(row, xq, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def body(builder, blk, xbase, b, xd, acc):
+            qh = builder.load(_byte_ptr(builder, blk, 2, ir.IntType(32)), align=1)
+            bits = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), _V32I8)
+            q = builder.or_(_nibbles32(builder, blk, 6), builder.shl(bits, ir.Constant(_V32I8, [4] * 32)))
+            return _blocks32_dot(builder, blk, xbase, b, xd, acc, q, 4)
+        return _row_blocks(context, builder, sig, args, 22, body)
+    return types.float32(row, xq, xd, types.int64), codegen
+
+
+@intrinsic
+def q6_k_dot_i8(typingctx, row, xq, xd, nb):
+    """sum over the nb Q6_K blocks of row (210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales,
+    fp16 d) of d * sum_j sc_j * xd[j // 2] * sum_k (q_jk - 32) xq_jk, j over the 16 sub-blocks of 16.
+    Per half h of 128: ql bytes A = ql[64h:64h+32], C = ql[64h+32:64h+64], high bits H = qh[32h:32h+32]
+    give the four 32-vectors of levels A & 15 | (H & 3) << 4, C & 15 | (H & 12) << 2, A >> 4 | H & 48,
+    C >> 4 | (H & 192) >> 2 (elements 128h + 32i + l); each is one vpdpbusd, whose lanes 0-3 hold
+    sub-block 2(4h + i) and 4-7 the next, so the 16 scales times d times xd are applied as one
+    <8 x float> per vector."""
+    if not _is_row_args(row, xq, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
+
+        def c(v):
+            return ir.Constant(_V32I8, [v] * 32)
+
+        def body(builder, blk, xbase, b, xd, acc):
+            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
+            xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]),
+                                               _V8F32.as_pointer()), align=4)
+            xd16 = builder.shuffle_vector(xdv, ir.Constant(_V8F32, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, 16), [j // 2 for j in range(16)]))
+            sc = builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f)
+            full = builder.fmul(builder.fmul(sc, xd16), splat(builder, _f16_at(builder, blk, 208), v16f))
+            undef = ir.Constant(v16f, ir.Undefined)
+            fma = fma8(builder)
+            for h in range(2):
+                a = builder.load(_byte_ptr(builder, blk, 64 * h, _V32I8), align=1)
+                cc = builder.load(_byte_ptr(builder, blk, 64 * h + 32, _V32I8), align=1)
+                hb = builder.load(_byte_ptr(builder, blk, 128 + 32 * h, _V32I8), align=1)
+                levels = [builder.or_(builder.and_(a, c(15)), builder.shl(builder.and_(hb, c(3)), c(4))),
+                          builder.or_(builder.and_(cc, c(15)), builder.shl(builder.and_(hb, c(12)), c(2))),
+                          builder.or_(builder.lshr(a, c(4)), builder.and_(hb, c(48))),
+                          builder.or_(builder.lshr(cc, c(4)), builder.lshr(builder.and_(hb, c(192)), c(2)))]
+                for i, q in enumerate(levels):
+                    v = 4 * h + i
+                    x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
+                    s = builder.shuffle_vector(full, undef, ir.Constant(_V8I32, [2 * v] * 4 + [2 * v + 1] * 4))
+                    acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, q, x, 5), _V8F32), s, acc])
+            return acc
+        return _row_blocks(context, builder, sig, args, 210, body)
+    return types.float32(row, xq, xd, types.int64), codegen
