@@ -199,11 +199,11 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q6_k", "q2_k", "q3_k", "iq4_xs"])
 def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
-    """The whole-row int8 dots written as vector IR (q4_0_dot_i8, q5_0_dot_i8, q6_k_dot_i8: levels
-    unpacked in vectors, the offset subtracted through a second vpdpbusd, Q6_K's 16 sub-block scales
-    applied per vector lane), with and without VNNI, against float64 numpy on gguf's dequantized
+    """The whole-row int8 dots written as vector IR (levels unpacked in vectors, offsets subtracted
+    through a second vpdpbusd of 1s, the 16 sub-block scales of Q2_K/Q3_K/Q6_K applied per vector
+    lane, IQ4_XS's levels by table lookup), with and without VNNI, against float64 numpy on gguf's dequantized
     weights and the dequantized int8 activations (an exact reference: the only difference is fp32
     summation order); activations at the int8 extremes -128 / 127 and every level of the format."""
     from numba import njit
@@ -211,7 +211,7 @@ def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
     if vnni and not intrinsics.VNNI:
         pytest.skip("this CPU has no AVX512-VNNI")
     monkeypatch.setattr(intrinsics, "VNNI", vnni)
-    fn = {"q4_0": intrinsics.q4_0_dot_i8, "q5_0": intrinsics.q5_0_dot_i8, "q6_k": intrinsics.q6_k_dot_i8}[fmt]
+    fn = getattr(intrinsics, f"{fmt}_dot_i8")
 
     @njit
     def call(row, xq, xd, nb):
@@ -222,7 +222,7 @@ def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
     rng = np.random.default_rng(11 + int(vnni))
     raw = ggml.quantize(weights(6, cols, seed=12) * 3, fmt)
     w = ggml.dequantize(raw, fmt).astype(np.float64)
-    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60}.get(fmt, 15)
+    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60, "q2_k": 3, "q3_k": 7}.get(fmt, 15)
     xq = rng.integers(-128, 128, cols, dtype=np.int8)
     xq[:16], xq[40:56] = -128, 127
     xd = (rng.random(cols // 32) + 0.5).astype(np.float32)

@@ -22,9 +22,10 @@ from numba import njit
 from ..quant.ggml import (BF16, FP8, FP16, FP32, IQ4_XS, KVALUES_IQ4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K,  # noqa: F401
                           Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)
 
-from .intrinsics import (e4m3_to_f32, f16_to_f32, f32_from_bits, mac_i32, opaque, prefetch, q3_to_f32, q3_to_i32,
-                         q4_0_dot_i8, q4_to_i32, q4k_block_i8, q5_0_dot_i8, q5_to_f32, q5_to_i32, q6_k_dot_i8,
-                         q6_to_f32, q8_0_dot_i8, u8_to_f32, u8_to_i32)
+from .intrinsics import (e4m3_to_f32, f16_to_f32, f32_from_bits, iq4_xs_dot_i8, mac_i32, opaque, prefetch,
+                         q2_k_dot_i8, q3_k_dot_i8, q3_to_f32, q3_to_i32, q4_0_dot_i8, q4_to_i32, q4k_block_i8,
+                         q5_0_dot_i8, q5_to_f32, q5_to_i32, q6_k_dot_i8, q6_to_f32, q8_0_dot_i8, u8_to_f32,
+                         u8_to_i32)
 
 U = np.uint64
 F0 = np.float32(0.0)
@@ -670,131 +671,20 @@ def _dot_q5_1_i8(row, xq, xd, xs):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q2_k_i8(row, xq, xd):
-    """As _dot_q2_k in int32: per 16-element sub-block j, sum q xq and sum xq (for the min), scaled by
-    the activation block's xd (32-block 4h + s holds sub-blocks 8h + 2s and 8h + 2s + 1)."""
-    n16 = opaque(16)   # see intrinsics.opaque
-    s = F0
-    for b in range(xq.shape[0] // 256):
-        o = U(84 * b)
-        _prefetch_ahead(row, o, 84)
-        acc = mm = F0
-        for h in range(2):
-            q, xo = o + U(16 + 32 * h), U(256 * b + 128 * h)
-            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-            u0 = u1 = u2 = u3 = u4 = u5 = u6 = u7 = np.int32(0)
-            for l in range(n16):
-                a, c = row[q + U(l)], row[q + U(16 + l)]
-                x0, x1 = xq[xo + U(l)], xq[xo + U(16 + l)]
-                x2, x3 = xq[xo + U(32 + l)], xq[xo + U(48 + l)]
-                x4, x5 = xq[xo + U(64 + l)], xq[xo + U(80 + l)]
-                x6, x7 = xq[xo + U(96 + l)], xq[xo + U(112 + l)]
-                t0 = mac_i32(t0, u8_to_i32(a, 0, 3), x0)
-                t1 = mac_i32(t1, u8_to_i32(c, 0, 3), x1)
-                t2 = mac_i32(t2, u8_to_i32(a, 2, 3), x2)
-                t3 = mac_i32(t3, u8_to_i32(c, 2, 3), x3)
-                t4 = mac_i32(t4, u8_to_i32(a, 4, 3), x4)
-                t5 = mac_i32(t5, u8_to_i32(c, 4, 3), x5)
-                t6 = mac_i32(t6, u8_to_i32(a, 6, 3), x6)
-                t7 = mac_i32(t7, u8_to_i32(c, 6, 3), x7)
-                u0 = mac_i32(u0, np.int32(1), x0)
-                u1 = mac_i32(u1, np.int32(1), x1)
-                u2 = mac_i32(u2, np.int32(1), x2)
-                u3 = mac_i32(u3, np.int32(1), x3)
-                u4 = mac_i32(u4, np.int32(1), x4)
-                u5 = mac_i32(u5, np.int32(1), x5)
-                u6 = mac_i32(u6, np.int32(1), x6)
-                u7 = mac_i32(u7, np.int32(1), x7)
-            si, xb = o + U(8 * h), 8 * b + 4 * h
-            d0, d1, d2, d3 = xd[xb], xd[xb + 1], xd[xb + 2], xd[xb + 3]
-            acc += (d0 * (u8_to_f32(row[si], 0, 15) * np.float32(t0) + u8_to_f32(row[si + U(1)], 0, 15) * np.float32(t1))
-                    + d1 * (u8_to_f32(row[si + U(2)], 0, 15) * np.float32(t2)
-                            + u8_to_f32(row[si + U(3)], 0, 15) * np.float32(t3))
-                    + d2 * (u8_to_f32(row[si + U(4)], 0, 15) * np.float32(t4)
-                            + u8_to_f32(row[si + U(5)], 0, 15) * np.float32(t5))
-                    + d3 * (u8_to_f32(row[si + U(6)], 0, 15) * np.float32(t6)
-                            + u8_to_f32(row[si + U(7)], 0, 15) * np.float32(t7)))
-            mm += (d0 * (u8_to_f32(row[si], 4, 15) * np.float32(u0) + u8_to_f32(row[si + U(1)], 4, 15) * np.float32(u1))
-                   + d1 * (u8_to_f32(row[si + U(2)], 4, 15) * np.float32(u2)
-                           + u8_to_f32(row[si + U(3)], 4, 15) * np.float32(u3))
-                   + d2 * (u8_to_f32(row[si + U(4)], 4, 15) * np.float32(u4)
-                           + u8_to_f32(row[si + U(5)], 4, 15) * np.float32(u5))
-                   + d3 * (u8_to_f32(row[si + U(6)], 4, 15) * np.float32(u6)
-                           + u8_to_f32(row[si + U(7)], 4, 15) * np.float32(u7)))
-        s += f16_at(row, o + U(80)) * acc - f16_at(row, o + U(82)) * mm
-    return s
+    """The whole row in vector registers, scales and mins included: intrinsics.q2_k_dot_i8."""
+    return q2_k_dot_i8(row, xq, xd, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q3_k_i8(row, xq, xd):
-    """As _dot_q3_k in int32 (q3_to_i32), each pair of sub-blocks scaled by its activation block's xd."""
-    n16 = opaque(16)   # see intrinsics.opaque
-    s = F0
-    for b in range(xq.shape[0] // 256):
-        o = U(110 * b)
-        _prefetch_ahead(row, o, 110)
-        acc = F0
-        for h in range(2):
-            q, xo = o + U(32 + 32 * h), U(256 * b + 128 * h)
-            hs = 4 * h
-            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-            for l in range(n16):
-                a, c = row[q + U(l)], row[q + U(16 + l)]
-                ha, hc = row[o + U(l)], row[o + U(16 + l)]
-                t0 = mac_i32(t0, q3_to_i32(a, ha, 0, hs), xq[xo + U(l)])
-                t1 = mac_i32(t1, q3_to_i32(c, hc, 0, hs), xq[xo + U(16 + l)])
-                t2 = mac_i32(t2, q3_to_i32(a, ha, 2, hs + 1), xq[xo + U(32 + l)])
-                t3 = mac_i32(t3, q3_to_i32(c, hc, 2, hs + 1), xq[xo + U(48 + l)])
-                t4 = mac_i32(t4, q3_to_i32(a, ha, 4, hs + 2), xq[xo + U(64 + l)])
-                t5 = mac_i32(t5, q3_to_i32(c, hc, 4, hs + 2), xq[xo + U(80 + l)])
-                t6 = mac_i32(t6, q3_to_i32(a, ha, 6, hs + 3), xq[xo + U(96 + l)])
-                t7 = mac_i32(t7, q3_to_i32(c, hc, 6, hs + 3), xq[xo + U(112 + l)])
-            sb, j, xb = o + U(96), 8 * h, 8 * b + 4 * h
-            acc += (xd[xb] * (q3_k_scale(row, sb, j) * np.float32(t0) + q3_k_scale(row, sb, j + 1) * np.float32(t1))
-                    + xd[xb + 1] * (q3_k_scale(row, sb, j + 2) * np.float32(t2)
-                                    + q3_k_scale(row, sb, j + 3) * np.float32(t3))
-                    + xd[xb + 2] * (q3_k_scale(row, sb, j + 4) * np.float32(t4)
-                                    + q3_k_scale(row, sb, j + 5) * np.float32(t5))
-                    + xd[xb + 3] * (q3_k_scale(row, sb, j + 6) * np.float32(t6)
-                                    + q3_k_scale(row, sb, j + 7) * np.float32(t7)))
-        s += f16_at(row, o + U(108)) * acc
-    return s
-
-
-KV_IQ4_I8 = KVALUES_IQ4.astype(np.int32)
+    """The whole row in vector registers, the 16 6-bit scales included: intrinsics.q3_k_dot_i8."""
+    return q3_k_dot_i8(row, xq, xd, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_iq4_xs_i8(row, xq, xd):
-    """As _dot_iq4_xs with the levels as integers (KV_IQ4_I8) times int8 activations."""
-    kv = KV_IQ4_I8
-    n16 = opaque(16)   # see intrinsics.opaque
-    s = F0
-    for b in range(xq.shape[0] // 256):
-        o = U(136 * b)
-        _prefetch_ahead(row, o, 136)
-        q, xo = o + U(8), U(256 * b)
-        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-        for k in range(n16):
-            q0, q1, q2, q3 = row[q + U(k)], row[q + U(16 + k)], row[q + U(32 + k)], row[q + U(48 + k)]
-            q4, q5, q6, q7 = row[q + U(64 + k)], row[q + U(80 + k)], row[q + U(96 + k)], row[q + U(112 + k)]
-            t0 = mac_i32(mac_i32(t0, kv[q0 & 15], xq[xo + U(k)]), kv[q0 >> 4], xq[xo + U(16 + k)])
-            t1 = mac_i32(mac_i32(t1, kv[q1 & 15], xq[xo + U(32 + k)]), kv[q1 >> 4], xq[xo + U(48 + k)])
-            t2 = mac_i32(mac_i32(t2, kv[q2 & 15], xq[xo + U(64 + k)]), kv[q2 >> 4], xq[xo + U(80 + k)])
-            t3 = mac_i32(mac_i32(t3, kv[q3 & 15], xq[xo + U(96 + k)]), kv[q3 >> 4], xq[xo + U(112 + k)])
-            t4 = mac_i32(mac_i32(t4, kv[q4 & 15], xq[xo + U(128 + k)]), kv[q4 >> 4], xq[xo + U(144 + k)])
-            t5 = mac_i32(mac_i32(t5, kv[q5 & 15], xq[xo + U(160 + k)]), kv[q5 >> 4], xq[xo + U(176 + k)])
-            t6 = mac_i32(mac_i32(t6, kv[q6 & 15], xq[xo + U(192 + k)]), kv[q6 >> 4], xq[xo + U(208 + k)])
-            t7 = mac_i32(mac_i32(t7, kv[q7 & 15], xq[xo + U(224 + k)]), kv[q7 >> 4], xq[xo + U(240 + k)])
-        xb = 8 * b
-        acc = (iq4_xs_scale(row, o, 0) * xd[xb] * np.float32(t0) + iq4_xs_scale(row, o, 1) * xd[xb + 1] * np.float32(t1)
-               + iq4_xs_scale(row, o, 2) * xd[xb + 2] * np.float32(t2)
-               + iq4_xs_scale(row, o, 3) * xd[xb + 3] * np.float32(t3)
-               + iq4_xs_scale(row, o, 4) * xd[xb + 4] * np.float32(t4)
-               + iq4_xs_scale(row, o, 5) * xd[xb + 5] * np.float32(t5)
-               + iq4_xs_scale(row, o, 6) * xd[xb + 6] * np.float32(t6)
-               + iq4_xs_scale(row, o, 7) * xd[xb + 7] * np.float32(t7))
-        s += f16_at(row, o) * acc
-    return s
+    """The whole row in vector registers, levels looked up by vpshufb: intrinsics.iq4_xs_dot_i8."""
+    return iq4_xs_dot_i8(row, xq, xd, xq.shape[0] // 256)
 
 
 @njit(inline="always", cache=True)

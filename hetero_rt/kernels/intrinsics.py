@@ -13,7 +13,8 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   u8_to_i32(v, shift, mask)  ((v >> shift) & mask) as int32, computed on 8-bit integers
 and, written directly as vector IR, the int8-activation dots of whole rows or blocks (vpdpbusd with
 AVX512-VNNI or AVX-VNNI, else 32-bit multiplies LLVM lowers to pmaddwd): q8_0_dot_i8, q4_0_dot_i8,
-q5_0_dot_i8, q6_k_dot_i8 (rows) and q4k_block_i8 (one 256-block).
+q5_0_dot_i8, q2_k_dot_i8, q3_k_dot_i8, q6_k_dot_i8, iq4_xs_dot_i8 (rows) and q4k_block_i8 (one
+256-block).
 """
 from __future__ import annotations
 
@@ -219,6 +220,9 @@ def cpu_has(*features: str) -> bool:
 # emits either from the same intrinsic, by the target's features.
 VNNI = cpu_has("avx512vnni", "avx512vl") or cpu_has("avxvnni")
 F16C = cpu_has("f16c")
+# table lookups (IQ4_XS levels): vpshufb on 32 bytes with AVX2, pshufb on 16 with SSSE3
+AVX2 = cpu_has("avx2")
+SSSE3 = cpu_has("ssse3")
 
 
 # --- IR helpers shared by the vector kernels below and kernels.gemm --------------------------------
@@ -504,4 +508,166 @@ def q6_k_dot_i8(typingctx, row, xq, xd, nb):
                     acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, q, x, 5), _V8F32), s, acc])
             return acc
         return _row_blocks(context, builder, sig, args, 210, body)
+    return types.float32(row, xq, xd, types.int64), codegen
+
+
+def _xd16(builder, xd, b):
+    """<16 x float>: xd[8b + j // 2] for j < 16 (the activation scale of each 16-sub-block of block b)."""
+    i64 = ir.IntType(64)
+    xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]), _V8F32.as_pointer()),
+                       align=4)
+    return builder.shuffle_vector(xdv, ir.Constant(_V8F32, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), 16), [j // 2 for j in range(16)]))
+
+
+def _pair_lanes(builder, v16, v):
+    """<8 x float> from a <16 x float> of per-16-sub-block values: lanes 0-3 = v16[2v], 4-7 = v16[2v+1]
+    (the sub-blocks whose sums vpdpbusd's lanes hold for the 32 elements 32v .. 32v+31)."""
+    return builder.shuffle_vector(v16, ir.Constant(v16.type, ir.Undefined),
+                                  ir.Constant(_V8I32, [2 * v] * 4 + [2 * v + 1] * 4))
+
+
+def _c32(v):
+    return ir.Constant(_V32I8, [v] * 32)
+
+
+@intrinsic
+def q2_k_dot_i8(typingctx, row, xq, xd, nb):
+    """sum over the nb Q2_K blocks of row (84 bytes: 16 bytes of 4-bit scale | 4-bit min << 4, 64 bytes
+    of 2-bit levels, fp16 d, fp16 dmin) of sum_j xd[j // 2] (d sc_j sum_k q_jk xq_jk - dmin m_j
+    sum_k xq_jk). Levels of element 128h + 32i + l: bits 2i of qs[32h + l], one vpdpbusd per
+    32-vector (lanes 0-3: sub-block 2(4h + i), 4-7: the next), a vpdpbusd of 1s for the min term."""
+    if not _is_row_args(row, xq, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
+        ones = _c32(1)
+
+        def body(builder, blk, xbase, b, xd, acc):
+            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
+            xd16 = _xd16(builder, xd, b)
+            sc = builder.load(_byte_ptr(builder, blk, 0, v16i8), align=1)
+            scale = builder.fmul(builder.fmul(builder.uitofp(builder.and_(sc, ir.Constant(v16i8, [15] * 16)), v16f),
+                                              xd16), splat(builder, _f16_at(builder, blk, 80), v16f))
+            mins = builder.fmul(builder.fmul(builder.uitofp(builder.lshr(sc, ir.Constant(v16i8, [4] * 16)), v16f),
+                                             xd16), splat(builder, _f16_at(builder, blk, 82), v16f))
+            mins = builder.fsub(ir.Constant(v16f, [0.0] * 16), mins)
+            fma = fma8(builder)
+            for h in range(2):
+                qs = builder.load(_byte_ptr(builder, blk, 16 + 32 * h, _V32I8), align=1)
+                for i in range(4):
+                    v = 4 * h + i
+                    q = builder.and_(builder.lshr(qs, _c32(2 * i)), _c32(3))
+                    x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
+                    acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, q, x), _V8F32),
+                                             _pair_lanes(builder, scale, v), acc])
+                    acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, ones, x), _V8F32),
+                                             _pair_lanes(builder, mins, v), acc])
+            return acc
+        return _row_blocks(context, builder, sig, args, 84, body)
+    return types.float32(row, xq, xd, types.int64), codegen
+
+
+@intrinsic
+def q3_k_dot_i8(typingctx, row, xq, xd, nb):
+    """sum over the nb Q3_K blocks of row (110 bytes: 32 bytes hmask, 64 bytes of 2-bit levels, 12 bytes
+    of 6-bit scales, fp16 d) of d * sum_j (sc_j - 32) xd[j // 2] sum_k (q_jk - 4) xq_jk. Element
+    128h + 32i + l: bits 2i of qs[32h + l] | bit 4h + i of hmask[l] << 2; the 16 scales unpacked as one
+    <16 x i8> (low 4 bits: byte j % 8 >> 4 (j // 8), high 2: byte 8 + j % 4 >> 2 (j // 4))."""
+    if not _is_row_args(row, xq, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v16i8, v16f, v12i8 = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I8, 12)
+
+        def body(builder, blk, xbase, b, xd, acc):
+            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
+            raw = builder.load(_byte_ptr(builder, blk, 96, v12i8), align=1)
+            undef = ir.Constant(v12i8, ir.Undefined)
+            lo = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [j % 8 for j in range(16)]))
+            lo = builder.and_(builder.lshr(lo, ir.Constant(v16i8, [4 * (j // 8) for j in range(16)])),
+                              ir.Constant(v16i8, [15] * 16))
+            hi = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [8 + j % 4 for j in range(16)]))
+            hi = builder.and_(builder.lshr(hi, ir.Constant(v16i8, [2 * (j // 4) for j in range(16)])),
+                              ir.Constant(v16i8, [3] * 16))
+            sc = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v16i8, [4] * 16))), ir.Constant(v16i8, [32] * 16))
+            scale = builder.fmul(builder.fmul(builder.sitofp(sc, v16f), _xd16(builder, xd, b)),
+                                 splat(builder, _f16_at(builder, blk, 108), v16f))
+            hm = builder.load(_byte_ptr(builder, blk, 0, _V32I8), align=1)
+            fma = fma8(builder)
+            for h in range(2):
+                qs = builder.load(_byte_ptr(builder, blk, 32 + 32 * h, _V32I8), align=1)
+                for i in range(4):
+                    v = 4 * h + i
+                    low = builder.and_(builder.lshr(qs, _c32(2 * i)), _c32(3))
+                    high = builder.shl(builder.and_(builder.lshr(hm, _c32(v)), _c32(1)), _c32(2))
+                    x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
+                    acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, builder.or_(low, high), x, 2), _V8F32),
+                                             _pair_lanes(builder, scale, v), acc])
+            return acc
+        return _row_blocks(context, builder, sig, args, 110, body)
+    return types.float32(row, xq, xd, types.int64), codegen
+
+
+def _lookup16(builder, table, idx):
+    """<32 x i8>: table[idx[k]] for 4-bit indexes idx (<32 x i8>, values < 16) and a 16-entry byte
+    table (a list of ints): vpshufb with AVX2, pshufb per half with SSSE3, else 16 compare-selects."""
+    v16 = ir.VectorType(_I8, 16)
+    if AVX2:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]),
+                                            "llvm.x86.avx2.pshuf.b")
+        return builder.call(fn, [ir.Constant(_V32I8, [t & 255 for t in table] * 2), idx])
+    if SSSE3:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16]), "llvm.x86.ssse3.pshuf.b.128")
+        tab = ir.Constant(v16, [t & 255 for t in table])
+        undef = ir.Constant(_V32I8, ir.Undefined)
+        halves = [builder.call(fn, [tab, builder.shuffle_vector(idx, undef, ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                                                                                       list(range(16 * p, 16 * p + 16))))])
+                  for p in range(2)]
+        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+    out = ir.Constant(_V32I8, [0] * 32)
+    for t, val in enumerate(table):
+        out = builder.select(builder.icmp_unsigned("==", idx, _c32(t)), _c32(val & 255), out)
+    return out
+
+
+@intrinsic
+def iq4_xs_dot_i8(typingctx, row, xq, xd, nb):
+    """sum over the nb IQ4_XS blocks of row (136 bytes: fp16 d, 16 bits of high scale bits, 4 bytes of
+    low scale nibbles, 128 bytes of 4-bit indexes) of d * sum_j (ls_j - 32) xd[j] sum_k kv[idx_jk] xq_jk
+    (kv: quant.ggml.KVALUES_IQ4). Sub-block j: the nibbles of qs[16j:16j+16] (low: elements 0-15,
+    high: 16-31) looked up in kv + 128 (unsigned, so vpdpbusd applies; 128 * sum xq subtracted)."""
+    if not _is_row_args(row, xq, xd):
+        return None
+    from ..quant.ggml import KVALUES_IQ4
+    table = [int(v) + 128 for v in KVALUES_IQ4]
+
+    def codegen(context, builder, sig, args):
+        i16, i64 = ir.IntType(16), ir.IntType(64)
+        v8i8, v8i16, v4i8 = ir.VectorType(_I8, 8), ir.VectorType(i16, 8), ir.VectorType(_I8, 4)
+
+        def body(builder, blk, xbase, b, xd, acc):
+            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
+            sl = builder.load(_byte_ptr(builder, blk, 4, v4i8), align=1)
+            lo = builder.shuffle_vector(sl, ir.Constant(v4i8, ir.Undefined), ir.Constant(_V8I32, [j // 2 for j in range(8)]))
+            lo = builder.and_(builder.lshr(lo, ir.Constant(v8i8, [4 * (j % 2) for j in range(8)])), ir.Constant(v8i8, [15] * 8))
+            sh = splat(builder, builder.load(_byte_ptr(builder, blk, 2, i16), align=1), v8i16)
+            hi = builder.trunc(builder.and_(builder.lshr(sh, ir.Constant(v8i16, [2 * j for j in range(8)])),
+                                            ir.Constant(v8i16, [3] * 8)), v8i8)
+            ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v8i8, [4] * 8))), ir.Constant(v8i8, [32] * 8))
+            xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]),
+                                               _V8F32.as_pointer()), align=4)
+            scale = builder.fmul(builder.fmul(builder.sitofp(ls, _V8F32), xdv), splat(builder, _f16_at(builder, blk, 0), _V8F32))
+            undef = ir.Constant(_V8F32, ir.Undefined)
+            fma = fma8(builder)
+            for j in range(8):
+                q = _lookup16(builder, table, _nibbles32(builder, blk, 8 + 16 * j))
+                x = builder.load(_byte_ptr(builder, xb, 32 * j, _V32I8), align=1)
+                acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, q, x, 7), _V8F32),
+                                         builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8)), acc])
+            return acc
+        return _row_blocks(context, builder, sig, args, 136, body)
     return types.float32(row, xq, xd, types.int64), codegen
