@@ -60,7 +60,9 @@ class StoredWeight:
         if x.device.type != "cpu":
             raise ValueError(f"stored-format weights run on the CPU; x is on {x.device}")
         lead = x.shape[:-1]
-        xs = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+        xs = x.detach().reshape(-1, x.shape[-1])
+        if xs.dtype != torch.float32 or not xs.is_contiguous():
+            xs = xs.to(torch.float32).contiguous()
         rows, cols = self.shape
         if xs.shape[1] != cols:
             raise ValueError(f"stored weight {self.shape}: x has {xs.shape[1]} features")
@@ -69,6 +71,8 @@ class StoredWeight:
             y = np.empty((xs.shape[0], rows), np.float32)
             gemv(self.fmt.code, self.raw, xs.numpy(), y, self._int8)
             out = torch.from_numpy(y)
+            if len(lead) == 1 and x.dtype == torch.float32:
+                return out
         else:
             out = torch.empty(xs.shape[0], rows, dtype=torch.float32)
             block = self.scratch.block(min(BLOCK_ROWS, rows), cols)

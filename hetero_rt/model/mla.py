@@ -99,7 +99,7 @@ class MLA(nn.Module):
         cache[start:start + T, :self.C] = self.kv_norm(kv[:, :self.C])
         cache[start:start + T, self.C:] = rope.apply(kv[:, None, self.C:], start)[:, 0]
         c_kv, k_pe = cache[:start + T, :self.C], cache[:start + T, self.C:]  # (S, C), (S, R)
-        mask = causal_mask(T, start, x.device)                           # (T, S)
+        mask = causal_mask(T, start, x.device) if T > 1 else None       # (T, S); one token sees all S
         attend = self.attend_absorbed if absorbed else self.attend_naive
         o = attend(q_nope, q_pe, c_kv, k_pe, mask)                       # (T, H, V)
         return linear(o.reshape(T, -1), self.wo)
@@ -138,7 +138,9 @@ def causal_mask(T: int, start: int, device) -> torch.Tensor:
     return k <= q
 
 
-def softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax over the last axis of scores * scale where mask (T, S) is true (None: everywhere)."""
     s = scores.float() * scale
-    s = s.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
     return F.softmax(s, dim=-1).to(scores.dtype)
