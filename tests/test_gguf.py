@@ -46,7 +46,9 @@ def test_old_layout_attn_kv_b_loads(tmp_path):
     model, path, _ = make_gguf("v3", tmp_path, "F32", kv_b="whole")
     with GGUFCheckpoint(path) as ck:
         assert "blk.0.attn_kv_b.weight" in ck and "blk.0.attn_k_b.weight" not in ck
-    assert rel_err(hetero_rt.load(path, dtype="float32").logits(IDS), hf_logits(model, IDS)) <= 1e-4
+    rt = hetero_rt.load(path, dtype="float32")
+    assert getattr(rt.model.layers[0].attn.wkv_b, "stored", None) is None     # whole kv_b: dequantized
+    assert rel_err(rt.logits(IDS), hf_logits(model, IDS)) <= 1e-4
 
 
 @pytest.mark.parametrize("types", ["Q8_0", "Q4_K_M", "Q4_0", "Q5_0", "Q5_K", "Q6_K", "BF16", "F16"])
@@ -235,6 +237,8 @@ def test_stored_format_dense_weights_match_reference(tmp_path, types):
     rt = hetero_rt.load(path, EXACT)
     assert hasattr(rt.model.layers[1].attn.wo, "stored") and hasattr(rt.model.head, "stored")
     assert rt.model.layers[1].attn.wo.dtype == torch.uint8                     # no dequantized copy
+    kv_b = rt.model.layers[1].attn.wkv_b                                        # attn_k_b / attn_v_b as stored
+    assert kv_b.dtype == torch.uint8 and hasattr(kv_b.stored, "absorb")
     assert rel_err(rt.logits(IDS), ref) <= 1e-4
     steps = [rt.step(torch.tensor(IDS[:5]), 0).numpy()]
     steps += [rt.step(torch.tensor([t]), p).numpy() for p, t in enumerate(IDS[5:], start=5)]

@@ -266,3 +266,31 @@ def test_stored_weight_int8_gemv(fmt):
     np.testing.assert_allclose(sw.matmul(big).numpy(), big.double().numpy() @ exact.T, rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="act must be"):
         sw.act = "int4"
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 12])
+def test_stored_kv_b_per_head_products(tokens):
+    """StoredKvB (MLA's kv_b as a GGUF stores it: k_b (H * C, N) in Q5_0, v_b (H * V, C) in Q4_K) against
+    float64 numpy on the dequantized matrices: absorb = q_nope x W_UK per head, expand = W_UV x o_lat
+    per head (the grouped gemv for few tokens, the decoded einsum for more), and dequantize() the
+    dense wkv_b layout (H, N + V, C); exact activations even when int8 is asked for."""
+    import torch
+    from hetero_rt.kernels.stored import stored_kv_b_parameter
+    h, n, v, c = 4, 64, 32, 256
+    k_raw = ggml.quantize(weights(h * c, n, seed=21), "q5_0")
+    v_raw = ggml.quantize(weights(h * v, c, seed=22), "q4_k")
+    kv = stored_kv_b_parameter(k_raw, "q5_0", v_raw, "q4_k", h).stored
+    kv.act = "int8"
+    wk = ggml.dequantize(k_raw, "q5_0").astype(np.float64).reshape(h, c, n)
+    wv = ggml.dequantize(v_raw, "q4_k").astype(np.float64).reshape(h, v, c)
+    rng = np.random.default_rng(23)
+    q, o = rng.standard_normal((tokens, h, n)), rng.standard_normal((tokens, h, c))
+    got_q = kv.absorb(torch.tensor(q, dtype=torch.float32)).numpy()
+    got_o = kv.expand(torch.tensor(o, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got_q, np.einsum("thn,hcn->thc", q, wk), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_o, np.einsum("thc,hvc->thv", o, wv), rtol=1e-4, atol=1e-4)
+    dense = kv.dequantize().numpy().reshape(h, n + v, c)
+    np.testing.assert_array_equal(dense[:, :n], wk.transpose(0, 2, 1).astype(np.float32))
+    np.testing.assert_array_equal(dense[:, n:], wv.astype(np.float32))
+    with pytest.raises(ValueError, match="not \\(tokens, heads"):
+        kv.k_b.matmul_heads(torch.zeros(1, 3, n))

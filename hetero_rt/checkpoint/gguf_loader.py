@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..experts.weights import ExpertWeights, stacked_shapes
-from ..kernels.stored import Scratch, stored_parameter
+from ..kernels.stored import Scratch, stored_kv_b_parameter, stored_parameter
 from ..quant import fp8
 from ..quant.ggml import GGML_TYPES, format_of_dtype
 from .gguf import GGUFCheckpoint
@@ -79,6 +79,10 @@ class GGUFLoader:
         for name, param, device, want, fmt in dense_params(model, where):
             shape = tuple(param.shape)
             if name.endswith("attn.wkv_b"):
+                param = _stored_kv_b(ckpt, name, shape, used, self.args, self.scratch) if fmt == "stored" else None
+                if param is not None:
+                    set_param(model, name, param)
+                    continue
                 w = _kv_b(ckpt, name, shape, used)
             elif fmt == "stored" and len(shape) == 2:
                 src = gguf_name(name)
@@ -145,6 +149,29 @@ def _kv_b(ckpt: GGUFCheckpoint, name: str, shape: tuple[int, ...], used: set[str
     used.update((k_name, v_name))
     w = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)   # (H, N+V, C)
     return torch.from_numpy(np.ascontiguousarray(w.reshape(shape)))
+
+
+def _stored_kv_b(ckpt: GGUFCheckpoint, name: str, shape: tuple[int, ...], used: set[str], args: ModelArgs,
+                 scratch: Scratch):
+    """wkv_b as the file's attn_k_b (H, C, N) and attn_v_b (H, V, C) in their ggml types, read in place
+    by the absorbed decode path (kernels.stored.StoredKvB); None (the caller dequantizes) for the
+    older whole attn_kv_b layout or a type without a kernel."""
+    prefix = gguf_name(name).rsplit(".", 2)[0]
+    k_name, v_name = (f"{prefix}.{s}" for s in GGUF_KV_B_SPLIT)
+    if k_name not in ckpt or v_name not in ckpt:
+        return None
+    k, v = ckpt.info(k_name), ckpt.info(v_name)
+    h, c = args.num_attention_heads, shape[1]
+    want_k, want_v = (h, c, args.qk_nope_head_dim), (h, args.v_head_dim, c)
+    if k.shape != want_k or v.shape != want_v:
+        raise CheckpointError(f"{k.file}: '{k_name}' {list(k.shape)} and '{v_name}' {list(v.shape)} do not make "
+                              f"{name} {list(shape)} (expected {list(want_k)} and {list(want_v)})")
+    fk, fv = GGML_TYPES.get(k.type), GGML_TYPES.get(v.type)
+    if fk is None or fv is None:
+        return None
+    kb, vb = _bytes(ckpt.raw(k_name)), _bytes(ckpt.raw(v_name))
+    used.update((k_name, v_name))
+    return stored_kv_b_parameter(kb.reshape(h * c, -1), fk, vb.reshape(h * args.v_head_dim, -1), fv, h, scratch)
 
 
 def _dequant_to(ckpt: GGUFCheckpoint, src: str, dtype: torch.dtype) -> np.ndarray:

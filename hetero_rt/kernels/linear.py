@@ -21,17 +21,20 @@ ROWS_PER_TASK = 16
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gemv(fmt, w, x, y, int8):
-    """y (T, R) = x (T, C) @ W.T for W as stored bytes w (R, RB). int8: each token's x is quantized
-    once to int8 per 32 columns (kernels.dot.quantize_act) and every row dotted by the integer dots
-    (fmt must have one: kernels.dot.has_int8_dot); else the fp32 dots with x's block sums."""
+def gemv(fmt, w, x, y, int8, groups):
+    """y (T, R) = x (T, C) @ W.T for W as stored bytes w (R, RB); with groups G > 1, x is (T * G, C)
+    and the rows fall into G equal groups, group g multiplied by x[t * G + g] (per-head matrices
+    stacked: MLA's k_b and v_b). int8: each activation row is quantized once to int8 per 32 columns
+    (kernels.dot.quantize_act) and every row dotted by the integer dots (fmt must have one:
+    kernels.dot.has_int8_dot); else the fp32 dots with x's block sums."""
     rows = w.shape[0]
-    n = x.shape[0]
+    n = x.shape[0] // groups
     cols = x.shape[1]
-    xs = np.empty((n, cols // 32), np.float32)
-    xq = np.empty((n, cols if int8 else 0), np.int8)
-    xd = np.empty((n, cols // 32 if int8 else 0), np.float32)
-    for j in range(n):
+    per = rows // groups
+    xs = np.empty((x.shape[0], cols // 32), np.float32)
+    xq = np.empty((x.shape[0], cols if int8 else 0), np.int8)
+    xd = np.empty((x.shape[0], cols // 32 if int8 else 0), np.float32)
+    for j in range(x.shape[0]):
         if int8:
             quantize_act(x[j], xq[j], xd[j], xs[j])
         else:
@@ -41,8 +44,10 @@ def gemv(fmt, w, x, y, int8):
         r1 = min(rows, (task + 1) * ROWS_PER_TASK)
         for r in range(task * ROWS_PER_TASK, r1):
             wr = w[r]
+            g = r // per
             for j in range(n):
-                y[j, r] = dot_row_i8(fmt, wr, xq[j], xd[j], xs[j]) if int8 else dot_row(fmt, wr, x[j], xs[j])
+                a = j * groups + g
+                y[j, r] = dot_row_i8(fmt, wr, xq[a], xd[a], xs[a]) if int8 else dot_row(fmt, wr, x[a], xs[a])
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)

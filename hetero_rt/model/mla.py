@@ -121,14 +121,19 @@ class MLA(nn.Module):
         return torch.einsum("hts,shv->thv", p, v)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        w = materialize(self.wkv_b, q_nope.dtype).view(self.H, self.N + self.V, self.C)
-        w_uk, w_uv = w[:, :self.N], w[:, self.N:]                        # (H, N, C), (H, V, C)
-        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)               # (T, H, C)
+        per_head = getattr(self.wkv_b, "stored", None)   # a GGUF's k_b / v_b read in place (kernels.stored.StoredKvB)
+        per_head = per_head if hasattr(per_head, "absorb") else None
+        if per_head is None:
+            w = materialize(self.wkv_b, q_nope.dtype).view(self.H, self.N + self.V, self.C)
+            w_uk, w_uv = w[:, :self.N], w[:, self.N:]                    # (H, N, C), (H, V, C)
+        q_lat = per_head.absorb(q_nope).to(q_nope.dtype) if per_head is not None \
+            else torch.einsum("thn,hnc->thc", q_nope, w_uk)              # (T, H, C)
         scores = (torch.einsum("thc,sc->hts", q_lat, c_kv)
                   + torch.einsum("thr,sr->hts", q_pe, k_pe))             # (H, T, S)
         p = softmax(scores, mask, self.softmax_scale)
         o_lat = torch.einsum("hts,sc->thc", p, c_kv)                     # (T, H, C)
-        return torch.einsum("thc,hvc->thv", o_lat, w_uv)
+        return per_head.expand(o_lat).to(o_lat.dtype) if per_head is not None \
+            else torch.einsum("thc,hvc->thv", o_lat, w_uv)
 
 
 def causal_mask(T: int, start: int, device) -> torch.Tensor:
