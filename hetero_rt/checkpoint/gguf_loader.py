@@ -8,7 +8,8 @@ ignored; anything else is a CheckpointError naming the tensor.
   dequantized once at load to the experts' placement dtype, and for a backend that runs stored
   formats the loader says so; `plan` shows the same (placement.memory).
 - Everything else is dequantized once at load with `gguf.quants.dequantize` to the dtype the
-  placement asks for, or kept in its ggml type where the rules say `format: stored` (kernels.stored).
+  placement asks for, or kept in its ggml type where the rules say `format: stored` (kernels.stored;
+  wkv_b then stays the file's attn_k_b and attn_v_b, kernels.stored.StoredKvB).
 """
 from __future__ import annotations
 

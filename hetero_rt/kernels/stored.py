@@ -7,6 +7,9 @@ The model sees an nn.Parameter holding the raw bytes (R, row_bytes) uint8 with t
 dispatch on it. The stored weights of one model share one Scratch (the fp32 block the GEMM path
 decodes into), so the decode buffers cost one block, not one per weight.
 
+MLA's kv_b, stored per head by llama.cpp's converter (attn_k_b, attn_v_b), is a StoredKvB: two
+StoredWeights multiplied per head (matmul_heads) by the absorbed decode path.
+
 `act` ("fp32" or "int8", as the numba experts' activations): with "int8", few-token matmuls of a
 ggml block format quantize x to int8 per 32 columns and use the integer dots (llama.cpp's q8_0
 activations); fp formats, block FP8 and the GEMM path stay fp32.
