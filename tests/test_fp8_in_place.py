@@ -2,50 +2,29 @@
 128x128 `weight_scale_inv`) run in place on the CPU by default: the routed experts stay FP8 in the
 numba kernels' rows and the dense weights stay FP8 as stored-format weights, never expanded. The
 oracle is the same model with every FP8 weight dequantized (fp8 * scale, fp32) by the test itself."""
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import hetero_rt
 from hetero_rt.checkpoint.source import open_source
 from hetero_rt.experts.numba_backend import NumbaExperts
 from hetero_rt.quant import fp8, ggml
 from hf_models import build_hf_model, save_hf_model
-from test_loading import IDS, copy_ckpt, fp8_dequantize, fp8_quantize
+from test_loading import IDS, fp8_checkpoints, fp8_dequantize, fp8_quantize
 
 # every matrix's input dimension a multiple of 128, as in the released checkpoints
 DIMS = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128,
             num_attention_heads=4, v_head_dim=32, vocab_size=96)
 
 
-def _is_fp8(name: str, t: torch.Tensor) -> bool:
-    return t.dim() == 2 and "embed" not in name and "lm_head" not in name and ".gate.weight" not in name
-
-
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory):
     """(FP8 checkpoint dir, the same weights dequantized, as a second dir)."""
     tmp = tmp_path_factory.mktemp("fp8")
-    hf = build_hf_model("v3", seed=3, **DIMS)
-    src = save_hf_model(hf, "v3", tmp / "src")
-    tensors = load_file(src / "model.safetensors")
-    q8, deq = {}, {}
-    for name, t in tensors.items():
-        if _is_fp8(name, t):
-            q, s = fp8_quantize(t)
-            q8[name], q8[name + "_scale_inv"] = q, s
-            deq[name] = fp8_dequantize(q, s)
-        else:
-            q8[name] = deq[name] = t
-    cfg = json.loads((src / "config.json").read_text())
-    deq_dir = copy_ckpt(src, tmp / "deq", deq, cfg)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
-    return copy_ckpt(src, tmp / "fp8", q8, cfg), deq_dir
+    return fp8_checkpoints(save_hf_model(build_hf_model("v3", seed=3, **DIMS), "v3", tmp / "src"), tmp)
 
 
 def test_pack_round_trips_the_official_layout():

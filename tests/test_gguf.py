@@ -193,6 +193,22 @@ def test_mismatched_shape_is_named(tmp_path):
             load_model(GGUFLoader(ck, args), args, make_plan(args, None, None, False), torch.float32)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["dequantized", "stored"])
+def test_kv_b_parts_that_do_not_match_the_metadata_are_named(tmp_path, in_place):
+    """attn_k_b / attn_v_b against a config whose v_head_dim disagrees: a CheckpointError naming both
+    tensors and the expected shapes, whether kv_b is dequantized or kept as stored (StoredKvB)."""
+    import dataclasses
+    import torch
+    from hetero_rt.api import make_plan
+    from hetero_rt.checkpoint.gguf_loader import GGUFLoader
+    from hetero_rt.placement.apply import load_model
+    _, path, _ = make_gguf("v3", tmp_path, "Q8_0", **KQUANT_DIMS)
+    with GGUFCheckpoint(path) as ck:
+        args = dataclasses.replace(ck.args(), v_head_dim=ck.args().v_head_dim * 2)
+        with pytest.raises(CheckpointError, match="attn_k_b.*attn_v_b.*do not make.*wkv_b"):
+            load_model(GGUFLoader(ck, args), args, make_plan(args, None, None, False, in_place=in_place), torch.float32)
+
+
 def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
     """TQ2_0 experts have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
     model, path, cfg = make_gguf("v3", tmp_path, "TQ2_0", **KQUANT_DIMS)

@@ -294,3 +294,7 @@ def test_stored_kv_b_per_head_products(tokens):
     np.testing.assert_array_equal(dense[:, n:], wv.astype(np.float32))
     with pytest.raises(ValueError, match="not \\(tokens, heads"):
         kv.k_b.matmul_heads(torch.zeros(1, 3, n))
+    with pytest.raises(ValueError, match="act must be 'fp32' or 'int8'"):
+        kv.act = "bf16"
+    with pytest.raises(ValueError, match="are not \\(H \\* C, N\\) and \\(H \\* V, C\\)"):
+        stored_kv_b_parameter(k_raw, "q5_0", v_raw, "q4_k", h + 1)

@@ -82,25 +82,29 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> to
     return q.float() * s
 
 
-def test_fp8_block_checkpoint_equals_dequantize_then_load(tmp_path):
-    # hidden 160 and intermediate 272 span several 128-blocks with partial edge blocks
-    hf = build_hf_model("v3", seed=2, hidden_size=160, intermediate_size=272)
-    src = save_hf_model(hf, "v3", tmp_path / "src")
-    tensors = load_file(src / "model.safetensors")
+def fp8_checkpoints(src: Path, out: Path) -> tuple[Path, Path]:
+    """The HF checkpoint at src laid out as the official block-FP8 releases (every 2-D weight but the
+    embedding, lm_head and router as F8_E4M3 + weight_scale_inv, quantization_config set) in out/fp8,
+    and the same weights dequantized back to fp32 in out/deq."""
     fp8, deq = {}, {}
-    for name, t in tensors.items():
-        quantize = t.dim() == 2 and "embed" not in name and "lm_head" not in name and ".gate.weight" not in name
-        if quantize:
+    for name, t in load_file(src / "model.safetensors").items():
+        if t.dim() == 2 and "embed" not in name and "lm_head" not in name and ".gate.weight" not in name:
             q, s = fp8_quantize(t)
             fp8[name], fp8[name + "_scale_inv"] = q, s
             deq[name] = fp8_dequantize(q, s)
         else:
             fp8[name] = deq[name] = t
     cfg = json.loads((src / "config.json").read_text())
-    deq_dir = copy_ckpt(src, tmp_path / "deq", deq, cfg)
+    deq_dir = copy_ckpt(src, out / "deq", deq, cfg)
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [128, 128]}
-    fp8_dir = copy_ckpt(src, tmp_path / "fp8", fp8, cfg)
+    return copy_ckpt(src, out / "fp8", fp8, cfg), deq_dir
+
+
+def test_fp8_block_checkpoint_equals_dequantize_then_load(tmp_path):
+    # hidden 160 and intermediate 272 span several 128-blocks with partial edge blocks
+    hf = build_hf_model("v3", seed=2, hidden_size=160, intermediate_size=272)
+    fp8_dir, deq_dir = fp8_checkpoints(save_hf_model(hf, "v3", tmp_path / "src"), tmp_path)
     a = hetero_rt.load(fp8_dir, dtype="float32").logits(IDS)
     b = hetero_rt.load(deq_dir, dtype="float32").logits(IDS)
     assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()

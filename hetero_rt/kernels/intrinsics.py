@@ -284,42 +284,6 @@ def _u8s8_dot8(builder, q, x):
 
 
 @intrinsic
-def q8_0_dot_i8(typingctx, row, xq, xd, nb):
-    """sum over the nb Q8_0 blocks of row (34 bytes: fp16 d, 32 int8 q) of d_b * xd[b] *
-    sum_k q_bk * xq[32 b + k], int8 activations xq with scales xd per 32, as fp32. The signed x signed
-    integer dot runs as vpdpbusd (unsigned x signed) on q + 128, less 128 * sum_k xq[32 b + k]
-    (a second vpdpbusd of 1s against xq); per block the 8 partial sums are converted and scaled in
-    a vector by d_b * xd[b], with one horizontal sum per row; the row is prefetched 2 KiB ahead."""
-    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
-            and xq.dtype == types.int8 and isinstance(xd, types.Array) and xd.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ra = context.make_array(sig.args[0])(context, builder, args[0])
-        xa = context.make_array(sig.args[1])(context, builder, args[1])
-        da = context.make_array(sig.args[2])(context, builder, args[2])
-        i8p, i64 = _I8.as_pointer(), ir.IntType(64)
-        rbase, xbase = builder.bitcast(ra.data, i8p), builder.bitcast(xa.data, i8p)
-        acc = cgutils.alloca_once(builder, _V8F32)
-        builder.store(ir.Constant(_V8F32, [0.0] * 8), acc)
-        flip = ir.Constant(_V32I8, [-128] * 32)
-        ones = ir.Constant(_V32I8, [1] * 32)
-        with cgutils.for_range(builder, args[3]) as loop:
-            b = loop.index
-            blk = _byte_ptr(builder, rbase, builder.mul(b, ir.Constant(i64, 34)))
-            _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))     # 2 KiB ahead, as the fp32 dots
-            q = builder.load(_byte_ptr(builder, blk, 2, _V32I8), align=1)
-            x = builder.load(_byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 32)), _V32I8), align=1)
-            dots = builder.sub(_u8s8_dot8(builder, builder.xor(q, flip), x),
-                               builder.shl(_u8s8_dot8(builder, ones, x), ir.Constant(_V8I32, [7] * 8)))
-            scale = builder.fmul(_f16_at(builder, blk, 0), builder.load(builder.gep(da.data, [b])))
-            builder.store(builder.call(fma8(builder), [builder.sitofp(dots, _V8F32), splat(builder, scale, _V8F32),
-                                                       builder.load(acc)]), acc)
-        return _hsum8(builder, builder.load(acc))
-    return types.float32(row, xq, xd, types.int64), codegen
-
-
-@intrinsic
 def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
     """One whole Q4_K block at row[o:] (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
     mins, 128 nibble bytes) dotted with int8 activations xq[xo:xo+256] (scales xd[xb:xb+8], block
@@ -380,6 +344,10 @@ def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
     return types.float32(row, u64, xq, u64, xd, xs, types.int64), codegen
 
 
+def _c32(v):
+    return ir.Constant(_V32I8, [v] * 32)
+
+
 def _is_row_args(row, xq, xd) -> bool:
     return (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
             and xq.dtype == types.int8 and isinstance(xd, types.Array) and xd.dtype == types.float32)
@@ -388,9 +356,8 @@ def _is_row_args(row, xq, xd) -> bool:
 def _offset_dot8(builder, q, x, shift):
     """<8 x i32>: lane m = sum over j < 4 of (q[4m + j] - 2**shift) * x[4m + j], q unsigned bytes below
     256, x signed: vpdpbusd of q less 2**shift times the vpdpbusd of 1s against x."""
-    ones = ir.Constant(_V32I8, [1] * 32)
     return builder.sub(_u8s8_dot8(builder, q, x),
-                       builder.shl(_u8s8_dot8(builder, ones, x), ir.Constant(_V8I32, [shift] * 8)))
+                       builder.shl(_u8s8_dot8(builder, _c32(1), x), ir.Constant(_V8I32, [shift] * 8)))
 
 
 def _row_blocks(context, builder, sig, args, block_bytes, body):
@@ -430,6 +397,23 @@ def _nibbles32(builder, blk, offset):
     lo = builder.and_(qs, ir.Constant(v16, [15] * 16))
     hi = builder.lshr(qs, ir.Constant(v16, [4] * 16))
     return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+
+
+@intrinsic
+def q8_0_dot_i8(typingctx, row, xq, xd, nb):
+    """sum over the nb Q8_0 blocks of row (34 bytes: fp16 d, 32 int8 q) of d_b * xd[b] *
+    sum_k q_bk * xq[32 b + k], int8 activations xq with scales xd per 32, as fp32. The signed x signed
+    integer dot runs as vpdpbusd (unsigned x signed) on q + 128 (q xor 0x80), less 128 * sum_k
+    xq[32 b + k] (_offset_dot8); the row loop is _row_blocks'."""
+    if not _is_row_args(row, xq, xd):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def body(builder, blk, xbase, b, xd, acc):
+            q = builder.xor(builder.load(_byte_ptr(builder, blk, 2, _V32I8), align=1), _c32(-128))
+            return _blocks32_dot(builder, blk, xbase, b, xd, acc, q, 7)
+        return _row_blocks(context, builder, sig, args, 34, body)
+    return types.float32(row, xq, xd, types.int64), codegen
 
 
 @intrinsic
@@ -480,9 +464,6 @@ def q6_k_dot_i8(typingctx, row, xq, xd, nb):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
 
-        def c(v):
-            return ir.Constant(_V32I8, [v] * 32)
-
         def body(builder, blk, xbase, b, xd, acc):
             xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
             xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]),
@@ -497,10 +478,10 @@ def q6_k_dot_i8(typingctx, row, xq, xd, nb):
                 a = builder.load(_byte_ptr(builder, blk, 64 * h, _V32I8), align=1)
                 cc = builder.load(_byte_ptr(builder, blk, 64 * h + 32, _V32I8), align=1)
                 hb = builder.load(_byte_ptr(builder, blk, 128 + 32 * h, _V32I8), align=1)
-                levels = [builder.or_(builder.and_(a, c(15)), builder.shl(builder.and_(hb, c(3)), c(4))),
-                          builder.or_(builder.and_(cc, c(15)), builder.shl(builder.and_(hb, c(12)), c(2))),
-                          builder.or_(builder.lshr(a, c(4)), builder.and_(hb, c(48))),
-                          builder.or_(builder.lshr(cc, c(4)), builder.lshr(builder.and_(hb, c(192)), c(2)))]
+                levels = [builder.or_(builder.and_(a, _c32(15)), builder.shl(builder.and_(hb, _c32(3)), _c32(4))),
+                          builder.or_(builder.and_(cc, _c32(15)), builder.shl(builder.and_(hb, _c32(12)), _c32(2))),
+                          builder.or_(builder.lshr(a, _c32(4)), builder.and_(hb, _c32(48))),
+                          builder.or_(builder.lshr(cc, _c32(4)), builder.lshr(builder.and_(hb, _c32(192)), _c32(2)))]
                 for i, q in enumerate(levels):
                     v = 4 * h + i
                     x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
@@ -525,10 +506,6 @@ def _pair_lanes(builder, v16, v):
     (the sub-blocks whose sums vpdpbusd's lanes hold for the 32 elements 32v .. 32v+31)."""
     return builder.shuffle_vector(v16, ir.Constant(v16.type, ir.Undefined),
                                   ir.Constant(_V8I32, [2 * v] * 4 + [2 * v + 1] * 4))
-
-
-def _c32(v):
-    return ir.Constant(_V32I8, [v] * 32)
 
 
 @intrinsic

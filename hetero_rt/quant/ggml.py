@@ -269,20 +269,22 @@ def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
                           axis=1)
 
 
-def _signed_step(sub: np.ndarray, level: float) -> np.ndarray:
-    """Per sub-block step that maps its largest-magnitude element to `level` (the sign included, as
-    llama.cpp's fits do), so scales of both signs occur."""
+def _signed_scales(sub: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """(d (NB,) fp16-rounded, sc (NB, S) 6-bit signed ints): per sub-block the step that maps its
+    largest-magnitude element to `level` (the sign included, as llama.cpp's fits do, so scales of
+    both signs occur), written as d * sc with one d per block."""
     idx = np.abs(sub).argmax(axis=-1)[..., None]
-    return np.take_along_axis(sub, idx, axis=-1)[..., 0] / level
+    step = np.take_along_axis(sub, idx, axis=-1)[..., 0] / level        # (NB, S)
+    d = (np.abs(step).max(axis=-1) / 31).astype(np.float16).astype(np.float32)
+    return d, np.clip(np.rint(step * _safe_inv(d)[:, None]), -32, 31)
 
 
 def _quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     """Symmetric fit per 16 elements: x ~ d*sc*q, sc 6-bit signed, q in -4..3."""
     nb = blocks.shape[0]
     sub = _sub_blocks(blocks, 16)
-    step = _signed_step(sub, -4.0)                              # (NB, 16)
-    d = (np.abs(step).max(axis=-1) / 31).astype(np.float16).astype(np.float32)
-    sc = np.clip(np.rint(step * _safe_inv(d)[:, None]), -32, 31).astype(np.int8)
+    d, sc = _signed_scales(sub, -4.0)                           # (NB,), (NB, 16)
+    sc = sc.astype(np.int8)
     q = np.clip(np.rint(sub * _safe_inv(d[:, None] * sc)[..., None]), -4, 3).astype(np.int8) + 4
     q = q.astype(np.uint8).reshape(nb, QK_K)
     high = (q >> 2).reshape(nb, 8, 32)                          # element 32i + l -> bit i of hmask[l]
@@ -301,9 +303,8 @@ def _quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
     """Per 32 elements a 6-bit signed scale, each element the nearest of the 16 KVALUES_IQ4 levels."""
     nb = blocks.shape[0]
     sub = _sub_blocks(blocks, 32)
-    step = _signed_step(sub, -127.0)                            # (NB, 8)
-    d = (np.abs(step).max(axis=-1) / 31).astype(np.float16).astype(np.float32)
-    ls = np.clip(np.rint(step * _safe_inv(d)[:, None]), -32, 31).astype(np.int16)
+    d, ls = _signed_scales(sub, -127.0)                         # (NB,), (NB, 8)
+    ls = ls.astype(np.int16)
     dl = d[:, None] * ls                                         # (NB, 8)
     levels = dl[..., None, None] * KVALUES_IQ4.astype(np.float32)  # (NB, 8, 1, 16)
     q = np.abs(sub[..., None] - levels).argmin(axis=-1).astype(np.uint8)   # (NB, 8, 32)
