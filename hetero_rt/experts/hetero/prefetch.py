@@ -82,10 +82,11 @@ class Copier:
             self._copy(*job)
         return ticket
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the copy thread after the copies queued before this call and join it (at most timeout_s)."""
         if self.thread is not None and self.thread.is_alive():
             self.queue.put(None)
-            self.thread.join(timeout=5)
+            self.thread.join(timeout=timeout_s)
 
     def _loop(self) -> None:
         while True:

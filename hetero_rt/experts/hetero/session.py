@@ -15,6 +15,10 @@ from .expert_cache import LayerCounters
 from .prefetch import Copier
 from .worker import CpuWorker, HostBuffers, Job
 
+# How long exit waits for the CPU worker to finish the job it is running (one layer of one prefill
+# chunk: seconds on a V3-sized model) before leaving it behind.
+EXIT_JOIN_S = 60.0
+
 
 class GpuTimer:
     """Busy time of the GPU part of one layer: CUDA events, or the wall clock in CPU fallback."""
@@ -75,7 +79,8 @@ class HeteroSession:
         self.predicted_done = torch.cuda.Event() if self.cuda else None
         self.later_copied = torch.cuda.Event() if self.cuda else None   # deferred result read by the GPU
         self.layers: dict[int, nn.Module] = {}          # HeteroExperts by layer
-        # stop the threads when the session is dropped with its model (they hold no reference to it)
+        # stop the threads when the session is dropped with its model (they hold no reference to it),
+        # and at interpreter exit on every path (normal end, exception, Ctrl-C): finalize runs at atexit
         weakref.finalize(self, _stop_threads, self.worker, self.copier)
 
     def counters(self) -> dict[int, LayerCounters]:
@@ -128,5 +133,8 @@ class HeteroSession:
 
 
 def _stop_threads(worker: CpuWorker, copier: Copier) -> None:
-    worker.queue.put(None)
-    copier.queue.put(None)
+    """Stop and join both threads. Joining matters at interpreter exit: a worker thread still alive
+    then (it ran numba's OpenMP parallel regions, so it owns a libgomp thread team) makes the process
+    abort in C++ teardown ("terminate called without an active exception", exit 134)."""
+    worker.close(EXIT_JOIN_S)
+    copier.close(EXIT_JOIN_S)

@@ -101,10 +101,11 @@ class CpuWorker:
             raise HeteroRTError(f"layer {job.layer}: the CPU expert worker failed on {job.pairs} (token, "
                                 f"expert) pairs: {type(e).__name__}: {e}") from e
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread after the job it runs, if any, and join it (at most timeout_s)."""
         if self.thread.is_alive():
             self.queue.put(None)
-            self.thread.join(timeout=5)
+            self.thread.join(timeout=timeout_s)
 
     def _loop(self) -> None:
         while True:
