@@ -8,9 +8,11 @@ import torch
 
 from .checkpoint.source import open_source
 from .config import ModelArgs
-from .errors import HeteroRTError
+from .errors import HeteroRTError, MemoryBudgetError
 from .placement.apply import TORCH_DTYPES, load_model
 from .placement.defaults import default_rules
+from .placement.memory import MemoryPlan, plan_memory
+from .placement.sizes import fmt_bytes, machine_budgets
 from .placement.plan import Plan, resolve
 from .placement.schema import load_rules
 from .runtime.engine import Runtime
@@ -19,7 +21,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def load(path: str | Path, rules: str | Path | None = None, *, context: int | None = None,
-         dtype: str | torch.dtype | None = None, device: str | None = None, cpu_fallback: bool = False) -> Runtime:
+         dtype: str | torch.dtype | None = None, device: str | None = None, cpu_fallback: bool = False,
+         check_memory: bool = True) -> Runtime:
     """Load a Hugging Face DeepSeek-V2/V3/Kimi-K2 checkpoint directory or a deepseek2 GGUF file
     (`model.gguf`, or any part of a split `model-0000K-of-0000N.gguf`).
 
@@ -31,6 +34,8 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
                   checkpoints and for the default placement of a GGUF on the CPU, else bfloat16).
     device:       without rules, where the whole model runs ("cpu" by default, "cuda").
     cpu_fallback: map every device the rules name to the CPU (for machines without a GPU).
+    check_memory: before loading, compare the memory planner's total per device with what this machine
+                  has and raise MemoryBudgetError (how much is needed, what fits) when it is short.
     """
     source = open_source(path)
     args = source.args()
@@ -39,9 +44,38 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
         print(f"hetero_rt: cpu_fallback: the placement in {plan.source} is kept as written, but every device "
               f"is mapped to the CPU", file=sys.stderr)
     main_dtype = resolve_dtype(plan.main.dtype or dtype or source.embedding_dtype())
-    model = load_model(source.loader(args), args, plan, main_dtype)
     context = context or min(args.max_position_embeddings, 4096)
+    if check_memory:
+        check_fits(source, args, plan, context, main_dtype, rules, dtype)
+    model = load_model(source.loader(args), args, plan, main_dtype)
     return Runtime(model, args, source.tokenizer(), context, main_dtype, plan.main.device, Path(path), plan)
+
+
+def check_fits(source, args: ModelArgs, plan: Plan, context: int, main_dtype: torch.dtype,
+               rules: str | Path | None, dtype: str | torch.dtype | None) -> None:
+    """The memory planner's total per device against this machine's RAM and GPU memory, before a byte
+    is loaded; short: a MemoryBudgetError saying by how much, and whether the default placement fits."""
+    tensors = source.tensor_meta(args)
+    budgets, _ = machine_budgets({p.device for p in plan.placements})
+    mem = plan_memory(args, plan, tensors, context, dtype_name(main_dtype), budgets)
+    if not mem.over():
+        return
+    hint = ("place part of the model on a GPU (placement_rules/), run a quantized GGUF of it, or preallocate "
+            "fewer KV-cache positions (--context)")
+    if rules is not None and source.in_place:
+        default = make_plan(args, None, None, False, in_place=True, dtype=dtype)
+        alt = plan_memory(args, default, tensors, context, dtype_name(resolve_dtype(default.main.dtype)), budgets)
+        if not alt.over():
+            hint = (f"the default placement (no --rules: weights kept as stored in the memory map) needs "
+                    f"{_totals(alt)} and fits")
+    raise MemoryBudgetError(f"{source.path}: the placement {plan.source} needs {_totals(mem)} but this machine has "
+                            f"{', '.join(f'{d} {fmt_bytes(b)}' for d, b in sorted(budgets.items()))}; {hint}; "
+                            f"`hetero-rt plan --model {source.path}` shows the breakdown (--skip-memory-check, or "
+                            f"load(..., check_memory=False), loads anyway)")
+
+
+def _totals(mem: MemoryPlan) -> str:
+    return ", ".join(f"{d} {fmt_bytes(m.total)}" for d, m in mem.devices.items())
 
 
 def make_plan(args: ModelArgs, rules: str | Path | None, device: str | None, cpu_fallback: bool,

@@ -93,6 +93,9 @@ def _generation_args(p: argparse.ArgumentParser, default_n: int = 64) -> None:
                    help="CPU threads for the kernels and torch (default: physical cores)")
     p.add_argument("--cpu-fallback", action="store_true",
                    help="map every device in the rules to the CPU (machines without a GPU)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="load even when the memory planner says the placement needs more RAM or GPU memory "
+                        "than this machine has")
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -142,7 +145,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
 def _generate(ns: argparse.Namespace, path: Path) -> int:
     t0 = time.perf_counter()
-    rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback)
+    rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback,
+              check_memory=not ns.skip_memory_check)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s; {rt.plan.summary()}", file=sys.stderr)
     if ns.threads is not None:
         rt.set_threads(ns.threads)

@@ -20,3 +20,7 @@ class ContextOverflowError(HeteroRTError, ValueError):
 
 class InputError(HeteroRTError, ValueError):
     """A prompt or token ids that cannot be run (empty, id out of the vocabulary, ...)."""
+
+
+class MemoryBudgetError(HeteroRTError):
+    """The placement needs more memory on a device than the machine has (checked before loading)."""
