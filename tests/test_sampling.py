@@ -80,3 +80,9 @@ def test_global_rng_untouched_and_shape_checked():
 def test_invalid_parameters(kw, name):
     with pytest.raises(InputError, match=name):
         SamplingParams(**kw)
+
+
+def test_a_temperature_below_float32s_range_samples_the_argmax_not_nan():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(3))
+    for t in (1e-193, 5e-324, 1e-40):
+        assert Sampler(SamplingParams(temperature=t, seed=1))(logits) == int(logits.argmax())

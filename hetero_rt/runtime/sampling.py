@@ -45,8 +45,9 @@ class Sampler:
         p = self.params
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits.float()
-        # shifted so the max is 0: a tiny temperature cannot overflow to inf (and softmax to NaN)
+        logits = logits.double()
+        # shifted so the max is 0: a tiny temperature cannot overflow to inf (and softmax to NaN); in
+        # float64 because a temperature below float32's range (1e-193) would turn into 0, and 0 / 0 NaN
         probs = filtered_probs((logits - logits.max()) / p.temperature, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
