@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from hetero_rt.experts.numba_backend import NumbaExperts
-from hetero_rt.experts.torch_backend import TorchExperts
 from hetero_rt.quant import ggml
 from hetero_rt.experts.hetero.expert_cache import (DynamicPolicy, ExpertCache, StaticPolicy, belady_hits, expert_bytes,
                                             simulate)
 from hetero_rt.experts.hetero.prefetch import Copier
-
-
-def host_experts(n_experts=8, dim=32, inter=16, fmt="fp32", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    te = TorchExperts(n_experts, dim, inter)
-    with torch.no_grad():
-        for p in (te.w1, te.w3, te.w2):
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    return NumbaExperts.from_torch(te, fmt)
+from hetero_rt.placement.schema import HeteroSpec
+from hetero_models import host_experts
 
 
 SYNC = Copier("cpu", threaded=False)
@@ -45,11 +36,15 @@ def check_invariants(cache):
 
 
 def test_budget_never_exceeded_under_random_operations():
+    """A byte budget (hetero.cache: 5.5 experts' worth) sizes the cache once; under random records,
+    prefetches and promotions its tensors are never reallocated or grown past the budget."""
     src = host_experts(16)
-    rng = np.random.default_rng(1)
-    budget = 5 * expert_bytes(src.inter_dim, src.dim, torch.float32)
-    cache = make_cache(src, budget // expert_bytes(src.inter_dim, src.dim, torch.float32),
+    per = expert_bytes(src.inter_dim, src.dim, torch.float32)
+    budget = 5 * per + per // 2
+    cache = make_cache(src, HeteroSpec(cache_bytes=budget).slots(per, 16),
                        DynamicPolicy(16, decay=0.7, max_promotions=3))
+    tensors = [(t.data_ptr(), t.shape) for t in (cache.w1, cache.w3, cache.w2)]
+    rng = np.random.default_rng(1)
     for _ in range(300):
         ids = np.stack([rng.choice(16, 3, replace=False) for _ in range(rng.integers(1, 5))])
         cache.refresh()
@@ -58,7 +53,9 @@ def test_budget_never_exceeded_under_random_operations():
             cache.prefetch(rng.choice(16, rng.integers(1, 8), replace=False).tolist(), limit=int(rng.integers(1, 9)))
         cache.promote()
         check_invariants(cache)
-        assert cache.allocated_bytes() <= budget
+        assert len(cache.resident()) <= 5
+        assert [(t.data_ptr(), t.shape) for t in (cache.w1, cache.w3, cache.w2)] == tensors
+    assert cache.slots == 5 and 5 * per == cache.allocated_bytes() <= budget
     assert cache.counters.promotions + cache.counters.prefetches_issued > 20   # the cache did churn
 
 

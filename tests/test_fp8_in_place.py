@@ -12,8 +12,10 @@ import hetero_rt
 from hetero_rt.checkpoint.source import open_source
 from hetero_rt.experts.numba_backend import NumbaExperts
 from hetero_rt.quant import fp8, ggml
+from fp8_models import fp8_checkpoints, fp8_dequantize, fp8_quantize
 from hf_models import build_hf_model, save_hf_model
-from test_loading import IDS, fp8_checkpoints, fp8_dequantize, fp8_quantize
+
+IDS = [5, 9, 33, 2, 71, 40, 18, 90]
 
 # every matrix's input dimension a multiple of 128, as in the released checkpoints
 DIMS = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128,

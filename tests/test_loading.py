@@ -1,7 +1,5 @@
 """Loading HF checkpoints: sharding, dtypes, FP8 block scales, MTP layers, and every bad input."""
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import hetero_rt
 from hetero_rt.errors import CheckpointError
+from fp8_models import copy_ckpt, fp8_checkpoints
 from hf_models import build_hf_model, hf_logits, save_hf_model
 
 IDS = [5, 9, 33, 2, 71, 40, 18, 90]
@@ -19,14 +18,6 @@ IDS = [5, 9, 33, 2, 71, 40, 18, 90]
 def v3(tmp_path_factory):
     hf = build_hf_model("v3", seed=1)
     return hf, save_hf_model(hf, "v3", tmp_path_factory.mktemp("v3"))
-
-
-def copy_ckpt(src: Path, dst: Path, tensors: dict | None = None, config: dict | None = None) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(tensors if tensors is not None else load_file(src / "model.safetensors"), dst / "model.safetensors")
-    cfg = config if config is not None else json.loads((src / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def test_sharded_checkpoint(v3, tmp_path):
@@ -59,46 +50,6 @@ def test_half_precision_checkpoint_matches_its_fp32_upcast(v3, tmp_path, stored)
     rt = hetero_rt.load(tmp_path / "low")           # default dtype for a half checkpoint: bfloat16
     assert rt.dtype == torch.bfloat16
     assert np.abs(rt.logits(IDS) - b).max() <= 0.05 * np.abs(b).max()
-
-
-def fp8_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's format, written independently of the library: per 128x128 block scale = amax/448,
-    stored as weight_scale_inv; dequant = fp8 * scale_inv."""
-    rows, cols = w.shape
-    br, bc = math.ceil(rows / block), math.ceil(cols / block)
-    scale = torch.empty(br, bc)
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(br):
-        for j in range(bc):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            s = blk.abs().max().clamp(min=1e-12) / 448.0
-            scale[i, j] = s
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    s = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:q.shape[0], :q.shape[1]]
-    return q.float() * s
-
-
-def fp8_checkpoints(src: Path, out: Path) -> tuple[Path, Path]:
-    """The HF checkpoint at src laid out as the official block-FP8 releases (every 2-D weight but the
-    embedding, lm_head and router as F8_E4M3 + weight_scale_inv, quantization_config set) in out/fp8,
-    and the same weights dequantized back to fp32 in out/deq."""
-    fp8, deq = {}, {}
-    for name, t in load_file(src / "model.safetensors").items():
-        if t.dim() == 2 and "embed" not in name and "lm_head" not in name and ".gate.weight" not in name:
-            q, s = fp8_quantize(t)
-            fp8[name], fp8[name + "_scale_inv"] = q, s
-            deq[name] = fp8_dequantize(q, s)
-        else:
-            fp8[name] = deq[name] = t
-    cfg = json.loads((src / "config.json").read_text())
-    deq_dir = copy_ckpt(src, out / "deq", deq, cfg)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
-    return copy_ckpt(src, out / "fp8", fp8, cfg), deq_dir
 
 
 def test_fp8_block_checkpoint_equals_dequantize_then_load(tmp_path):

@@ -21,27 +21,14 @@ from hetero_rt.placement.plan import resolve
 from hetero_rt.placement.schema import PlacementError, parse_rules
 from hetero_rt.bench.routing import RoutingRecorder, load_trace
 from hetero_rt.experts.hetero import hetero_session
+from hetero_models import CFG, DECODE, PROMPT, close, hetero_checkpoint, run
 
-CFG = dict(num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
-PROMPT = [5, 17, 99, 3, 250, 1000, 42, 7, 7, 64, 12, 901, 33, 2, 18, 444, 76, 1500, 8, 300]
-DECODE = 6
 V3 = Path(__file__).parent / "fixtures" / "deepseek_v3"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_synthetic_checkpoint(tmp_path_factory.mktemp("hetero") / "ckpt", synthetic_config("tiny", **CFG),
-                                      seed=3, dtype="float32", tokenizer=False)
-
-
-def run(rt) -> list[np.ndarray]:
-    """Prefill logits of PROMPT, then DECODE greedy steps of one token: the logits of every call."""
-    out = [rt.step(torch.tensor(PROMPT), 0).numpy()]
-    pos, tok = len(PROMPT), int(out[0][-1].argmax())
-    for _ in range(DECODE):
-        out.append(rt.step(torch.tensor([tok]), pos).numpy())
-        pos, tok = pos + 1, int(out[-1][-1].argmax())
-    return out
+    return hetero_checkpoint(tmp_path_factory.mktemp("hetero"))
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +51,6 @@ def hetero_rules(tmp_path, hetero: str, extra: str = "") -> Path:
     path.write_text("defaults: {device: cuda, dtype: float32}\nrules:\n  - match: {kind: routed_experts}\n"
                     f"    place: {{device: cpu, backend: hetero, hetero: {hetero}}}\n" + extra)
     return path
-
-
-def close(got, want):
-    for g, w in zip(got, want):
-        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
 
 
 CONFIGS = {
@@ -183,7 +165,7 @@ def test_deferral_changes_logits_only_when_on(ckpt, reference, tmp_path):
     hetero_session(rt.model).close()
 
 
-def in_thread(fn, timeout=60):
+def in_thread(fn, timeout=600):
     """Run fn in a thread; returns its exception. Fails the test on a hang instead of hanging."""
     box = []
 
@@ -228,11 +210,13 @@ def test_worker_failure_death_and_timeout_are_errors():
     worker.submit(job)
     with pytest.raises(HeteroRTError, match="layer 7: the CPU expert worker failed"):
         worker.wait(job)
-    worker.queue.put("poison")                         # the loop itself fails: the thread dies
     job.run = lambda: None
-    worker.submit(job)
+    job.done.clear()
+    worker.queue.put("poison")                         # the loop itself fails: the thread dies with
+    worker.queue.put(job)                              # this job queued behind (put, not submit: no race)
     with pytest.raises(HeteroRTError, match="layer 7: the CPU expert worker thread died"):
         worker.wait(job)
+    worker.thread.join(600)
     with pytest.raises(HeteroRTError, match="worker thread has stopped"):
         worker.submit(job)
     hang = Job(HostBuffers(1, 4, 1, pinned=False))
