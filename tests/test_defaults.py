@@ -62,7 +62,7 @@ def test_gguf_default_keeps_weights_as_stored_and_equals_the_dequantized_referen
 
 
 def test_exact_fixture_is_the_default_with_fp32_activations():
-    shipped = Path("placement_rules/gguf-cpu-only.yaml").read_text()
+    shipped = (ROOT / "placement_rules" / "gguf-cpu-only.yaml").read_text()
     body = [ln for ln in shipped.replace("activations: int8", "activations: fp32").splitlines() if not ln.startswith("#")]
     fixture = (FIXTURES / "gguf-cpu-exact.yaml").read_text().splitlines()
     assert [ln for ln in fixture if not ln.startswith("#")] == body

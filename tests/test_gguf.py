@@ -17,10 +17,11 @@ from hf_models import hf_logits
 
 IDS = [3, 17, 42, 5, 88, 61, 0, 23, 9, 77, 31, 12, 50, 4, 66, 8]
 FIXTURES = Path(__file__).parent / "fixtures"
+RULES = Path(__file__).parent.parent / "placement_rules"
 # The torch reference, numba experts with the dense part dequantized, and the default placement (no
 # rules: numba experts and the dense projections as stored, placement.defaults).
 EXACT = FIXTURES / "gguf-cpu-exact.yaml"   # the default placement with fp32 activations
-BACKENDS = {"torch": FIXTURES / "torch-cpu.yaml", "numba": "placement_rules/cpu-only.yaml", "in-place": EXACT}
+BACKENDS = {"torch": FIXTURES / "torch-cpu.yaml", "numba": str(RULES / "cpu-only.yaml"), "in-place": EXACT}
 # YaRN in GGUF keeps one magnitude (yarn_log_multiplier = 0.1 * mscale_all_dim): mscale == mscale_all_dim,
 # as in every released DeepSeek-V3/R1 and Kimi-K2 config.
 YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
@@ -69,7 +70,7 @@ def test_quantized_gguf_matches_dequantized_reference(tmp_path, types, backend):
 
 def test_q4_k_m_mixes_formats_per_layer(tmp_path):
     _, path, _ = make_gguf("v3", tmp_path, "Q4_K_M", **KQUANT_DIMS)
-    rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
+    rt = hetero_rt.load(path, str(RULES / "cpu-only.yaml"), dtype="float32")
     downs = {rt.model.layers[i].ffn.experts.fmt2.name for i in (1, 2)}
     assert downs == {"q4_k", "q6_k"}
 
@@ -80,7 +81,7 @@ def test_split_gguf_loads_like_one_file(tmp_path):
     parts = sorted(first.parent.glob("model-*-of-*.gguf"))
     assert len(parts) >= 3 and first.name.endswith("-00001-of-%05d.gguf" % len(parts))
     a = hetero_rt.load(one, EXACT, dtype="float32").logits(IDS)
-    b = hetero_rt.load(parts[-1], "placement_rules/cpu-only.yaml", dtype="float32").logits(IDS)  # any part
+    b = hetero_rt.load(parts[-1], str(RULES / "cpu-only.yaml"), dtype="float32").logits(IDS)  # any part
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
     parts[1].unlink()
     with pytest.raises(CheckpointError, match=parts[1].name):
@@ -213,7 +214,7 @@ def test_format_without_kernel_is_dequantized_at_load_and_said(tmp_path, capfd):
     """TQ2_0 experts have no numba kernel: dequantized once at load to the placement dtype, with a notice."""
     model, path, cfg = make_gguf("v3", tmp_path, "TQ2_0", **KQUANT_DIMS)
     ref = hf_logits(dequantized_reference(model, path, cfg), IDS)
-    rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
+    rt = hetero_rt.load(path, str(RULES / "cpu-only.yaml"), dtype="float32")
     assert "TQ2_0" in capfd.readouterr().err
     experts = rt.model.layers[1].ffn.experts
     assert (experts.fmt13.name, experts.fmt2.name) == ("fp32", "fp32")
@@ -234,12 +235,12 @@ def test_planner_reads_gguf_headers(tmp_path, capsys):
         stored = sum(ck.info(n).nbytes for n in ck.names() if n.endswith("_exps.weight"))
     meta = read_tensor_meta(path, args)
     assert {n: s for n, (_, s) in meta.items()} == {n: s for n, (_, s) in hf_tensor_shapes(args).items()}
-    numba = plan_memory(args, make_plan(args, "placement_rules/cpu-only.yaml", None, False), meta, 256, "float32")
+    numba = plan_memory(args, make_plan(args, str(RULES / "cpu-only.yaml"), None, False), meta, 256, "float32")
     assert numba.devices["cpu"].weights["routed_experts"] == stored
     torch_plan = plan_memory(args, make_plan(args, None, None, False), meta, 256, "float32")
     n_expert_params = sum(np.prod(s) for n, (_, s) in meta.items() if ".mlp.experts." in n)
     assert torch_plan.devices["cpu"].weights["routed_experts"] == 4 * n_expert_params
-    assert main(["plan", "--model", str(path), "--rules", "placement_rules/cpu-only.yaml"]) == 0
+    assert main(["plan", "--model", str(path), "--rules", str(RULES / "cpu-only.yaml")]) == 0
     assert "routed_experts" in capsys.readouterr().out
 
 
@@ -274,7 +275,7 @@ def test_int8_activations_on_a_gguf(tmp_path, types):
     import torch
     model, path, cfg = make_gguf("v3", tmp_path, types, **KQUANT_DIMS)
     ref = hf_logits(dequantized_reference(model, path, cfg), IDS).numpy()
-    rt = hetero_rt.load(path, "placement_rules/gguf-cpu-only.yaml")
+    rt = hetero_rt.load(path, str(RULES / "gguf-cpu-only.yaml"))
     assert rt.model.layers[1].ffn.experts.act == "int8" and rt.model.layers[1].attn.wo.stored.act == "int8"
     steps = [rt.step(torch.tensor([t]), p).numpy() for p, t in enumerate(IDS)]
     got = np.concatenate(steps)
@@ -297,8 +298,8 @@ def test_stored_format_errors(tmp_path):
     with pytest.raises(PlacementError, match="on the CPU"):
         make_plan(args, rules, None, False, check_devices=False)
     hf_dir = tmp_path / "hf"  # on safetensors, stored == dtype: the same logits as the default
-    a = hetero_rt.load(hf_dir, "placement_rules/gguf-cpu-only.yaml").logits(IDS)
-    b = hetero_rt.load(hf_dir, "placement_rules/cpu-only.yaml", dtype="float32").logits(IDS)
+    a = hetero_rt.load(hf_dir, str(RULES / "gguf-cpu-only.yaml")).logits(IDS)
+    b = hetero_rt.load(hf_dir, str(RULES / "cpu-only.yaml"), dtype="float32").logits(IDS)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
@@ -346,6 +347,6 @@ def test_bad_metadata_values_are_named(tmp_path, key, value, needle):
 def test_cli_runs_a_gguf(tmp_path, capsys):
     from hetero_rt.cli import main
     _, path, _ = make_gguf("v3", tmp_path, "Q8_0", tokenizer=True, **KQUANT_DIMS)
-    assert main(["run", "--model", str(path), "--rules", "placement_rules/gguf-cpu-only.yaml",
+    assert main(["run", "--model", str(path), "--rules", str(RULES / "gguf-cpu-only.yaml"),
                  "--prompt", "The quick brown fox", "-n", "4", "--chat"]) == 0
     assert "decode" in capsys.readouterr().err

@@ -7,6 +7,8 @@ Tolerances, measured on the 2-core dev VM with llama-cpp-python 0.3.36:
 - llama.cpp's own Q4_K_M / Q8_0 quantization of the same model: hetero_rt equals the exact
   dequantized reference within 1e-4 (the file's bytes are the same for both).
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 TEXT = "The quick brown fox jumps over the lazy dog, 12345 times!"
 LLAMA_F32_TOL = 3e-3
+FIXTURES = Path(__file__).parent / "fixtures"
+RULES = Path(__file__).parent.parent / "placement_rules"
 
 
 def llama_logits(path, ids, threads=2):
@@ -34,7 +38,7 @@ def llama_logits(path, ids, threads=2):
                          ids=["v3-noaux_tc", "v2-greedy"])
 def test_f32_logits_and_tokens_agree_with_llama_cpp(tmp_path, variant, extra):
     model, path, _ = make_gguf(variant, tmp_path, "F32", tokenizer=True, vocab_size=512, **extra)
-    rt = hetero_rt.load(path, "placement_rules/cpu-only.yaml", dtype="float32")
+    rt = hetero_rt.load(path, str(RULES / "cpu-only.yaml"), dtype="float32")
     ids = rt.tokenizer.encode(TEXT)
     llm, theirs = llama_logits(path, ids)
     assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids
@@ -74,7 +78,7 @@ def test_llama_cpp_quantized_file_matches_dequantized_reference(tmp_path, capfd,
         types = {ck.info(n).type for n in ck.names() if n.endswith("_exps.weight")}
     assert expect in types, types  # the experts really are in that format
     ref = hf_logits(dequantized_reference(model, out, cfg), list(range(1, 17)))
-    for rules in ("tests/fixtures/gguf-cpu-exact.yaml", "placement_rules/cpu-only.yaml"):
+    for rules in (str(FIXTURES / "gguf-cpu-exact.yaml"), str(RULES / "cpu-only.yaml")):
         capfd.readouterr()
         rt = hetero_rt.load(out, rules, dtype="float32")
         notices = capfd.readouterr().err
@@ -103,7 +107,7 @@ def test_int8_default_agrees_with_llama_cpp_as_closely_as_the_exact_path(tmp_pat
         rt = hetero_rt.load(out, rules)
         return np.concatenate([rt.step(torch.tensor([t]), p).numpy() for p, t in enumerate(ids)])
 
-    int8, exact = decode(None), decode("tests/fixtures/gguf-cpu-exact.yaml")
+    int8, exact = decode(None), decode(str(FIXTURES / "gguf-cpu-exact.yaml"))
     e_int8, e_exact = rel_err(int8, theirs), rel_err(exact, theirs)
     top = lambda a: (a.argmax(-1) == theirs.argmax(-1)).mean()   # noqa: E731
     assert e_int8 <= e_exact and top(int8) >= top(exact), (e_int8, e_exact, top(int8), top(exact))
