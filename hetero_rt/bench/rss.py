@@ -55,11 +55,19 @@ _CHILD_MODEL = _CHILD[:_CHILD.index("baseline = ")] + r"""
 import hetero_rt
 from hetero_rt.checkpoint.source import open_source
 
-baseline = peak_rss()
+def anon_rss():  # resident anonymous memory: what the process allocated, not pages of mapped files
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+baseline, baseline_anon = peak_rss(), anon_rss()
 rt = hetero_rt.load(sys.argv[1], sys.argv[2] or None, cpu_fallback=True)
 rt.logits([1, 2, 3, 4])
 print(json.dumps({"checkpoint_bytes": open_source(sys.argv[1]).ckpt.total_bytes(),
-                  "peak_rss_bytes": peak_rss(), "baseline_rss_bytes": baseline}))
+                  "peak_rss_bytes": peak_rss(), "baseline_rss_bytes": baseline,
+                  "anon_rss_bytes": anon_rss(), "baseline_anon_bytes": baseline_anon}))
 """
 
 
@@ -68,6 +76,8 @@ class LoadRSS:
     checkpoint_bytes: int       # tensor data in the checkpoint
     peak_rss_bytes: int         # high-water RSS of the loading process
     baseline_rss_bytes: int     # RSS after importing torch and hetero_rt, before opening
+    anon_rss_bytes: int = 0     # model children: anonymous RSS at the end (allocations, not file pages)
+    baseline_anon_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -102,12 +112,25 @@ def rss_growth(small, big, rules=None) -> tuple[float, str]:
     return used / (b.checkpoint_bytes - a.checkpoint_bytes), f"{a.report()}\n{b.report()}"
 
 
+def anon_growth(small, big, rules=None) -> tuple[float, float, str]:
+    """rss_growth's two ratios over the checkpoints' growth: peak RSS, and anonymous RSS after the
+    forward. File pages the kernels touch count in RSS (and the kernel maps pages of the page cache
+    around each fault), so weights read in place show in the first; only the second tells memory
+    the process allocated, which expanding weights would take."""
+    a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
+    grown = b.checkpoint_bytes - a.checkpoint_bytes
+    peak = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
+    anon = (b.anon_rss_bytes - b.baseline_anon_bytes) - (a.anon_rss_bytes - a.baseline_anon_bytes)
+    return peak / grown, anon / grown, f"{a.report()}\n{b.report()}"
+
+
 def _run_child(code: str, argv: list[str], directory) -> LoadRSS:
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"RSS measurement of {directory} failed (exit {proc.returncode}):\n{proc.stderr}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    return LoadRSS(data["checkpoint_bytes"], data["peak_rss_bytes"], data["baseline_rss_bytes"])
+    return LoadRSS(data["checkpoint_bytes"], data["peak_rss_bytes"], data["baseline_rss_bytes"],
+                   data.get("anon_rss_bytes", 0), data.get("baseline_anon_bytes", 0))
 
 
 def write_sized_checkpoint(directory: str | Path, size_bytes: int, seed: int = 0) -> Path:
