@@ -257,3 +257,45 @@ def test_run_from_a_worker_thread():
                if isinstance(v, CPUDispatcher) and v.targetoptions.get("parallel")]
     assert kernels and all(k.targetoptions.get("nogil") for k in kernels), \
         [k.__name__ for k in kernels if not k.targetoptions.get("nogil")]
+
+
+def _int8_blocks(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's q8_0 activation quantization as the kernels do it (fp32: d = amax / 127 per 32
+    values, q = rint(v / d)), returned dequantized in float64: what an int8 dot multiplies exactly."""
+    blocks = v.astype(np.float32).reshape(-1, 32)
+    d = np.abs(blocks).max(1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    return (np.rint(blocks * inv).astype(np.float64) * d.astype(np.float64)).reshape(v.shape)
+
+
+def int8_reference(ref, x, ids, w) -> np.ndarray:
+    """The routed experts with int8 activations, in float64 from the dequantized weights: both
+    matmuls see their input quantized to q8_0 blocks (the down projection's input is SiLU(g) * u,
+    rounded to fp32 first, as the kernel holds it)."""
+    w1, w3, w2 = (getattr(ref, n).detach().double().numpy() for n in ("w1", "w3", "w2"))
+    y = np.zeros((x.shape[0], w2.shape[1]))
+    for t in range(x.shape[0]):
+        xq = _int8_blocks(x[t].numpy())
+        for e, g in zip(ids[t].tolist(), w[t].double().tolist()):
+            a, u = w1[e] @ xq, w3[e] @ xq
+            h = (a / (1 + np.exp(-a)) * u).astype(np.float32)
+            y[t] += g * (w2[e] @ _int8_blocks(h))
+    return y
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q5_0", "q2_k", "q3_k", "iq4_xs"])
+def test_int8_activations_equal_their_exact_float64_reference(fmt):
+    """act="int8" computes exactly what it says: the dequantized weights times the q8_0-quantized
+    activations, up to fp32 accumulation: measured 1.3e-7 to 3.6e-7 of max |y| on the 9 formats (2-core
+    Xeon), where the same outputs are 0.9e-2 to 1.2e-2 from the exact fp32 path."""
+    ne, ref = backend(fmt, 16, 512, 256)
+    ids, w = routing(3, 6, 16, seed=5)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(8))
+    want = int8_reference(ref, x, ids, w)
+    ne.act = "int8"
+    try:
+        got = ne(x, ids, w).double().numpy()
+    finally:
+        ne.act = "fp32"
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 2e-6, err
