@@ -234,3 +234,27 @@ def test_cli_ctrl_c_prints_one_line_and_the_partial_timings(tiny, capsys, monkey
     lines = [line for line in err.splitlines() if "interrupted" in line]
     assert len(lines) == 1 and "interrupted after" in lines[0] and "decode" in lines[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, kwargs", [
+    ([], {}),
+    (["--temperature", "0.9", "--top-k", "7", "--top-p", "0.8", "--seed", "11"],
+     dict(temperature=0.9, top_k=7, top_p=0.8, seed=11)),
+    (["--chat", "--seed", "3", "--temperature", "1.5"], dict(chat=True, seed=3, temperature=1.5)),
+], ids=["greedy", "sampling", "chat"])
+def test_cli_run_prints_what_generate_returns_with_every_flag(tiny, capsys, flags, kwargs):
+    assert cli_main(["run", "--model", str(tiny), "--prompt", "the weights", "-n", "6", "--context", "64",
+                     "--dtype", "float32", *flags]) == 0
+    out = capsys.readouterr().out
+    want = hetero_rt.load(tiny, context=64, dtype="float32").generate("the weights", max_new_tokens=6, **kwargs)
+    assert out == want.text + "\n"
+
+
+def test_rules_override_loads_dtype_and_context_is_forwarded(tiny, tmp_path, capsys):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("defaults: {device: cpu, dtype: float32}\nrules: []\n")
+    rt = hetero_rt.load(tiny, rules, dtype="bfloat16", context=48)
+    assert rt.dtype == torch.float32 and rt.cache.max_len == 48
+    assert cli_main(["run", "--model", str(tiny), "--prompt", "x " * 30, "-n", "30", "--context", "40",
+                     "--rules", str(rules)]) == 2
+    assert "40" in capsys.readouterr().err

@@ -81,3 +81,14 @@ def test_chunked_prefill_matches_full_forward(pair):
     finally:
         rt.prefill_chunk = 512
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("variant", ["v2_lite", "v3"])
+def test_rms_norm_eps_away_from_its_default_is_applied(variant, tmp_path):
+    """eps 0.5 (vs 1e-6) changes every norm of these small-activation layers: hetero_rt must read it."""
+    hf = build_hf_model(variant, rms_norm_eps=0.5)
+    rt = hetero_rt.load(save_hf_model(hf, variant, tmp_path), dtype="float32")
+    assert rt.args.rms_norm_eps == 0.5
+    ref = hf_logits(hf, IDS)
+    assert rel_err(rt.logits(IDS), ref) <= 1e-4
+    assert rel_err(hf_logits(build_hf_model(variant), IDS).numpy(), ref) > 1e-2   # eps matters here

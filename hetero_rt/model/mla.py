@@ -22,6 +22,11 @@ from ..config import ModelArgs, yarn_mscale
 from ..quant.fp8 import materialize
 from .layers import RMSNorm, linear
 
+# The latent norms (q_a / kv_a) use a fixed eps: DeepSeek's modeling code and transformers build them
+# with RMSNorm's default 1e-6 whatever rms_norm_eps says (it sets only the block and final norms).
+# llama.cpp applies rms_norm_eps to them too; the two agree for every released checkpoint (1e-6).
+LATENT_NORM_EPS = 1e-6
+
 
 class Rope:
     """cos/sin tables for the R rotary dims, YaRN-corrected when the config asks for it."""
@@ -82,10 +87,10 @@ class MLA(nn.Module):
             self.wq = nn.Parameter(torch.empty(H * (self.N + self.R), D))
         else:
             self.wq_a = nn.Parameter(torch.empty(args.q_lora_rank, D))
-            self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.q_norm = RMSNorm(args.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Parameter(torch.empty(H * (self.N + self.R), args.q_lora_rank))
         self.wkv_a = nn.Parameter(torch.empty(self.C + self.R, D))
-        self.kv_norm = RMSNorm(self.C, args.rms_norm_eps)
+        self.kv_norm = RMSNorm(self.C, LATENT_NORM_EPS)
         self.wkv_b = nn.Parameter(torch.empty(H * (self.N + self.V), self.C))
         self.wo = nn.Parameter(torch.empty(D, H * self.V))
         self.softmax_scale = args.softmax_scale
