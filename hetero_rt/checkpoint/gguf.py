@@ -3,9 +3,14 @@ Kimi-K2), one file or split into `NAME-00001-of-0000N.gguf` parts, through the `
 memory-mapped reader.
 
 Contract:
-- Opening validates what can be validated from the headers: every split present and of the same
-  model, tensor data inside the file (a truncated download is named as such), architecture
-  `deepseek2`, no tensor name twice. Each error names the file and the key or tensor.
+- Opening validates what can be validated from the headers, before the `gguf` package parses them
+  (it trusts every count and offset): each count and length fits the file, the tensor table is what
+  llama.cpp accepts (known ggml types, whole blocks per row, data back to back in table order at
+  general.alignment, inside the file: a truncated download is named as such), every split present
+  and of the same model, architecture `deepseek2`, no tensor name twice. Tensor data are not read.
+  Each error names the file and the key or tensor.
+- Metadata is read typed: a key holding the wrong type (2.5 or "7" for a count) or an impossible
+  value (a NaN epsilon, top-k above the expert count) is a ConfigError naming the GGUF key.
 - `args()` turns the metadata into ModelArgs through the same parser as config.json
   (`metadata_config()` builds the config.json-shaped dict and is the one list of keys read).
 - raw(name) is the stored tensor as the memory map holds it (numpy, read-only, zero-copy): quantized
@@ -16,6 +21,7 @@ Shapes are numpy order (ggml's ne reversed): a weight (out, in), fused experts (
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError
+from .gguf_header import read_header
 
 ARCH = "deepseek2"
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -85,7 +92,13 @@ class GGUFCheckpoint:
     def dequantize(self, name: str) -> np.ndarray:
         """fp32 copy in numpy shape (the exact reference for quantized types)."""
         _, t = self._get(name)
-        out = np.asarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.info(name).shape)
+        try:
+            values = gguf_dequantize(t.data, t.tensor_type)
+        except NotImplementedError:  # Q8_1, Q8_K, the integer types, F64: no converter writes weights in them
+            raise CheckpointError(f"{self.info(name).file}: tensor '{name}' is of ggml type {t.tensor_type.name}, "
+                                  f"which the gguf package cannot dequantize; no DeepSeek conversion stores weights "
+                                  f"in it: the header is corrupt, or quantize the model to another type") from None
+        out = np.asarray(values, dtype=np.float32).reshape(self.info(name).shape)
         return out if out.flags.writeable else out.copy()  # F32 comes back as the read-only map itself
 
     def total_bytes(self) -> int:
@@ -147,22 +160,17 @@ def split_files(path: Path) -> list[Path]:
 
 
 def _open_reader(file: Path):
-    size = file.stat().st_size
+    """The gguf package's reader over a header checked first (gguf_header.read_header)."""
+    header = read_header(file)
     try:
         reader = GGUFReader(file)
-    except ValueError as e:
-        if "magic" in str(e).lower():
-            raise CheckpointError(f"{file}: not a GGUF file (bad magic number)") from None
-        raise CheckpointError(f"{file}: cannot be read as GGUF ({e}); the file is probably truncated "
-                              f"({size} bytes): download it again") from None
-    except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
-        raise CheckpointError(f"{file}: corrupt or truncated GGUF header ({type(e).__name__}: {e}); "
-                              f"download it again") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CheckpointError(f"{file}: tensor '{t.name}' ends at byte {end} but the file has {size} "
-                                  f"bytes: the file is truncated; download it again")
+    except (OSError, ValueError, LookupError, ArithmeticError, TypeError, MemoryError, RecursionError) as e:
+        # what the package raises on a header it cannot parse (the checks above should leave none)
+        raise CheckpointError(f"{file}: corrupt GGUF header ({type(e).__name__}: {e}); download it again") from None
+    if int(reader.data_offset) != header.data_start or len(reader.tensors) != len(header.tensors):
+        raise CheckpointError(f"{file}: the gguf package reads this header differently from hetero_rt's check "
+                              f"(data at byte {reader.data_offset} vs {header.data_start}, {len(reader.tensors)} "
+                              f"vs {len(header.tensors)} tensors); the header is corrupt: download it again")
     return reader
 
 
@@ -182,118 +190,230 @@ def _check_splits(files: list[Path], readers) -> None:
     if len(files) == 1:
         return
     for k, (file, reader) in enumerate(zip(files, readers)):
-        meta = reader.fields
-        no = meta.get("split.no")
-        count = meta.get("split.count")
+        no, count = _split_count(file, reader, "split.no"), _split_count(file, reader, "split.count")
         if no is None or count is None:
             raise CheckpointError(f"{file}: named as part {k + 1} of a split GGUF but has no split.no/"
                                   f"split.count metadata")
-        if int(no.contents()) != k or int(count.contents()) != len(files):
-            raise CheckpointError(f"{file}: split.no={no.contents()} split.count={count.contents()}, but its "
+        if no != k or count != len(files):
+            raise CheckpointError(f"{file}: split.no={no} split.count={count}, but its "
                                   f"name says part {k + 1} of {len(files)} (0-based split.no {k})")
-    expected = readers[0].fields.get("split.tensors.count")
+    expected = _split_count(files[0], readers[0], "split.tensors.count")
     if expected is not None:
         have = sum(len(r.tensors) for r in readers)
-        if have != int(expected.contents()):
-            raise CheckpointError(f"{files[0]}: split.tensors.count is {expected.contents()} but the "
+        if have != expected:
+            raise CheckpointError(f"{files[0]}: split.tensors.count is {expected} but the "
                                   f"{len(files)} parts hold {have} tensors")
 
 
+def _split_count(file: Path, reader, key: str) -> int | None:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        value = field.contents()
+    except ValueError as e:  # a string that is not UTF-8
+        value = e
+    if not is_integer(value) or value < 0:
+        raise CheckpointError(f"{file}: GGUF metadata key '{key}' holds {describe_value(value)}; expected an "
+                              f"integer >= 0 (llama.cpp's gguf-split writes it): the header is corrupt")
+    return int(value)
+
+
 def metadata_config(meta: dict[str, Any], tensor_names, source: str, embd_rows: int | None = None) -> dict[str, Any]:
-    """GGUF deepseek2 metadata -> the config.json keys ModelArgs reads. Missing required keys raise
-    ConfigError naming the GGUF key."""
-    p = f"{ARCH}."
-
-    def get(key: str, default: Any = ...) -> Any:
-        full = p + key
-        if full not in meta:
-            if default is ...:
-                raise ConfigError(f"{source}: GGUF metadata key '{full}' is missing; the file is not a complete "
-                                  f"{ARCH} GGUF (convert it again with llama.cpp's convert_hf_to_gguf.py)")
-            return default
-        value = meta[full]
-        if isinstance(value, Exception):
-            raise ConfigError(f"{source}: {value}")
-        return value
-
+    """GGUF deepseek2 metadata -> the config.json keys ModelArgs reads. A missing required key, a key of
+    the wrong type or an impossible value raises ConfigError naming the GGUF key (see _Keys)."""
+    k = _Keys(meta, source)
     names = set(tensor_names)
-    rope = int(get("rope.dimension_count"))
-    kv_lora = int(get("attention.kv_lora_rank"))
-    if p + "attention.key_length_mla" in meta:  # llama.cpp >= the MLA conversion: MQA over the latent
-        key_len, value_len = int(get("attention.key_length_mla")), int(get("attention.value_length_mla"))
-        if int(get("attention.key_length", kv_lora + rope)) != kv_lora + rope:
-            raise ConfigError(f"{source}: {p}attention.key_length is {get('attention.key_length')}, expected "
-                              f"kv_lora_rank + rope dims = {kv_lora + rope} next to key_length_mla")
+    nextn = k.integer("nextn_predict_layers", 0)
+    blocks = k.integer("block_count", lo=nextn + 1, why=f" (nextn_predict_layers is {nextn})")
+    layers = blocks - nextn
+    experts = k.integer("expert_count", lo=1)
+    routing = _routing(k, names)
+    cfg: dict[str, Any] = {
+        "model_type": "deepseek_v3" if routing["topk_method"] == "noaux_tc" else "deepseek_v2",
+        "vocab_size": _vocab_size(k, meta, embd_rows),
+        "hidden_size": k.integer("embedding_length", lo=1),
+        "intermediate_size": k.integer("feed_forward_length", lo=1),
+        "moe_intermediate_size": k.integer("expert_feed_forward_length", lo=1),
+        "num_hidden_layers": layers,
+        "num_nextn_predict_layers": nextn,
+        "num_attention_heads": k.integer("attention.head_count", lo=1),
+        "q_lora_rank": k.integer("attention.q_lora_rank", 0) or None,
+        **_attention_dims(k),
+        "n_routed_experts": experts,
+        "num_experts_per_tok": k.integer("expert_used_count", lo=1, hi=experts, why=" (expert_count)"),
+        "n_shared_experts": k.integer("expert_shared_count", 0),
+        "first_k_dense_replace": k.integer("leading_dense_block_count", 0, hi=layers, why=" (the layer count)"),
+        "moe_layer_freq": 1,
+        **routing,
+        "norm_topk_prob": k.flag("expert_weights_norm", False),
+        "routed_scaling_factor": k.real("expert_weights_scale", 1.0),
+        "rms_norm_eps": k.real("attention.layer_norm_rms_epsilon"),
+        "rope_theta": k.real("rope.freq_base", 10000.0),
+        "rope_interleave": True,  # llama.cpp runs deepseek2 with ROPE_TYPE_NORM: adjacent pairs
+        "tie_word_embeddings": "output.weight" not in names,
+        "max_position_embeddings": k.integer("context_length", lo=1),
+        "bos_token_id": _token_id(meta, "tokenizer.ggml.bos_token_id", source),
+        "eos_token_id": _token_id(meta, "tokenizer.ggml.eos_token_id", source),
+        "hidden_act": "silu",
+    }
+    scaling = _rope_scaling(k)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _attention_dims(k: _Keys) -> dict[str, int]:
+    rope = k.integer("rope.dimension_count", lo=1)
+    kv_lora = k.integer("attention.kv_lora_rank", lo=1)
+    why = f" (a key head is nope + rope dims, rope.dimension_count is {rope})"
+    if k.has("attention.key_length_mla"):  # llama.cpp >= the MLA conversion: MQA over the latent
+        key_len = k.integer("attention.key_length_mla", lo=rope + 1, why=why)
+        value_len = k.integer("attention.value_length_mla", lo=1)
+        if k.integer("attention.key_length", kv_lora + rope) != kv_lora + rope:
+            raise ConfigError(f"{k.source}: {ARCH}.attention.key_length is {k.integer('attention.key_length')}, "
+                              f"expected kv_lora_rank + rope dims = {kv_lora + rope} next to key_length_mla")
     else:  # older conversions (attn_kv_b): per-head key/value lengths
-        key_len, value_len = int(get("attention.key_length")), int(get("attention.value_length"))
-    gating = int(get("expert_gating_func", 1))
+        key_len = k.integer("attention.key_length", lo=rope + 1, why=why)
+        value_len = k.integer("attention.value_length", lo=1)
+    return {"kv_lora_rank": kv_lora, "qk_rope_head_dim": rope, "qk_nope_head_dim": key_len - rope,
+            "v_head_dim": value_len}
+
+
+def _routing(k: _Keys, names: set[str]) -> dict[str, Any]:
+    gating = k.integer("expert_gating_func", 1)
     if gating not in GATING_FUNCS:
-        raise ConfigError(f"{source}: {p}expert_gating_func is {gating}; expected 1 (softmax) or 2 (sigmoid)")
-    n_group = int(get("expert_group_count", 1)) or 1
-    topk_group = int(get("expert_group_used_count", n_group)) or n_group
+        raise ConfigError(f"{k.source}: {ARCH}.expert_gating_func is {gating}; expected 1 (softmax) or 2 (sigmoid)")
+    n_group = k.integer("expert_group_count", 1) or 1
+    topk_group = k.integer("expert_group_used_count", n_group, hi=n_group, why=" (expert_group_count)") or n_group
     if any(n.endswith("exp_probs_b.bias") for n in names):
         method = "noaux_tc"
     elif n_group > 1:
         method = "group_limited_greedy"
     else:
         method = "greedy"
-    scoring = GATING_FUNCS[gating]
-    vocab = get("vocab_size", None)
-    if vocab is None:
-        tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = len(tokens) if isinstance(tokens, list) else embd_rows
-    nextn = int(get("nextn_predict_layers", 0))
-    cfg: dict[str, Any] = {
-        "model_type": "deepseek_v3" if method == "noaux_tc" else "deepseek_v2",
-        "vocab_size": vocab,
-        "hidden_size": int(get("embedding_length")),
-        "intermediate_size": int(get("feed_forward_length")),
-        "moe_intermediate_size": int(get("expert_feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")) - nextn,
-        "num_nextn_predict_layers": nextn,
-        "num_attention_heads": int(get("attention.head_count")),
-        "q_lora_rank": int(get("attention.q_lora_rank", 0)) or None,
-        "kv_lora_rank": kv_lora,
-        "qk_rope_head_dim": rope,
-        "qk_nope_head_dim": key_len - rope,
-        "v_head_dim": value_len,
-        "n_routed_experts": int(get("expert_count")),
-        "num_experts_per_tok": int(get("expert_used_count")),
-        "n_shared_experts": int(get("expert_shared_count", 0)),
-        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
-        "moe_layer_freq": 1,
-        "scoring_func": scoring,
-        "topk_method": method,
-        "n_group": n_group,
-        "topk_group": topk_group,
-        "norm_topk_prob": bool(get("expert_weights_norm", False)),
-        "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "rope_interleave": True,  # llama.cpp runs deepseek2 with ROPE_TYPE_NORM: adjacent pairs
-        "tie_word_embeddings": "output.weight" not in names,
-        "max_position_embeddings": int(get("context_length")),
-        "bos_token_id": _int_or_none(meta.get("tokenizer.ggml.bos_token_id")),
-        "eos_token_id": _int_or_none(meta.get("tokenizer.ggml.eos_token_id")),
-        "hidden_act": "silu",
-    }
-    scaling = get("rope.scaling.type", "none")
+    return {"scoring_func": GATING_FUNCS[gating], "topk_method": method, "n_group": n_group, "topk_group": topk_group}
+
+
+def _vocab_size(k: _Keys, meta: dict[str, Any], embd_rows: int | None) -> int | None:
+    if k.has("vocab_size"):
+        return k.integer("vocab_size", lo=1)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return len(tokens) if isinstance(tokens, list) else embd_rows
+
+
+def _rope_scaling(k: _Keys) -> dict[str, Any] | None:
+    scaling = k.text("rope.scaling.type", "none")
     if scaling == "yarn":
         # llama.cpp stores 0.1 * mscale_all_dim as yarn_log_multiplier; every released DeepSeek/Kimi
         # config has mscale == mscale_all_dim, which makes the rope magnitude factor 1 (see config.py).
-        mscale_all = float(get("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
-        cfg["rope_scaling"] = {
-            "type": "yarn", "factor": float(get("rope.scaling.factor")),
-            "original_max_position_embeddings": int(get("rope.scaling.original_context_length")),
-            "beta_fast": float(get("rope.scaling.yarn_beta_fast", 32.0)),
-            "beta_slow": float(get("rope.scaling.yarn_beta_slow", 1.0)),
+        mscale_all = k.real("rope.scaling.yarn_log_multiplier", 0.0, strict=False) / 0.1
+        return {
+            "type": "yarn", "factor": k.real("rope.scaling.factor"),
+            "original_max_position_embeddings": k.integer("rope.scaling.original_context_length", lo=1),
+            "beta_fast": k.real("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": k.real("rope.scaling.yarn_beta_slow", 1.0),
             "mscale": mscale_all, "mscale_all_dim": mscale_all,
         }
-    elif scaling not in ("none", "linear") or (scaling == "linear" and float(get("rope.scaling.factor", 1.0)) != 1.0):
-        raise ConfigError(f"{source}: {p}rope.scaling.type is {scaling!r}; DeepSeek models use 'yarn' or none")
-    return cfg
+    if scaling == "none" or (scaling == "linear" and k.real("rope.scaling.factor", 1.0) == 1.0):
+        return None
+    raise ConfigError(f"{k.source}: {ARCH}.rope.scaling.type is {scaling!r}; DeepSeek models use 'yarn' or none")
 
 
-def _int_or_none(v: Any) -> int | None:
-    return None if v is None or isinstance(v, Exception) else int(v)
+class _Keys:
+    """Typed reads of the `deepseek2.*` metadata. A value of the wrong type is a ConfigError naming the
+    GGUF key, what it holds and what was expected, never a conversion (2.5 is not an integer, "7" not
+    a number, true not 1); so is a value outside the range the key can have."""
 
+    def __init__(self, meta: dict[str, Any], source: str):
+        self.meta, self.source = meta, source
+
+    def has(self, key: str) -> bool:
+        return f"{ARCH}.{key}" in self.meta
+
+    def integer(self, key: str, default: Any = ..., lo: int = 0, hi: int | None = None, why: str = "") -> Any:
+        if not self.has(key):
+            return self.default(key, default)
+        value = self.stored(key)
+        if not is_integer(value):
+            raise self.wrong(key, value, "an integer")
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+            raise self.wrong(key, value, f"an integer {bound}{why}")
+        return int(value)
+
+    def real(self, key: str, default: Any = ..., strict: bool = True) -> Any:
+        """A finite number > 0 (>= 0 unless strict); GGUF integers are exact here and accepted."""
+        if not self.has(key):
+            return self.default(key, default)
+        value = self.stored(key)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise self.wrong(key, value, "a number")
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise self.wrong(key, value, f"a finite number {'>' if strict else '>='} 0")
+        return float(value)
+
+    def flag(self, key: str, default: Any = ...) -> Any:
+        if not self.has(key):
+            return self.default(key, default)
+        value = self.stored(key)
+        if not isinstance(value, (bool, np.bool_)):
+            raise self.wrong(key, value, "a bool")
+        return bool(value)
+
+    def text(self, key: str, default: Any = ...) -> Any:
+        if not self.has(key):
+            return self.default(key, default)
+        value = self.stored(key)
+        if not isinstance(value, str):
+            raise self.wrong(key, value, "a string")
+        return value
+
+    def default(self, key: str, default: Any) -> Any:
+        if default is ...:
+            raise ConfigError(f"{self.source}: GGUF metadata key '{ARCH}.{key}' is missing; the file is not a "
+                              f"complete {ARCH} GGUF (convert it again with llama.cpp's convert_hf_to_gguf.py)")
+        return default
+
+    def stored(self, key: str) -> Any:
+        value = self.meta[f"{ARCH}.{key}"]
+        if isinstance(value, Exception):  # undecodable in the file (see _metadata)
+            raise ConfigError(f"{self.source}: {value}")
+        return value
+
+    def wrong(self, key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{self.source}: GGUF metadata key '{ARCH}.{key}' holds {describe_value(value)}; "
+                           f"expected {expected}. The metadata is corrupt: download the file again (or convert it "
+                           f"again with llama.cpp's convert_hf_to_gguf.py)")
+
+
+def _token_id(meta: dict[str, Any], key: str, source: str) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, Exception):
+        raise ConfigError(f"{source}: {value}")
+    if not is_integer(value) or value < 0:
+        raise ConfigError(f"{source}: GGUF metadata key '{key}' holds {describe_value(value)}; expected a token "
+                          f"id (an integer >= 0): the metadata is corrupt")
+    return int(value)
+
+
+def is_integer(value: Any) -> bool:
+    """An integer metadata value; bools are not."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def describe_value(value: Any) -> str:
+    """A metadata value's type and (short) value for an error message: 'a float (2.5)'."""
+    if isinstance(value, (bool, np.bool_)):
+        return f"a bool ({bool(value)})"
+    if is_integer(value):
+        return f"an integer ({value})"
+    if isinstance(value, (float, np.floating)):
+        return f"a float ({float(value)!r})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r}{'...' if len(value) > 40 else ''})"
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)} values"
+    return f"a {type(value).__name__}"
