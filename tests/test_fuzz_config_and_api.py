@@ -106,13 +106,13 @@ def _check_config(cfg: dict) -> None:
 
 
 def test_fuzz_config_json():
-    given(configs())(_settings(400, False)(_check_config))()
+    given(configs())(_settings(400, False)(lambda cfg: _check_config(cfg)))()
     assert sum(COUNTS["config.json"].values()) >= 400
 
 
 @pytest.mark.slow
 def test_fuzz_config_json_long():
-    given(configs())(_settings(400, True)(_check_config))()
+    given(configs())(_settings(400, True)(lambda cfg: _check_config(cfg)))()
 
 
 def test_config_files_that_are_not_json_objects(tmp_path):

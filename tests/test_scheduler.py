@@ -244,7 +244,7 @@ RULE = "rules:\n  - match: {kind: routed_experts}\n    place: {device: cpu, back
     ("{cache: -1}", "r.yaml:3: hetero.cache must be a number of expert slots"),
     ("{cache: 12 parsecs}", "r.yaml:3: hetero.cache: cannot read '12 parsecs' as a size"),
     ("{decay: 1.5}", "r.yaml:3: hetero.decay must be a number in (0, 1]"),
-    ("{defer: -1}", "r.yaml:3: hetero.defer must be an integer >= 0"),
+    ("{defer: -1}", "r.yaml:3: hetero.defer must be an integer from 0 to 1024"),
     ("{prefetch: 3}", "r.yaml:3: hetero.prefetch must be true or false"),
     ("{pcie_gbps: 0}", "r.yaml:3: hetero.pcie_gbps must be a positive number"),
     ("[1, 2]", "r.yaml:3: hetero must be a mapping"),

@@ -1,20 +1,18 @@
 """Text in and out: the checkpoint's tokenizer.json (via the `tokenizers` library), BOS/EOS and the
-chat template from tokenizer_config.json (rendered in a sandboxed jinja2 environment, as
-transformers does), and a streaming decoder that emits only text that can no longer change.
+chat template from tokenizer_config.json (rendered by checkpoint/chat_template.py in jinja2's sandbox
+under TemplateLimits, as transformers renders it), and a streaming decoder that emits only text that
+can no longer change.
 """
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jinja2.exceptions import TemplateError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 
 from ..errors import CheckpointError, InputError
+from .chat_template import Overrun, TemplateLimitError, TemplateLimits, compile_template, render
 from .gguf_tokenizer import gguf_tokenizer
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
@@ -22,9 +20,11 @@ REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF
 
 class Tokenizer:
     def __init__(self, backend, bos_token: str | None, eos_tokens: list[str], add_bos: bool,
-                 chat_template: str | None, extra_eos_ids: tuple[int, ...] = (), source: str = "<tokenizer>"):
+                 chat_template: str | None, extra_eos_ids: tuple[int, ...] = (), source: str = "<tokenizer>",
+                 template_source: str | None = None):
         self.backend, self.add_bos, self.chat_template, self.source = backend, add_bos, chat_template, source
-        self._compiled = None  # the jinja2 template, compiled on first use
+        self.template_source = template_source or f"{source}: chat_template"  # where errors say it came from
+        self._compiled = None  # the template's code (compile_template), compiled on first use
         self.bos_token = bos_token
         self.eos_token = eos_tokens[0] if eos_tokens else None
         self.bos_id = self.token_id(bos_token) if bos_token else None
@@ -38,22 +38,22 @@ class Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: not found; the checkpoint directory must contain tokenizer.json")
-        try:
-            backend = Backend.from_file(str(path))
-        except Exception as e:  # the library raises plain Exception subclasses with parse details
-            raise CheckpointError(f"{path}: cannot be read as a tokenizers file ({e})") from None
-        cfg = _read_json(directory / "tokenizer_config.json")
-        gen = _read_json(directory / "generation_config.json")
-        eos = _token_list(cfg.get("eos_token"))
-        return cls(backend, _token_text(cfg.get("bos_token")), eos, bool(cfg.get("add_bos_token", True)),
-                   _template(cfg.get("chat_template"), directory / "tokenizer_config.json"),
-                   _id_list(gen.get("eos_token_id")), str(directory))
+        backend = _read_backend(path)
+        cfg_path, gen_path = directory / "tokenizer_config.json", directory / "generation_config.json"
+        cfg, gen = _read_json(cfg_path), _read_json(gen_path)
+        add_bos = cfg.get("add_bos_token", True)
+        add_bos = False if add_bos is None else add_bos   # null: off, as transformers reads it
+        if not isinstance(add_bos, bool):
+            raise CheckpointError(f"{cfg_path}: 'add_bos_token' must be true or false, found {_show(add_bos)}")
+        return cls(backend, _token_text(cfg, "bos_token", cfg_path), _token_list(cfg, "eos_token", cfg_path),
+                   add_bos, _template(cfg.get("chat_template"), cfg_path), _id_list(gen, "eos_token_id", gen_path),
+                   str(directory), f"{cfg_path}: chat_template")
 
     @classmethod
     def from_gguf(cls, meta: dict, source: str) -> "Tokenizer":
         """The vocabulary, special tokens and chat template a GGUF carries in its metadata."""
         backend, bos, eos, add_bos, template = gguf_tokenizer(meta, source)
-        return cls(backend, bos, eos, add_bos, template, (), source)
+        return cls(backend, bos, eos, add_bos, template, (), source, f"{source}: tokenizer.chat_template")
 
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -70,19 +70,27 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            limits: TemplateLimits = TemplateLimits()) -> str:
+        """The prompt text of `messages`, rendered within `limits` (TemplateLimitError past them)."""
         if not self.chat_template:
             raise InputError(f"{self.source}: the checkpoint has no chat_template in tokenizer_config.json; "
                              f"run without --chat")
         try:
+            if len(self.chat_template) > limits.source_chars:
+                raise Overrun(f"is {len(self.chat_template)} characters long (at most {limits.source_chars})")
             if self._compiled is None:
-                self._compiled = _jinja_env().from_string(self.chat_template)
+                self._compiled = compile_template(self.chat_template, limits)
             # tools/documents are None as transformers passes them: templates test `tools is not none`
-            return self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return render(self._compiled, limits, {
+                "messages": messages, "add_generation_prompt": add_generation_prompt, "tools": None,
+                "documents": None, "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
+        except Overrun as e:
+            raise TemplateLimitError(f"{self.template_source}: the template {e}; no chat template needs that, this "
+                                     f"one is broken or hostile: use the model's own tokenizer_config.json, or run "
+                                     f"without --chat") from None
         except Exception as e:  # a template error must name the template, not crash obscurely
-            raise InputError(f"{self.source}: chat_template failed to render: {e}") from None
+            raise InputError(f"{self.template_source}: failed to render: {e}") from None
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -113,58 +121,78 @@ class StreamDecoder:
         return text[len(done):]
 
 
+def _read_backend(path: Path):
+    """tokenizer.json through the tokenizers library, whose parse errors are plain Exceptions and whose
+    Rust panics (some malformed models) are a PanicException, a BaseException."""
+    try:
+        return Backend.from_file(str(path))
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise                     # KeyboardInterrupt and the like
+        raise CheckpointError(f"{path}: cannot be read as a tokenizers file ({_show(str(e), 300)}); the "
+                              f"checkpoint's tokenizer.json is damaged: download it again") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, a 5000-digit number, nested too deep
+        raise CheckpointError(f"{path}: not valid JSON ({_show(str(e) or type(e).__name__, 300)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
 
 
-def _token_text(tok: Any) -> str | None:
+def _show(value: Any, limit: int = 80) -> str:
+    """repr(value), cut short: a message quotes the offending value, not a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _token_text(cfg: dict[str, Any], key: str, path: Path) -> str | None:
     """bos/eos tokens appear as a string or as {"content": ...} (AddedToken) in real configs."""
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok if isinstance(tok, str) else None
+    tok = cfg.get(key)
+    text = tok.get("content") if isinstance(tok, dict) else tok
+    if text is None or isinstance(text, str):
+        return _text(text, key, path)
+    raise CheckpointError(f"{path}: {key!r} must be a token's text or {{\"content\": text, ...}}, found "
+                          f"{_show(tok)}")
 
 
-def _token_list(tok: Any) -> list[str]:
-    text = _token_text(tok)
+def _text(text: str | None, key: str, path: Path) -> str | None:
+    """text, once it is text: JSON can escape a lone surrogate (\\ud800), which is no character (the
+    tokenizers library refuses it)."""
+    try:
+        if text is not None:
+            text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CheckpointError(f"{path}: {key!r} holds {text[e.start]!r} at character {e.start}, half of a "
+                              f"UTF-16 surrogate pair and no character; the file is damaged") from None
+    return text
+
+
+def _token_list(cfg: dict[str, Any], key: str, path: Path) -> list[str]:
+    text = _token_text(cfg, key, path)
     return [text] if text else []
 
 
-def _id_list(value: Any) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(v for v in value if isinstance(v, int))
-    return ()
+def _id_list(cfg: dict[str, Any], key: str, path: Path) -> tuple[int, ...]:
+    value = cfg.get(key)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{path}: {key!r} must be a token id or a list of them, found {_show(value)}")
+    return tuple(ids)
 
 
 def _template(value: Any, path: Path) -> str | None:
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        value = {t["name"]: t["template"] for t in value}.get("default")  # [{"name": ..., "template": ...}]
     if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        return named.get("default")
-    raise CheckpointError(f"{path}: 'chat_template' must be a string or a list of named templates")
-
-
-def _jinja_env():
-    """The environment transformers renders chat templates in (untrusted code from the Hub, so
-    sandboxed): loop controls, a tojson that keeps non-ASCII, raise_exception and strftime_now."""
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+        return _text(value, "chat_template", path)
+    raise CheckpointError(f"{path}: 'chat_template' must be a string or a list of {{\"name\": ..., \"template\": "
+                          f"...}}, found {_show(value)}")
