@@ -349,4 +349,7 @@ def test_cli_runs_a_gguf(tmp_path, capsys):
     _, path, _ = make_gguf("v3", tmp_path, "Q8_0", tokenizer=True, **KQUANT_DIMS)
     assert main(["run", "--model", str(path), "--rules", str(RULES / "gguf-cpu-only.yaml"),
                  "--prompt", "The quick brown fox", "-n", "4", "--chat"]) == 0
-    assert "decode" in capsys.readouterr().err
+    out = capsys.readouterr()
+    want = hetero_rt.load(path, RULES / "gguf-cpu-only.yaml").generate("The quick brown fox", max_new_tokens=4,
+                                                                     chat=True)
+    assert out.out == want.text + "\n" and len(want.new_ids) == 4 and "decode" in out.err
