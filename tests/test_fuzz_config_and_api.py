@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_guard import time_limit
 import hetero_rt
 from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
 from hetero_rt.config import DIM_LIMIT, KEY_TABLE, SIZE_LIMITS, ModelArgs
@@ -20,23 +19,6 @@ from hetero_rt.runtime.generate import GenerationResult
 
 CASE_LIMIT_S = 20          # a case that runs longer than this is a hang (generous: the machine is slow)
 COUNTS: dict[str, dict[str, int]] = {}
-
-
-class Hang(Exception):
-    pass
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def alarm(signum, frame):
-        raise Hang(f"case ran past {seconds} s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _count(suite: str, outcome: str) -> None:

@@ -13,10 +13,8 @@ part is a numpy view into the memory map, so its byte offset is its address minu
 from __future__ import annotations
 
 import random
-import signal
 import struct
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import gguf
 import numpy as np
 import pytest
 
+from fuzz_guard import CaseTimeout, time_limit
 import hetero_rt
 from gguf_models import make_gguf
 from hetero_rt.checkpoint.gguf import GGUFCheckpoint, metadata_config
@@ -498,23 +497,6 @@ def test_split_counts_of_the_wrong_type_are_named(tmp_path):
 
 
 # ---- mutation fuzz of the header ---------------------------------------------------------------------
-
-class CaseTimeout(BaseException):
-    """A fuzz case ran past CASE_SECONDS (a BaseException: no `except Exception` in the code swallows it)."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def expire(*_):
-        raise CaseTimeout(f"ran past {seconds} s")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
 
 _CODES = {"u1": "B", "i1": "b", "u2": "H", "i2": "h", "u4": "I", "i4": "i", "u8": "Q", "i8": "q",
           "f4": "f", "f8": "d", "b1": "?"}

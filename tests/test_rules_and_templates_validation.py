@@ -6,7 +6,6 @@ import json
 import random
 import re
 import resource
-import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 from tokenizers import models
 
+from fuzz_guard import time_limit
 from hetero_rt.checkpoint.tokenizer import TemplateLimitError, TemplateLimits, Tokenizer
 from hetero_rt.checkpoint.tokenizer_builder import BOS, CHAT_TEMPLATE, EOS, build_tokenizer
 from hetero_rt.config import ModelArgs
@@ -35,22 +35,9 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
             {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "café 漢字?"}]
 
 
-class Hang(BaseException):
-    """A case ran past its guard. A BaseException, so no `except Exception` under test swallows it."""
-
-
-@contextmanager
 def guard(seconds: float = GUARD_S):
-    """Fail (raise Hang) instead of hanging CI; only the main thread gets SIGALRM, as pytest runs."""
-    def alarm(signum, frame):
-        raise Hang(f"no answer within {seconds} s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    """Fail (CaseTimeout) instead of hanging CI."""
+    return time_limit(seconds)
 
 
 @contextmanager

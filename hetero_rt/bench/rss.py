@@ -107,16 +107,15 @@ def rss_growth(small, big, rules=None) -> tuple[float, str]:
     """(peak RSS growth above the import baseline from `small` to `big`, over their checkpoints' growth;
     both reports): the fixed costs (interpreter, compiled kernels, allocator) cancel, what is left is
     what the placement holds per checkpoint byte."""
-    a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
-    used = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
-    return used / (b.checkpoint_bytes - a.checkpoint_bytes), f"{a.report()}\n{b.report()}"
+    peak, _, report = anon_growth(small, big, rules)
+    return peak, report
 
 
 def anon_growth(small, big, rules=None) -> tuple[float, float, str]:
-    """rss_growth's two ratios over the checkpoints' growth: peak RSS, and anonymous RSS after the
-    forward. File pages the kernels touch count in RSS (and the kernel maps pages of the page cache
-    around each fault), so weights read in place show in the first; only the second tells memory
-    the process allocated, which expanding weights would take."""
+    """rss_growth's ratio, and the same for anonymous RSS after the forward. File pages the kernels
+    touch count in RSS (and the kernel maps pages of the page cache around each fault), so weights
+    read in place show in the first; only the second tells memory the process allocated, which
+    expanding weights would take."""
     a, b = measure_model_load_peak_rss(small, rules), measure_model_load_peak_rss(big, rules)
     grown = b.checkpoint_bytes - a.checkpoint_bytes
     peak = (b.peak_rss_bytes - b.baseline_rss_bytes) - (a.peak_rss_bytes - a.baseline_rss_bytes)
