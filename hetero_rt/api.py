@@ -22,7 +22,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def load(path: str | Path, rules: str | Path | None = None, *, context: int | None = None,
          dtype: str | torch.dtype | None = None, device: str | None = None, cpu_fallback: bool = False,
-         check_memory: bool = True) -> Runtime:
+         check_memory: bool = True, parallel: int = 1) -> Runtime:
     """Load a Hugging Face DeepSeek-V2/V3/Kimi-K2 checkpoint directory or a deepseek2 GGUF file
     (`model.gguf`, or any part of a split `model-0000K-of-0000N.gguf`).
 
@@ -36,6 +36,8 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     cpu_fallback: map every device the rules name to the CPU (for machines without a GPU).
     check_memory: before loading, compare the memory planner's total per device with what this machine
                   has and raise MemoryBudgetError (how much is needed, what fits) when it is short.
+    parallel:     sequences decoded at once (the server's --parallel): one KV-cache slot of `context`
+                  positions each, and as many conversations kept for prefix reuse.
     """
     source = open_source(path)
     args = source.args()
@@ -46,25 +48,27 @@ def load(path: str | Path, rules: str | Path | None = None, *, context: int | No
     main_dtype = resolve_dtype(plan.main.dtype or dtype or source.embedding_dtype())
     context = context or min(args.max_position_embeddings, 4096)
     if check_memory:
-        check_fits(source, args, plan, context, main_dtype, rules, dtype)
+        check_fits(source, args, plan, context, main_dtype, rules, dtype, parallel)
     model = load_model(source.loader(args), args, plan, main_dtype)
-    return Runtime(model, args, source.tokenizer(), context, main_dtype, plan.main.device, Path(path), plan)
+    return Runtime(model, args, source.tokenizer(), context, main_dtype, plan.main.device, Path(path), plan,
+                   parallel)
 
 
 def check_fits(source, args: ModelArgs, plan: Plan, context: int, main_dtype: torch.dtype,
-               rules: str | Path | None, dtype: str | torch.dtype | None) -> None:
+               rules: str | Path | None, dtype: str | torch.dtype | None, parallel: int = 1) -> None:
     """The memory planner's total per device against this machine's RAM and GPU memory, before a byte
     is loaded; short: a MemoryBudgetError saying by how much, and whether the default placement fits."""
     tensors = source.tensor_meta(args)
     budgets, _ = machine_budgets({p.device for p in plan.placements})
-    mem = plan_memory(args, plan, tensors, context, dtype_name(main_dtype), budgets)
+    mem = plan_memory(args, plan, tensors, context, dtype_name(main_dtype), budgets, slots=parallel)
     if not mem.over():
         return
     hint = ("place part of the model on a GPU (placement_rules/), run a quantized GGUF of it, or preallocate "
             "fewer KV-cache positions (--context)")
     if rules is not None and source.in_place:
         default = make_plan(args, None, None, False, in_place=True, dtype=dtype)
-        alt = plan_memory(args, default, tensors, context, dtype_name(resolve_dtype(default.main.dtype)), budgets)
+        alt = plan_memory(args, default, tensors, context, dtype_name(resolve_dtype(default.main.dtype)), budgets,
+                          slots=parallel)
         if not alt.over():
             hint = (f"the default placement (no --rules: weights kept as stored in the memory map) needs "
                     f"{_totals(alt)} and fits")

@@ -17,7 +17,7 @@ from .placement.memory import plan_memory
 from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes
 from .placement.write import write_rules
 from .runtime.engine import print_stream
-from .runtime.generate import GenerationInterrupted
+from .runtime.request import GenerationInterrupted
 
 DEMO_PROMPT = ("The router reads every token and picks the experts that answer it. Each expert is a small "
                "feed forward layer, and the host memory holds all of them while the device runs the "

@@ -1,7 +1,8 @@
 """The latent KV cache of MLA: per layer and position, exactly kv_lora_rank + qk_rope_head_dim
-values (c_kv after kv_norm, k_pe after RoPE). Preallocated once for the requested context.
+values (c_kv after kv_norm, k_pe after RoPE). Preallocated once for the requested context, in one
+slot per sequence decoded at the same time (runtime.batcher; one slot for a single request).
 
-Legend: L layers, S_max context length, C kv_lora_rank, R qk_rope_head_dim.
+Legend: L layers, B slots, S_max context length, C kv_lora_rank, R qk_rope_head_dim.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from .errors import ContextOverflowError
 
 
 class LatentCache:
-    def __init__(self, args: ModelArgs, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, args: ModelArgs, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 slots: int = 1):
         if max_len <= 0:
             raise ContextOverflowError(f"context length must be positive, got {max_len}")
-        self.max_len = max_len
-        self.data = torch.zeros(args.num_hidden_layers, max_len, args.latent_cache_width,
-                                dtype=dtype, device=device)             # (L, S_max, C+R)
+        if slots <= 0:
+            raise ContextOverflowError(f"the KV cache needs at least one slot, got {slots}")
+        self.max_len, self.slots = max_len, slots
+        self.data = torch.zeros(args.num_hidden_layers, slots, max_len, args.latent_cache_width,
+                                dtype=dtype, device=device)             # (L, B, S_max, C+R)
 
     def reserve(self, start: int, n_tokens: int) -> None:
         """Raise unless positions [start, start + n_tokens) fit the preallocated context."""
@@ -29,7 +33,8 @@ class LatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+        """Per position of one slot."""
+        return self.data.shape[0] * self.data.shape[3] * self.data.element_size()
 
 
 def bytes_per_token(args: ModelArgs, dtype_bytes: int = 2) -> dict[str, int]:

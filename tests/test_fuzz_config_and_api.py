@@ -15,7 +15,7 @@ import hetero_rt
 from hetero_rt.checkpoint.synthetic import synthetic_config, write_synthetic_checkpoint
 from hetero_rt.config import DIM_LIMIT, KEY_TABLE, SIZE_LIMITS, ModelArgs
 from hetero_rt.errors import ConfigError, HeteroRTError
-from hetero_rt.runtime.generate import GenerationResult
+from hetero_rt.runtime.request import GenerationResult
 
 CASE_LIMIT_S = 20          # a case that runs longer than this is a hang (generous: the machine is slow)
 COUNTS: dict[str, dict[str, int]] = {}

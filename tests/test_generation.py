@@ -205,7 +205,7 @@ def test_integer_ids_of_any_kind_and_any_integer_seed(tiny):
 def test_ctrl_c_keeps_the_partial_result(tiny):
     """A KeyboardInterrupt during decode (here raised by the stream callback) surfaces as
     GenerationInterrupted carrying the tokens, text and timings so far."""
-    from hetero_rt.runtime.generate import GenerationInterrupted
+    from hetero_rt.runtime.request import GenerationInterrupted
     rt = hetero_rt.load(tiny)
     seen = []
 

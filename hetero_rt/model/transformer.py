@@ -1,13 +1,19 @@
 """Block and Transformer: embedding, n_layers x (MLA + dense FFN or MoE), final norm, lm_head.
 
-Legend: T tokens, D hidden size, L layers, Vocab vocabulary size.
+Legend: T tokens, D hidden size, L layers, B cache slots (sequences), Vocab vocabulary size.
 The model knows nothing of devices, files or threads: weights are assigned by the loader, the
 routed experts are handed in by `make_experts(layer, gate)` (hetero_rt.experts.build), the latent
 cache is passed to forward.
+
+A forward runs a packed batch: the tokens of several sequences one after another, each run of them
+a Segment naming its cache slot and first position. Attention is per segment (each sequence sees only
+its own cache); everything else (norms, gate, experts, shared experts, lm_head) runs on all T tokens
+at once, so the weights read for one decode step serve every sequence in the batch.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +32,14 @@ def torch_experts(args: ModelArgs) -> ExpertsFactory:
     return lambda layer, gate: TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """`length` consecutive tokens of one sequence, in cache slot `slot`, at positions start.."""
+    slot: int
+    start: int
+    length: int
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, make_experts: ExpertsFactory):
         super().__init__()
@@ -35,8 +49,16 @@ class Block(nn.Module):
         self.ffn = MoE(args, layer, make_experts) if args.is_moe_layer(layer) \
             else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, h: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor, absorbed: bool):
-        h = h + self.attn(self.attn_norm(h), start, rope, cache, absorbed)
+    def forward(self, h: torch.Tensor, segments: Sequence[Segment], rope: Rope, cache: torch.Tensor,
+                absorbed: bool | None):
+        """h (T, D); cache (B, S_max, C+R) of this layer. absorbed=None: absorbed MLA for one-token
+        segments (decode), naive for longer ones (prefill)."""
+        x, parts, off = self.attn_norm(h), [], 0
+        for s in segments:
+            absorb = s.length == 1 if absorbed is None else absorbed
+            parts.append(self.attn(x[off:off + s.length], s.start, rope, cache[s.slot], absorb))
+            off += s.length
+        h = h + (parts[0] if len(parts) == 1 else torch.cat(parts))
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -50,18 +72,20 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.head = None if args.tie_word_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.hidden_size))
 
-    def forward(self, tokens: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, segments: Sequence[Segment], rope: Rope, cache: torch.Tensor,
                 absorbed: bool | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens (T,) at absolute positions start..start+T-1; cache (L, S_max, C+R) is read and
-        written in place. absorbed=None picks naive MLA for prefill (T > 1), absorbed for decode.
-        Returns fp32 logits (T, Vocab), or (1, Vocab) for the last token with last_only."""
-        if absorbed is None:
-            absorbed = tokens.shape[0] == 1
+        """tokens (T,), the segments' tokens one after another (lengths summing to T); cache
+        (L, B, S_max, C+R) is read and written in place. absorbed=None picks naive MLA for prefill
+        segments, absorbed for one-token (decode) segments. Returns fp32 logits (T, Vocab), or
+        (len(segments), Vocab) for each segment's last token with last_only."""
+        if sum(s.length for s in segments) != tokens.shape[0]:
+            raise ValueError(f"segments cover {sum(s.length for s in segments)} tokens, got {tokens.shape[0]}")
         h = embedding(tokens, self.embed.weight)                         # (T, D)
         for i, block in enumerate(self.layers):
-            h = block(h, start, rope, cache[i], absorbed)
+            h = block(h, segments, rope, cache[i], absorbed)
         if last_only:
-            h = h[-1:]
+            ends = torch.tensor([s.length for s in segments]).cumsum(0) - 1
+            h = h[ends.to(h.device)]                                     # (len(segments), D)
         h = self.norm(h)
         head = self.embed.weight if self.head is None else self.head
         return linear(h, head).float()                                   # (T, Vocab)

@@ -12,7 +12,8 @@ Accounting (documented in docs/placement_rules.md):
 - the GPU expert cache of layers on a backend that keeps one (hetero; kind expert_cache): slots x 3 x I x D x dtype
   bytes per layer (+ 2 streaming slots with hetero.stream), on the main device, and two fp32
   (512, hidden) accumulators of the scheduler among the working buffers;
-- KV cache: layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main device;
+- KV cache: slots x layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main
+  device (one slot per sequence decoded at once: the server's --parallel);
 - working buffers on the main device, for a prefill chunk of C tokens against S = context positions:
   fp32 attention scores and probabilities 2 x heads x C x S x 4, the naive path's expanded K/V
   S x heads x (qk_nope + v) x dtype bytes, the logits C x vocab x 4, and hidden states
@@ -52,6 +53,7 @@ class MemoryPlan:
     devices: dict[str, DeviceMemory]
     budgets: dict[str, int]
     context: int
+    slots: int
     expert_layer_bytes: dict[int, int]                       # per MoE layer, routed experts
     # (kind, ggml type, placed dtype) -> [tensors, stored bytes, bytes after load]: placed to run as
     # stored, but a type without a kernel: dequantized at load (the loader says so too)
@@ -69,7 +71,8 @@ class MemoryPlan:
             for kind, b in sorted(mem.weights.items(), key=lambda kv: -kv[1]):
                 lines.append(f"  weights {kind:16s} {fmt_bytes(b):>12s}")
             if mem.kv_cache:
-                lines.append(f"  kv cache ({self.context} positions)  {fmt_bytes(mem.kv_cache):>9s}")
+                what = f"{self.context} positions" + (f" x {self.slots} slots" if self.slots > 1 else "")
+                lines.append(f"  kv cache ({what})  {fmt_bytes(mem.kv_cache):>9s}")
             if mem.working:
                 lines.append(f"  working buffers          {fmt_bytes(mem.working):>12s}")
             lines.append(f"  total                    {fmt_bytes(mem.total):>12s}")
@@ -108,7 +111,7 @@ def _ggml_bytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 
 def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
-                main_dtype: str, budgets: dict[str, int] | None = None) -> MemoryPlan:
+                main_dtype: str, budgets: dict[str, int] | None = None, slots: int = 1) -> MemoryPlan:
     devices: dict[str, DeviceMemory] = {}
     expert_layers: dict[int, int] = {}
     expand = 0  # largest transient dense copy of an FP8 weight during its matmul
@@ -143,11 +146,11 @@ def plan_memory(args: ModelArgs, plan: Plan, tensors: TensorMeta, context: int,
     cache = expert_cache_bytes(args, plan, main_dtype)
     if cache:
         main.weights["expert_cache"] = cache
-    main.kv_cache = kv_cache_bytes(args, context, main_dtype)
+    main.kv_cache = slots * kv_cache_bytes(args, context, main_dtype)
     main.working = working_bytes(args, context, main_dtype) + expand
     if any(_has_gpu_cache(p) for p in plan.placements):  # the hetero layers' fp32 (T, D) accumulators
         main.working += 2 * PREFILL_CHUNK * args.hidden_size * 4
-    return MemoryPlan(devices, budgets or {}, context, expert_layers, dequantized)
+    return MemoryPlan(devices, budgets or {}, context, slots, expert_layers, dequantized)
 
 
 def expert_cache_bytes(args: ModelArgs, plan: Plan, dtype: str) -> int:

@@ -70,3 +70,52 @@ def flag(value: Any, what: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise InputError(f"{what} must be true or false, got {value!r:.40}")
     return bool(value)
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def is_messages(value: Any) -> bool:
+    """A non-empty list or tuple whose first item is a mapping: chat messages, not token ids."""
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict)
+
+
+def messages(value: Any) -> list[dict[str, str]]:
+    """Chat messages: a list of {"role": one of ROLES, "content": text}; other keys are kept for the
+    template (name, tool_call_id). Content given as a list of {"type": "text", "text": ...} parts (the
+    OpenAI format) is joined into one text."""
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise InputError(f"messages[{i}] must be a mapping with role and content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content", "")
+        if role not in ROLES:
+            raise InputError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r:.40}")
+        if isinstance(content, list):
+            content = _text_parts(content, f"messages[{i}].content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise InputError(f"messages[{i}].content must be text, got {type(content).__name__}")
+        out.append({**m, "role": role, "content": content})
+    return out
+
+
+def _text_parts(parts: list, what: str) -> str:
+    texts = []
+    for j, p in enumerate(parts):
+        if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+            raise InputError(f"{what}[{j}] must be {{\"type\": \"text\", \"text\": ...}} (only text is supported)")
+        texts.append(p["text"])
+    return "".join(texts)
+
+
+def strings(value: Any, what: str) -> tuple[str, ...]:
+    """None, one string, or a sequence of strings -> tuple of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{what} must be a string or a list of strings, got {value!r:.60}")
+    return tuple(value)
