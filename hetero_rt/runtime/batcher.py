@@ -5,9 +5,9 @@ prefill chunk's token budget. So the routed experts' weights read for a decode s
 sequence in the batch, and a long prompt arriving never stalls the others for more than a chunk.
 
 Prefix cache: a slot keeps the ids whose latents it holds after its request finishes. A new
-request takes the free slot sharing the longest prefix with its prompt (the least recently used
-one when none shares any) and prefills only the rest, so turn N of a chat re-reads nothing of
-turns 1..N-1. At least the prompt's last token is always forwarded: its logits give the first token.
+request takes the free slot whose cached ids its prompt mostly continues (_choose_slot) and
+prefills only the rest, so turn N of a chat re-reads nothing of turns 1..N-1. At least the
+prompt's last token is always forwarded: its logits give the first token.
 
 Threads: step() may be called from any one thread at a time (the lock makes it so). The server
 runs it in a loop thread (start()); Runtime.generate() drives it on the caller's thread (run()),
@@ -192,13 +192,24 @@ class Batcher:
                 req.finish("cancelled")
                 continue
             prompt = req.result.prompt_ids
-            best = max(free, key=lambda i: (common_prefix(self.slots[i].ids, prompt), -self.slots[i].last_used))
+            best = self._choose_slot(free, prompt)
             slot = self.slots[best]
             reuse = min(common_prefix(slot.ids, prompt), len(prompt) - 1)
             del slot.ids[reuse:]
             slot.request = req
             req.admitted(reuse)
             self.active.append(Active(req, best, reuse, list(prompt[reuse:])))
+
+    def _choose_slot(self, free: list[int], prompt: list[int]) -> int:
+        """The free slot whose cached ids the prompt mostly continues (a shared prefix of at least half
+        of them: an empty slot qualifies), longest shared prefix first, then least recently used; when
+        none qualifies, the least recently used slot. So a new conversation that shares only a BOS or
+        a system prompt with a cached one does not overwrite it while another slot is free."""
+        lcp = {i: common_prefix(self.slots[i].ids, prompt) for i in free}
+        fits = [i for i in free if 2 * lcp[i] >= len(self.slots[i].ids)]
+        if fits:
+            return max(fits, key=lambda i: (lcp[i], -self.slots[i].last_used))
+        return min(free, key=lambda i: self.slots[i].last_used)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancel_requested]:
