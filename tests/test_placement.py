@@ -421,3 +421,21 @@ def test_a_backtracking_name_pattern_is_refused_not_hung(v3_args):
                         "    place: {device: cpu}\n", "r.yaml")
     with pytest.raises(PlacementError, match=r"r.yaml:3: the name pattern .* backtracked for more than"):
         resolve(v3_args, rules)
+
+
+def test_shipped_rules_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    """--rules gguf-cpu-only (or .yaml, or placement_rules/...) finds the file packaged with hetero_rt,
+    wherever the command runs; an unknown name lists the shipped ones."""
+    from hetero_rt.placement.schema import SHIPPED_RULES, find_rules, shipped_rules
+    monkeypatch.chdir(tmp_path)
+    assert "gguf-cpu-only" in shipped_rules() and "deepseek-v3-24gb" in shipped_rules()
+    for name in ("gguf-cpu-only", "gguf-cpu-only.yaml", "placement_rules/gguf-cpu-only.yaml"):
+        assert find_rules(name) == SHIPPED_RULES / "gguf-cpu-only.yaml"
+        assert load_rules(name).rules
+    mine = tmp_path / "gguf-cpu-only.yaml"
+    mine.write_text("rules: []\n")
+    assert find_rules("gguf-cpu-only.yaml") == Path("gguf-cpu-only.yaml")    # a file given by path wins
+    with pytest.raises(PlacementError, match="deepseek-v3-24gb"):
+        find_rules("no-such-rules")
+    with pytest.raises(PlacementError, match="not found"):
+        find_rules(tmp_path / "elsewhere" / "gguf-cpu-only.yaml")

@@ -127,11 +127,30 @@ class RuleSet:
     rules: tuple[Rule, ...] = field(default_factory=tuple)
 
 
+SHIPPED_RULES = Path(__file__).resolve().parent.parent / "placement_rules"   # packaged with hetero_rt
+
+
+def shipped_rules() -> list[str]:
+    """Names of the placement files shipped with the package (without .yaml)."""
+    return sorted(p.stem for p in SHIPPED_RULES.glob("*.yaml"))
+
+
+def find_rules(path: str | Path) -> Path:
+    """A placement file by path, or by the name of a shipped one ("gguf-cpu-only" or
+    "gguf-cpu-only.yaml", also "placement_rules/gguf-cpu-only.yaml" from any directory)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name if given.parent in (Path("."), Path("placement_rules")) else None
+    for candidate in ([name, f"{name}.yaml"] if name else []):
+        if (SHIPPED_RULES / candidate).is_file():
+            return SHIPPED_RULES / candidate
+    raise PlacementError(f"{path}: placement file not found; give a path, or the name of a shipped one "
+                         f"({', '.join(shipped_rules())}), or write your own (see docs/placement_rules.md)")
+
+
 def load_rules(path: str | Path) -> RuleSet:
-    path = Path(path)
-    if not path.is_file():
-        raise PlacementError(f"{path}: placement file not found; ship one from placement_rules/ or write your own "
-                             f"(see docs/placement_rules.md)")
+    path = find_rules(path)
     if path.stat().st_size > MAX_FILE_BYTES:
         raise PlacementError(f"{path}: {path.stat().st_size} bytes is not a placement file (at most "
                              f"{MAX_FILE_BYTES} bytes)")
