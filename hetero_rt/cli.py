@@ -1,5 +1,7 @@
-"""hetero-rt command line: `run` generates from a checkpoint, `demo` builds a synthetic
-DeepSeek-V3-architecture checkpoint once and generates from it, printing tokens/s."""
+"""hetero-rt command line: `run` generates from a checkpoint, `chat` talks to it interactively,
+`serve` answers OpenAI- and Ollama-compatible HTTP requests (and a web chat page), `plan` shows where
+every module goes, `demo` builds a synthetic DeepSeek-V3-architecture checkpoint once and generates
+from it, printing tokens/s."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 
 from .api import load, make_plan
+from .chat import chat_repl
 from .checkpoint.source import default_dtype, open_source
 from .checkpoint.synthetic import ensure_demo_checkpoint
 from .errors import HeteroRTError
@@ -18,6 +21,7 @@ from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes
 from .placement.write import write_rules
 from .runtime.engine import print_stream
 from .runtime.request import GenerationInterrupted
+from .serve.server import serve
 
 DEMO_PROMPT = ("The router reads every token and picks the experts that answer it. Each expert is a small "
                "feed forward layer, and the host memory holds all of them while the device runs the "
@@ -51,6 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(run)
     run.set_defaults(func=cmd_run)
 
+    chat = sub.add_parser("chat", help="talk to a checkpoint: a multi-turn REPL, replies streamed "
+                                       "(/reset, /system TEXT, /exit; Ctrl-C stops a reply)")
+    chat.add_argument("--model", required=True, help="checkpoint directory or .gguf file (as for run)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _generation_args(chat, default_n=512, chat_flag=False)
+    chat.set_defaults(func=cmd_chat)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over HTTP: OpenAI API (/v1), Ollama API (/api), "
+                                       "a web chat page (/), /health and /metrics")
+    srv.add_argument("--model", required=True, help="checkpoint directory or .gguf file (as for run)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--parallel", type=int, default=4,
+                     help="requests decoded together, each with its own KV-cache slot of --context positions "
+                          "(more wait in a queue); also how many conversations the prefix cache keeps")
+    srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /api")
+    srv.add_argument("--model-name", default=None, help="the model id clients see (default: the file or "
+                                                        "directory name)")
+    _generation_args(srv, sampling=False)
+    srv.set_defaults(func=cmd_serve)
+
     plan = sub.add_parser("plan", help="show where every module goes and whether it fits, from metadata only")
     plan.add_argument("--model", required=True, type=Path,
                       help="checkpoint directory: config.json plus *.safetensors (only headers are read), "
@@ -78,13 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _generation_args(p: argparse.ArgumentParser, default_n: int = 64) -> None:
-    p.add_argument("-n", "--max-new-tokens", type=int, default=default_n)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+def _generation_args(p: argparse.ArgumentParser, default_n: int = 64, chat_flag: bool = True,
+                     sampling: bool = True) -> None:
+    """Loading options (every command that runs a model) and, with sampling, generation options."""
+    if sampling:
+        p.add_argument("-n", "--max-new-tokens", type=int, default=default_n)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+    if chat_flag and sampling:
+        p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--context", type=int, default=None, help="KV-cache positions to preallocate")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: from the checkpoint)")
     p.add_argument("--device", default=None, help="cpu | cuda: the whole model, when no --rules are given")
@@ -100,6 +129,18 @@ def _generation_args(p: argparse.ArgumentParser, default_n: int = 64) -> None:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     return _generate(ns, Path(ns.model))
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    rt = _load(ns, Path(ns.model))
+    return chat_repl(rt, system=ns.system, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                     top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    rt = _load(ns, Path(ns.model), parallel=ns.parallel)
+    serve(rt, ns.host, ns.port, api_key=ns.api_key, model_name=ns.model_name)
+    return 0
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
@@ -143,15 +184,22 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0 if not mem.over() else 1
 
 
-def _generate(ns: argparse.Namespace, path: Path) -> int:
+def _load(ns: argparse.Namespace, path: Path, parallel: int = 1):
+    """Load, set threads and warm up (kernels compiled or loaded, allocator and BLAS/cuBLAS set up, so
+    no timing includes them), saying what was loaded and where it went."""
     t0 = time.perf_counter()
     rt = load(path, ns.rules, context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback,
-              check_memory=not ns.skip_memory_check)
+              check_memory=not ns.skip_memory_check, parallel=parallel)
     print(f"[hetero-rt] loaded {path} in {time.perf_counter() - t0:.1f} s; {rt.plan.summary()}", file=sys.stderr)
     if ns.threads is not None:
         rt.set_threads(ns.threads)
-    warm = rt.warmup()  # kernels compiled or loaded, allocator and BLAS/cuBLAS set up, outside the timings
+    warm = rt.warmup()
     print(f"[hetero-rt] warm-up {warm:.2f} s", file=sys.stderr)
+    return rt
+
+
+def _generate(ns: argparse.Namespace, path: Path) -> int:
+    rt = _load(ns, path)
     try:
         res = rt.generate(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
                           top_p=ns.top_p, seed=ns.seed, chat=ns.chat, stream=print_stream)

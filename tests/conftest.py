@@ -12,6 +12,10 @@ import torch
 # hardware this machine lacks (a GPU, a CPU feature), or a parametrization that does not apply.
 CI_SKIPS = ("slow: run with --runslow", "needs a CUDA GPU", "checks the no-GPU error", "this CPU ",
             "rows must be multiples of")
+# The web chat test (tests/test_web_chat.py) may skip only where .ci/run could not install chromium
+# and said so (HETERO_RT_NO_BROWSER=1).
+if os.environ.get("HETERO_RT_NO_BROWSER") == "1":
+    CI_SKIPS += ("chromium/chromedriver not installed",)
 
 
 class SkipGuard:

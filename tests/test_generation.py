@@ -217,7 +217,8 @@ def test_ctrl_c_keeps_the_partial_result(tiny):
         rt.generate("the model reads", max_new_tokens=20, stream=stream)
     res = info.value.result
     assert isinstance(info.value, KeyboardInterrupt) and res.stop_reason == "interrupted"
-    assert 2 <= len(res.new_ids) < 20 and res.text == "".join(seen) and res.prefill_s > 0
+    # the text is what the stream took in: not the piece whose callback raised
+    assert 2 <= len(res.new_ids) < 20 and res.text == "".join(seen[:-1]) and res.prefill_s > 0
 
 
 def test_cli_ctrl_c_prints_one_line_and_the_partial_timings(tiny, capsys, monkeypatch):

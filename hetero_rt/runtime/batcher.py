@@ -176,11 +176,11 @@ class Batcher:
             return
         req = a.request
         token = req.sampler(logits)
-        if req.accept(token):
-            self._release(a)
-            self._count(req)
-        else:
+        reason = req.accept(token)
+        if reason is None:
             a.pending = [token]
+        else:
+            self._end(req, reason)
 
     def _admit(self) -> None:
         while self.waiting:
@@ -189,7 +189,7 @@ class Batcher:
                 return
             req = self.waiting.popleft()
             if req.cancel_requested:
-                req.finish("cancelled")
+                self._end(req, "cancelled")
                 continue
             prompt = req.result.prompt_ids
             best = self._choose_slot(free, prompt)
@@ -220,23 +220,25 @@ class Batcher:
     def _drop(self, req: Request, reason: str, error: BaseException | None = None) -> None:
         if req in self.waiting:
             self.waiting.remove(req)
+        self._end(req, reason, error)
+
+    def _end(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        """Settle the request, free its slot, count it, then tell its owner (on_done, done): whoever
+        wakes on it sees the slot free and the counters up to date."""
+        if req.finished:
+            return
+        req.settle(reason, error)
         for a in [a for a in self.active if a.request is req]:
-            self._release(a)
-        if not req.finished:
-            req.finish(reason, error)
-            self._count(req)
-
-    def _release(self, a: Active) -> None:
-        self.active.remove(a)
-        self.slots[a.slot].request = None
-
-    def _count(self, req: Request) -> None:
+            self.active.remove(a)
+            self.slots[a.slot].request = None
         res, c = req.result, self.counters
-        c["prompt_tokens"] += len(res.prompt_ids)
-        c["cached_tokens"] += res.cached_tokens
-        c["generated_tokens"] += len(res.new_ids)
-        c["prefill_s"] += res.prefill_s
-        c["decode_s"] += res.decode_s
+        if req.was_admitted:
+            c["prompt_tokens"] += len(res.prompt_ids)
+            c["cached_tokens"] += res.cached_tokens
+            c["generated_tokens"] += len(res.new_ids)
+            c["prefill_s"] += res.prefill_s
+            c["decode_s"] += res.decode_s
+        req.notify()
 
     def forget(self, slot: int) -> None:
         """The slot's cache was overwritten outside the batcher (Runtime.logits): it holds no prefix."""

@@ -78,7 +78,8 @@ class StopText:
 class Request:
     """What the batcher runs. on_text(piece) and on_done(result) are called on the batcher's thread
     (the caller's own for Runtime.generate, the engine thread in the server): keep them short and
-    thread-safe. `done` is set after on_done returns."""
+    thread-safe. By the time on_done runs, the request's slot is free and the batcher's counters
+    include it; `done` is set after on_done returns."""
 
     def __init__(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, eos_ids: Sequence[int],
                  decoder: StreamDecoder | None = None, stop: Sequence[str] = (),
@@ -91,6 +92,7 @@ class Request:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.cancel_requested = False
+        self._settled = False
         self.t_admitted = self.t_first = 0.0
         self._pieces: list[str] = []
 
@@ -103,48 +105,63 @@ class Request:
         return self.done.is_set()
 
     # ---- called by the batcher ----
+    @property
+    def was_admitted(self) -> bool:
+        return self.t_admitted > 0
+
     def admitted(self, cached_tokens: int) -> None:
         self.result.cached_tokens = cached_tokens
         self.t_admitted = time.perf_counter()
 
-    def accept(self, token: int) -> bool:
-        """Take the next sampled token; True when the request is now finished."""
+    def accept(self, token: int) -> str | None:
+        """Take the next sampled token; the stop reason when the request is now complete (the batcher
+        then frees its slot and calls finish), else None."""
         res = self.result
         if not res.new_ids:
             self.t_first = time.perf_counter()
             res.prefill_s = self.t_first - self.t_admitted
         res.new_ids.append(token)
         if self.decoder is not None and self._emit(self.decoder.push(token)):
-            return self.finish("stop")
+            return "stop"
         if token in self.eos_ids:
-            return self.finish("eos")
+            return "eos"
         if len(res.new_ids) >= self.max_new_tokens:
-            return self.finish("length")
-        return False
+            return "length"
+        return None
 
-    def finish(self, reason: str, error: BaseException | None = None) -> bool:
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        self.settle(reason, error)
+        self.notify()
+
+    def settle(self, reason: str, error: BaseException | None = None) -> None:
+        """Final text, stop reason and timings (once; later calls change nothing)."""
         res = self.result
-        if self.done.is_set():
-            return True
-        if self.decoder is not None and reason != "stop":
+        if self._settled:
+            return
+        self._settled = True
+        if self.decoder is not None and reason in ("eos", "length"):   # not after a stop string, Ctrl-C or cancel
             self._emit(self.decoder.flush())
             self._emit(self.stop_text.flush(), final=True)
         res.stop_reason, self.error = reason, error
         if res.new_ids:
             res.decode_s = time.perf_counter() - self.t_first
         res.text = "".join(self._pieces)
+
+    def notify(self) -> None:
+        """on_done, then `done` (once)."""
+        if self.done.is_set():
+            return
         try:
             if self.on_done is not None:
-                self.on_done(res)
+                self.on_done(self.result)
         finally:
             self.done.set()
-        return True
 
     def _emit(self, piece: str, final: bool = False) -> bool:
         """Pass piece through the stop strings to on_text; True when a stop string was reached."""
         text, hit = (piece, False) if final else self.stop_text.push(piece)
         if text:
-            self._pieces.append(text)
-            if self.on_text is not None:
+            if self.on_text is not None:    # first: a callback raising (Ctrl-C) keeps the text to what was shown
                 self.on_text(text)
+            self._pieces.append(text)
         return hit
