@@ -1,7 +1,9 @@
 """Serving benchmark: aggregate generated tokens/s of the HTTP server at 1, 2, 4 concurrent clients
-(one loopback server, `parallel` slots, the clients' requests decoded together by the batcher), and
-a chat's second-turn prefill with the prefix cache against a full re-prefill of the same prompt.
-Rounds are interleaved (every client count once per round) and medians reported.
+(one loopback server, `parallel` slots, the clients' requests decoded together by the batcher; each
+request's prefill included), the packed decode step alone at the same batch sizes (what batching
+buys once every client is decoding), and a chat's second-turn prefill with the prefix cache against
+a full re-prefill of the same prompt. Rounds are interleaved (every batch size once per round) and
+medians reported.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import uvicorn
 
+from ..model.transformer import Segment
 from ..runtime.engine import Runtime
 from ..serve.app import build_app
 
@@ -94,6 +98,23 @@ def bench_clients(rt: Runtime, clients: tuple[int, ...], prompt_len: int, max_to
     return runs
 
 
+def decode_steps(rt: Runtime, batches: tuple[int, ...], rounds: int, context_len: int = 64) -> dict[int, list[float]]:
+    """Seconds per packed decode forward of b one-token segments (b slots, each holding context_len
+    positions), interleaved over batch sizes; the slots' prefixes are forgotten afterwards."""
+    for slot in range(max(batches)):
+        rt.step(torch.tensor(prompts_for(rt, 1, context_len, 7 + slot)[0]), 0, slot=slot)
+    times: dict[int, list[float]] = {b: [] for b in batches}
+    for r in range(rounds):
+        for b in batches:
+            tokens = torch.tensor(prompts_for(rt, 1, b, 500 + r)[0])
+            t0 = time.perf_counter()
+            rt.forward(tokens, [Segment(i, context_len + r, 1) for i in range(b)])
+            times[b].append(time.perf_counter() - t0)
+    for slot in range(max(batches)):
+        rt.batcher.forget(slot)
+    return times
+
+
 def second_turn(rt: Runtime, first_len: int, reply: int, added: int, rounds: int) -> tuple[list[float], list[float]]:
     """Time to first token of turn 2 (turn 1's prompt + reply + `added` new tokens) with the prefix
     cache, and of the same prompt after the cache is forgotten (a full re-prefill)."""
@@ -113,14 +134,19 @@ def second_turn(rt: Runtime, first_len: int, reply: int, added: int, rounds: int
     return cached, full
 
 
-def report(rt: Runtime, runs: dict[int, list[ClientRun]], cached: list[float], full: list[float],
-           prompt_len: int, max_tokens: int, first_len: int, added: int) -> str:
+def report(rt: Runtime, runs: dict[int, list[ClientRun]], steps: dict[int, list[float]], cached: list[float],
+           full: list[float], prompt_len: int, max_tokens: int, first_len: int, added: int) -> str:
     base = statistics.median(r.tokens_per_s for r in runs[min(runs)])
     lines = [f"model {rt.source}, parallel {rt.parallel}, prompts of {prompt_len} tokens, max_tokens {max_tokens}",
              "", "| clients | aggregate tok/s (median) | vs 1 client | rounds |", "|---|---|---|---|"]
     for c, rs in runs.items():
         med = statistics.median(r.tokens_per_s for r in rs)
         lines.append(f"| {c} | {med:.2f} | {med / base:.2f}x | {len(rs)} |")
+    one = statistics.median(steps[min(steps)])
+    lines += ["", "| decoding together | step ms (median) | aggregate tok/s | vs 1 | rounds |", "|---|---|---|---|---|"]
+    for b, ts in steps.items():
+        m = statistics.median(ts)
+        lines.append(f"| {b} | {m * 1e3:.0f} | {b / m:.2f} | {b * one / m:.2f}x | {len(ts)} |")
     mc, mf = statistics.median(cached), statistics.median(full)
     lines += ["", f"second turn ({first_len}-token first turn + reply, {added} new tokens): time to first token "
                   f"{mc * 1e3:.0f} ms with the prefix cache vs {mf * 1e3:.0f} ms re-prefilled: {mf / mc:.1f}x "
