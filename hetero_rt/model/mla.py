@@ -8,11 +8,13 @@ Two mathematically equal paths read it:
   naive    : expand K = [W_UK c_kv | k_pe] and V = W_UV c_kv for every cached position (prefill).
   absorbed : fold W_UK into the query (q_nope W_UK -> C wide) and apply W_UV after attention,
              scoring directly against c_kv (decode; no per-position expansion).
-The module writes this step's latents into the cache slice it is given and reads [0, start+T).
+The module runs a packed batch (several sequences' tokens, each run a Segment): projections over all
+tokens at once, then per segment: write its latents into its cache slot, attend over [0, start+length).
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +41,16 @@ class Rope:
         self.sin = (freqs.sin() * attn_factor).to(device)
         self.interleave = args.rope_interleave
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x (T, ..., R) for absolute positions start..start+T-1; computed in fp32."""
+    def apply(self, x: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
+        """Rotate x (T, ..., R) for absolute positions: start..start+T-1 (an int), or one per token
+        (a (T,) tensor); computed in fp32."""
         T = x.shape[0]
         shape = (T,) + (1,) * (x.dim() - 2) + (-1,)
-        cos = self.cos[start:start + T].view(shape)
-        sin = self.sin[start:start + T].view(shape)
+        if isinstance(positions, int):
+            cos, sin = self.cos[positions:positions + T], self.sin[positions:positions + T]
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = cos.view(shape), sin.view(shape)
         xf = x.float()
         if self.interleave:  # pairs (x0, x1), (x2, x3), ... as in the DeepSeek reference
             a, b = xf[..., 0::2], xf[..., 1::2]
@@ -95,27 +101,45 @@ class MLA(nn.Module):
         self.wo = nn.Parameter(torch.empty(D, H * self.V))
         self.softmax_scale = args.softmax_scale
 
-    def forward(self, x: torch.Tensor, start: int, rope: Rope, cache: torch.Tensor,
-                absorbed: bool) -> torch.Tensor:
-        """x (T, D); cache (S_max, C+R) for this layer; returns (T, D)."""
+    def forward(self, x: torch.Tensor, segments: Sequence, rope: Rope, cache: torch.Tensor,
+                absorbed: bool | None) -> torch.Tensor:
+        """x (T, D), the tokens of `segments` (model.transformer.Segment: slot, start, length) one after
+        another; cache (B, S_max, C+R) for this layer. The projections run once over all T tokens;
+        each segment writes its latents into its slot and attends over its own positions. absorbed=None:
+        the absorbed path for one-token segments (decode), the naive one for longer ones. Returns (T, D)."""
         T = x.shape[0]
-        q_nope, q_pe = self.query(x, start, rope)                        # (T, H, N), (T, H, R)
+        pos = positions(segments, x.device)                              # (T,)
+        q_nope, q_pe = self.query(x, pos, rope)                          # (T, H, N), (T, H, R)
         kv = linear(x, self.wkv_a)                                       # (T, C+R)
-        cache[start:start + T, :self.C] = self.kv_norm(kv[:, :self.C])
-        cache[start:start + T, self.C:] = rope.apply(kv[:, None, self.C:], start)[:, 0]
-        c_kv, k_pe = cache[:start + T, :self.C], cache[:start + T, self.C:]  # (S, C), (S, R)
-        mask = causal_mask(T, start, x.device) if T > 1 else None       # (T, S); one token sees all S
-        attend = self.attend_absorbed if absorbed else self.attend_naive
-        o = attend(q_nope, q_pe, c_kv, k_pe, mask)                       # (T, H, V)
+        latent = torch.cat((self.kv_norm(kv[:, :self.C]), rope.apply(kv[:, None, self.C:], pos)[:, 0]), -1)
+        absorb = [s.length == 1 if absorbed is None else absorbed for s in segments]
+        rows = torch.cat([torch.arange(o, o + s.length) for o, s, a in zip(offsets(segments), segments, absorb) if a]) \
+            if any(absorb) else None                                     # tokens on the absorbed path
+        q_lat = self.absorb_query(q_nope[rows]) if rows is not None else None   # (Ta, H, C)
+        o = x.new_empty(T, self.H, self.V) if not all(absorb) else None
+        o_lat, ai = [], 0
+        for off, s, a in zip(offsets(segments), segments, absorb):
+            sl, end = slice(off, off + s.length), s.start + s.length
+            cache[s.slot, s.start:end] = latent[sl].to(cache.dtype)
+            c_kv, k_pe = cache[s.slot, :end, :self.C], cache[s.slot, :end, self.C:]   # (S, C), (S, R)
+            mask = causal_mask(s.length, s.start, x.device) if s.length > 1 else None  # one token sees all S
+            if a:
+                o_lat.append(self.attend_latent(q_lat[ai:ai + s.length], q_pe[sl], c_kv, k_pe, mask))
+                ai += s.length
+            else:
+                o[sl] = self.attend_naive(q_nope[sl], q_pe[sl], c_kv, k_pe, mask)
+        if rows is not None:
+            expanded = self.expand_output(torch.cat(o_lat))              # (Ta, H, V)
+            o = expanded if o is None else o.index_copy_(0, rows.to(o.device), expanded.to(o.dtype))
         return linear(o.reshape(T, -1), self.wo)
 
-    def query(self, x: torch.Tensor, start: int, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, x: torch.Tensor, pos: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_lora_rank is None:
             q = linear(x, self.wq)
         else:
             q = linear(self.q_norm(linear(x, self.wq_a)), self.wq_b)
         q = q.view(x.shape[0], self.H, self.N + self.R)
-        return q[..., :self.N], rope.apply(q[..., self.N:], start)
+        return q[..., :self.N], rope.apply(q[..., self.N:], pos)
 
     def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         kv = linear(c_kv, self.wkv_b).view(-1, self.H, self.N + self.V)  # (S, H, N+V)
@@ -125,20 +149,48 @@ class MLA(nn.Module):
         p = softmax(scores, mask, self.softmax_scale)
         return torch.einsum("hts,shv->thv", p, v)
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        per_head = getattr(self.wkv_b, "stored", None)   # a GGUF's k_b / v_b read in place (kernels.stored.StoredKvB)
-        per_head = per_head if hasattr(per_head, "absorb") else None
-        if per_head is None:
-            w = materialize(self.wkv_b, q_nope.dtype).view(self.H, self.N + self.V, self.C)
-            w_uk, w_uv = w[:, :self.N], w[:, self.N:]                    # (H, N, C), (H, V, C)
-        q_lat = per_head.absorb(q_nope).to(q_nope.dtype) if per_head is not None \
-            else torch.einsum("thn,hnc->thc", q_nope, w_uk)              # (T, H, C)
+    def attend_latent(self, q_lat, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """q_lat (T, H, C) against the cached latents -> o_lat (T, H, C)."""
         scores = (torch.einsum("thc,sc->hts", q_lat, c_kv)
                   + torch.einsum("thr,sr->hts", q_pe, k_pe))             # (H, T, S)
         p = softmax(scores, mask, self.softmax_scale)
-        o_lat = torch.einsum("hts,sc->thc", p, c_kv)                     # (T, H, C)
-        return per_head.expand(o_lat).to(o_lat.dtype) if per_head is not None \
-            else torch.einsum("thc,hvc->thv", o_lat, w_uv)
+        return torch.einsum("hts,sc->thc", p, c_kv)                      # (T, H, C)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (T, H, N) -> q_nope W_UK (T, H, C)."""
+        per_head = self._per_head()
+        if per_head is not None:
+            return per_head.absorb(q_nope).to(q_nope.dtype)
+        return torch.einsum("thn,hnc->thc", q_nope, self._w_ukv(q_nope.dtype)[:, :self.N])
+
+    def expand_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat (T, H, C) -> o_lat W_UV^T (T, H, V)."""
+        per_head = self._per_head()
+        if per_head is not None:
+            return per_head.expand(o_lat).to(o_lat.dtype)
+        return torch.einsum("thc,hvc->thv", o_lat, self._w_ukv(o_lat.dtype)[:, self.N:])
+
+    def _per_head(self):
+        """A GGUF's k_b / v_b read in place (kernels.stored.StoredKvB), else None."""
+        per_head = getattr(self.wkv_b, "stored", None)
+        return per_head if hasattr(per_head, "absorb") else None
+
+    def _w_ukv(self, dtype: torch.dtype) -> torch.Tensor:
+        return materialize(self.wkv_b, dtype).view(self.H, self.N + self.V, self.C)   # (H, N+V, C)
+
+
+def positions(segments: Sequence, device) -> torch.Tensor:
+    """(T,) absolute position of every token of the packed segments."""
+    return torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(device)
+
+
+def offsets(segments: Sequence) -> list[int]:
+    """Where each segment's tokens begin in the packed batch."""
+    out, off = [], 0
+    for s in segments:
+        out.append(off)
+        off += s.length
+    return out
 
 
 def causal_mask(T: int, start: int, device) -> torch.Tensor:

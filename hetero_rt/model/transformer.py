@@ -6,9 +6,9 @@ routed experts are handed in by `make_experts(layer, gate)` (hetero_rt.experts.b
 cache is passed to forward.
 
 A forward runs a packed batch: the tokens of several sequences one after another, each run of them
-a Segment naming its cache slot and first position. Attention is per segment (each sequence sees only
-its own cache); everything else (norms, gate, experts, shared experts, lm_head) runs on all T tokens
-at once, so the weights read for one decode step serve every sequence in the batch.
+a Segment naming its cache slot and first position. Only the attention core is per segment (each
+sequence sees only its own cache); every projection, norm, the gate, experts, shared experts and
+lm_head run on all T tokens at once, so the weights read for one decode step serve every sequence.
 """
 from __future__ import annotations
 
@@ -53,12 +53,7 @@ class Block(nn.Module):
                 absorbed: bool | None):
         """h (T, D); cache (B, S_max, C+R) of this layer. absorbed=None: absorbed MLA for one-token
         segments (decode), naive for longer ones (prefill)."""
-        x, parts, off = self.attn_norm(h), [], 0
-        for s in segments:
-            absorb = s.length == 1 if absorbed is None else absorbed
-            parts.append(self.attn(x[off:off + s.length], s.start, rope, cache[s.slot], absorb))
-            off += s.length
-        h = h + (parts[0] if len(parts) == 1 else torch.cat(parts))
+        h = h + self.attn(self.attn_norm(h), segments, rope, cache, absorbed)
         return h + self.ffn(self.ffn_norm(h))
 
 
