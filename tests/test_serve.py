@@ -586,3 +586,25 @@ def test_soak_1000_requests_8_clients(rt, server, http):
 @pytest.mark.slow
 def test_soak_10000_requests_8_clients(rt, server, http):
     soak(rt, server, http, 10000)
+
+
+def test_metrics_export_the_expert_cache_hit_rate_where_one_is_placed(ckpt, tmp_path):
+    """With the routed experts on the hetero backend and a 4-slot expert cache per layer (CPU fallback:
+    the 'GPU' side on the CPU), /metrics carries hits, misses and their rate, equal to the layers' own
+    counters after the requests drained."""
+    rules = tmp_path / "hetero.yaml"
+    rules.write_text("defaults: {device: cuda, dtype: float32}\nrules:\n  - match: {kind: routed_experts}\n"
+                     "    place: {device: cpu, backend: hetero, hetero: {cache: 4}}\n")
+    rt = hetero_rt.load(ckpt, rules, cpu_fallback=True, parallel=2)
+    with Server(rt) as s, s.http() as h:
+        for i in range(3):
+            s.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}],
+                                               max_tokens=3, temperature=0)
+        drain(rt)
+        got = metrics(h)
+    from hetero_rt.experts.hetero import HeteroExperts
+    layers = [m for m in rt.model.modules() if isinstance(m, HeteroExperts)]
+    hits, misses = sum(m.counters.hits for m in layers), sum(m.counters.misses for m in layers)
+    assert hits + misses > 0 and got["hetero_rt_expert_cache_hits_total"] == hits
+    assert got["hetero_rt_expert_cache_misses_total"] == misses
+    assert got["hetero_rt_expert_cache_hit_rate"] == pytest.approx(hits / (hits + misses))
