@@ -256,15 +256,19 @@ def test_stop_strings_cut_the_text(tiny):
     assert cut.stop_reason == "stop" and len(cut.new_ids) < len(full.new_ids)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)   # the same 300 cases in every run
 @given(text=st.text(alphabet="abc", max_size=30), cuts=st.lists(st.integers(0, 30), max_size=8),
        stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3))
 def test_stop_text_streamed_equals_cutting_the_whole_text(text, cuts, stops):
     """However the text is split into pieces, what StopText lets through (then flushes when no stop
-    string came) is the text up to the first occurrence of any stop string."""
-    hits = [text.find(s) for s in stops if s in text]
+    string came) is the text cut where generation would stop: at the first piece that completes a stop
+    string, before the earliest stop string in the text so far (a longer one still incomplete there
+    never completes: generation has ended)."""
+    bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
+    seen = next((text[:b] for b in bounds[1:] if any(s in text[:b] for s in stops)), None)
+    hits = [seen.find(s) for s in stops if s in seen] if seen is not None else []
     want = text[:min(hits)] if hits else text
-    st_, out, bounds = StopText(stops), [], sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
+    st_, out = StopText(stops), []
     hit = False
     for a, b in zip(bounds, bounds[1:]):
         piece, hit = st_.push(text[a:b])
