@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem", default=None, help="GPU memory budget, e.g. 24GiB (default: the GPU's own)")
     plan.add_argument("--host-mem", default=None, help="host RAM budget, e.g. 128GiB (default: this machine's RAM)")
     plan.add_argument("--context", type=int, default=4096, help="KV-cache positions to plan for")
+    plan.add_argument("--parallel", type=int, default=1,
+                      help="sequences decoded at once (serve --parallel): one KV cache of --context positions each")
     plan.add_argument("--dtype", default=None, help="dtype of the dense part when the rules set none")
     plan.add_argument("--write-rules", type=Path, default=None,
                       help="write a placement that fits --gpu-mem to this YAML file")
@@ -176,7 +178,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         budgets.update({d: gpu_mem for d in gpus})
     if host_mem is not None:
         budgets["cpu"] = host_mem
-    mem = plan_memory(args, plan, tensors, ns.context, plan.main.dtype or dtype, budgets)
+    if ns.parallel < 1:
+        raise HeteroRTError(f"--parallel must be at least 1, got {ns.parallel}")
+    mem = plan_memory(args, plan, tensors, ns.context, plan.main.dtype or dtype, budgets, slots=ns.parallel)
     print(plan.describe())
     for line in said:
         print(line)

@@ -289,3 +289,13 @@ def test_memory_plan_counts_one_kv_cache_per_slot(tiny):
     one, four = (plan_memory(args, plan, src.tensor_meta(args), 64, "float32", slots=n) for n in (1, 4))
     assert four.devices["cpu"].kv_cache == 4 * one.devices["cpu"].kv_cache > 0
     assert "x 4 slots" in four.describe()
+
+
+def test_plan_and_load_count_parallel_kv_caches(tiny, capsys):
+    """`plan --parallel 4` shows four KV caches; load(parallel=4) allocates exactly what it planned."""
+    from hetero_rt.cli import main as cli_main
+    assert cli_main(["plan", "--model", str(tiny), "--context", "64", "--parallel", "4"]) == 0
+    assert "kv cache (64 positions x 4 slots)" in capsys.readouterr().out
+    rt = hetero_rt.load(tiny, dtype="float32", context=64, parallel=4)
+    assert rt.cache.data.shape == (rt.args.num_hidden_layers, 4, 64, rt.args.latent_cache_width)
+    assert cli_main(["plan", "--model", str(tiny), "--parallel", "0"]) == 2
