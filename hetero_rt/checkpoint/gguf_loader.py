@@ -32,7 +32,8 @@ from .gguf import GGUFCheckpoint
 from .loader import Where, assign, dense_params, set_param
 from .names import GGUF_KV_B_SPLIT, gguf_name
 
-_IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.nextn\..*)$")
+_ROPE_FREQS = "rope_freqs.weight"           # llama.cpp's precomputed rope factors; the metadata says the same
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 class GGUFLoader:
@@ -103,7 +104,7 @@ class GGUFLoader:
             else:
                 w = w.to(want)
             assign(model, name, w.to(device), None if scale is None else scale.to(device))
-        _check_unused(ckpt, used)
+        _check_unused(ckpt, used, self.args.num_hidden_layers, self.args.num_nextn_predict_layers)
 
 
 def _stored(ckpt: GGUFCheckpoint, src: str, shape: tuple[int, ...], ours: str, log, scratch: Scratch,
@@ -199,8 +200,15 @@ def _require(ckpt: GGUFCheckpoint, src: str, ours: str) -> None:
                               f"match its own metadata or is incomplete")
 
 
-def _check_unused(ckpt: GGUFCheckpoint, used: set[str]) -> None:
-    extra = [n for n in ckpt.names() if n not in used and not _IGNORED.match(n)]
+def _ignored(name: str, n_layers: int, n_mtp: int) -> bool:
+    """The rope buffer, and every tensor of the n_mtp multi-token-prediction blocks that follow the
+    n_layers main blocks (blk.{n_layers}.*: their attention and MoE as well as nextn.*; not loaded)."""
+    m = _BLOCK.match(name)
+    return name == _ROPE_FREQS or (m is not None and n_layers <= int(m.group(1)) < n_layers + n_mtp)
+
+
+def _check_unused(ckpt: GGUFCheckpoint, used: set[str], n_layers: int, n_mtp: int) -> None:
+    extra = [n for n in ckpt.names() if n not in used and not _ignored(n, n_layers, n_mtp)]
     if extra:
         shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
         raise CheckpointError(f"{ckpt.path}: GGUF has tensors the metadata does not account for: {shown}")
