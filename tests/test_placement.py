@@ -439,3 +439,16 @@ def test_shipped_rules_load_by_name_from_any_directory(tmp_path, monkeypatch):
         find_rules("no-such-rules")
     with pytest.raises(PlacementError, match="not found"):
         find_rules(tmp_path / "elsewhere" / "gguf-cpu-only.yaml")
+
+
+def test_shipped_rules_and_web_page_are_package_data():
+    """pyproject's package-data ships every placement file and the web chat page with the package (so
+    `--rules NAME` and GET / work from a wheel, not only from a checkout)."""
+    import fnmatch
+    import tomllib
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hetero_rt"]
+    files = [p.relative_to(root / "hetero_rt").as_posix() for p in (root / "hetero_rt").rglob("*")
+             if p.suffix in (".yaml", ".html")]
+    assert "serve/static/index.html" in files and len([f for f in files if f.endswith(".yaml")]) >= 8
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
