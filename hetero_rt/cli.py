@@ -1,21 +1,23 @@
 """hetero-rt command line: `run` generates from a checkpoint, `chat` talks to it interactively,
 `serve` answers OpenAI- and Ollama-compatible HTTP requests (and a web chat page), `plan` shows where
 every module goes, `demo` builds a synthetic DeepSeek-V3-architecture checkpoint once and generates
-from it, printing tokens/s."""
+from it, printing tokens/s, `bench` measures prefill and decode tokens/s llama-bench style."""
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
 
 from .api import load, make_plan
+from .bench.llama_bench import bench_command
+from .bench.machine import peak_rss_bytes
 from .chat import chat_repl
 from .checkpoint.source import default_dtype, open_source
 from .checkpoint.synthetic import ensure_demo_checkpoint
 from .errors import HeteroRTError
 from .experts import registry
+from .kernels.threads import default_threads
 from .placement.memory import plan_memory
 from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes
 from .placement.write import write_rules
@@ -102,7 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     _generation_args(demo, default_n=32)
     demo.set_defaults(func=cmd_demo)
+
+    # conflict_handler="resolve": the loading options of _generation_args, with --rules repeatable and
+    # -t/--threads a list (they replace the single-valued ones)
+    bench = sub.add_parser("bench", conflict_handler="resolve",
+                           help="llama-bench-style prefill and decode tokens/s per placement and thread count, "
+                                "with the machine, a per-op breakdown and the bytes a decode token reads")
+    bench.add_argument("--model", required=True, help="checkpoint directory or .gguf file (as for run)")
+    _generation_args(bench, sampling=False)
+    bench.add_argument("--rules", action="append", default=None,
+                       help="placement YAML; repeat to compare placements (default: the default placement)")
+    bench.add_argument("-p", "--prompt-tokens", type=_positive, default=512, help="prefill test: prompt tokens")
+    bench.add_argument("-n", "--gen-tokens", type=_positive, default=128, help="decode test: generated tokens")
+    bench.add_argument("-t", "--threads", type=_int_list, default=None,
+                       help="comma list of CPU thread counts, e.g. 1,2,4 (default: physical cores)")
+    bench.add_argument("-r", "--repetitions", type=_positive, default=3, help="timed runs per test")
+    bench.add_argument("--bandwidth-probe", type=_size, default="1GiB", help="buffer read for the bandwidth figure")
+    bench.add_argument("--json", type=Path, default=None, help="write every figure as one JSON document")
+    bench.add_argument("--csv", type=Path, default=None, help="write the table's rows (all repetitions) as CSV")
+    bench.set_defaults(func=cmd_bench)
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive(part.strip()) for part in text.split(",")]
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text, "--bandwidth-probe")
+    except HeteroRTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _generation_args(p: argparse.ArgumentParser, default_n: int = 64, chat_flag: bool = True,
@@ -152,6 +194,11 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     print("[demo] its weights are random (DeepSeek-V3's architecture at a small size), so the text below is "
           "noise: the tokens/s are the point", file=sys.stderr)
     return _generate(ns, path)
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    ns.threads = ns.threads or [default_threads()]
+    return bench_command(ns)
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
@@ -224,16 +271,6 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
     print(f"[hetero-rt] time to first token {res.prefill_s * 1e3:.1f} ms; peak RSS {fmt_bytes(peak_rss_bytes())}",
           file=sys.stderr)
     return 0
-
-
-def peak_rss_bytes() -> int:
-    """This process's high-water resident memory: VmHWM on Linux, else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
 
 
 if __name__ == "__main__":

@@ -6,17 +6,8 @@ import os
 
 import hetero_rt
 from hetero_rt.bench.serving import bench_clients, decode_steps, report, second_turn
+from hetero_rt.bench.machine import cpu_info
 from hetero_rt.checkpoint.synthetic import ensure_demo_checkpoint
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return "unknown CPU"
-    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "?")
-    return f"{field('model name')} (family {field('cpu family')} model {field('model')})"
 
 
 def main() -> None:
@@ -39,7 +30,9 @@ def main() -> None:
     runs = bench_clients(rt, tuple(a.clients), a.prompt_len, a.max_tokens, a.rounds)
     steps = decode_steps(rt, tuple(a.clients), 3 * a.rounds)
     cached, full = second_turn(rt, a.first_turn, 8, a.added, a.rounds)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, threads {a.threads or 'default'}")
+    cpu = cpu_info()
+    print(f"CPU: {cpu['name']} (family {cpu['family']} model {cpu['model']}), {os.cpu_count()} logical CPUs, "
+          f"threads {a.threads or 'default'}")
     print(report(rt, runs, steps, cached, full, a.prompt_len, a.max_tokens, a.first_turn, a.added))
 
 

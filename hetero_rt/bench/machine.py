@@ -1,0 +1,91 @@
+"""The machine a benchmark ran on, as data: CPU model and family/model (from /proc/cpuinfo), the SIMD
+flags the kernels care about, physical and logical cores, RAM, a read bandwidth measured now (the
+numba probe of hetero_rt.bench.kernels), the GPU if torch sees one, and the versions that matter.
+Everything is a plain JSON-able dict so a later script can build docs tables from it."""
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+
+import numba
+import numpy as np
+import psutil
+import torch
+
+from ..kernels.threads import use_threads
+from ..placement.sizes import fmt_bytes
+from .kernels import read_bandwidth
+
+# The /proc/cpuinfo flags that decide which kernel paths run (in the order they are printed).
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+BANDWIDTH_PROBE_BYTES = 1 << 30   # far larger than any cache
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """{"name", "family", "model", "flags"} of the first processor listed (None where unknown)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return {"name": platform.processor() or None, "family": None, "model": None, "flags": []}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"name": fields.get("model name"), "family": fields.get("cpu family"), "model": fields.get("model"),
+            "flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
+def gpu_info() -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}",
+            "count": torch.cuda.device_count()}
+
+
+def measure_bandwidth(threads: int, nbytes: int = BANDWIDTH_PROBE_BYTES) -> float:
+    """GB/s of a parallel read over nbytes on `threads` numba threads (bench.kernels.read_bandwidth)."""
+    use_threads(threads)
+    probe = np.ones(max(nbytes // 4, 1024), np.float32)
+    try:
+        return read_bandwidth(probe)
+    finally:
+        del probe
+
+
+def machine(threads: int, probe_bytes: int = BANDWIDTH_PROBE_BYTES) -> dict:
+    import hetero_rt
+    return {"cpu": cpu_info(), "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cores": psutil.cpu_count(logical=True), "ram_bytes": psutil.virtual_memory().total,
+            "read_bandwidth": {"gb_per_s": measure_bandwidth(threads, probe_bytes), "threads": threads,
+                               "probe_bytes": probe_bytes, "method": "numba parallel sum, best of 5"},
+            "gpu": gpu_info(), "os": platform.platform(),
+            "versions": {"hetero_rt": hetero_rt.__version__, "torch": torch.__version__,
+                         "numba": numba.__version__, "python": platform.python_version()}}
+
+
+def describe(m: dict) -> str:
+    cpu, bw, gpu = m["cpu"], m["read_bandwidth"], m["gpu"]
+    lines = [f"CPU: {cpu['name'] or 'unknown'} (family {cpu['family']} model {cpu['model']}); "
+             f"{m['physical_cores']} physical / {m['logical_cores']} logical cores; RAM {fmt_bytes(m['ram_bytes'])}",
+             f"SIMD: {' '.join(cpu['flags']) or 'none of ' + ', '.join(SIMD_FLAGS[:4])}",
+             f"read bandwidth: {bw['gb_per_s']:.2f} GB/s ({bw['method']}, {fmt_bytes(bw['probe_bytes'])}, "
+             f"{bw['threads']} threads)",
+             "GPU: " + ("none" if gpu is None else f"{gpu['name']} ({fmt_bytes(gpu['memory_bytes'])}, "
+                                                  f"compute {gpu['capability']})"),
+             "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
+    return "\n".join(lines)
+
+
+def peak_rss_bytes() -> int:
+    """This process's high-water resident memory: VmHWM on Linux, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024

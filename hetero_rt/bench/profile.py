@@ -1,0 +1,131 @@
+"""Per-op time of one forward, from hooks on the model's modules: where a decode step and a prefill
+spend their time. The model is not changed: forward hooks (and, for the two functional calls of
+Transformer.forward, embedding and lm_head, its module globals) are installed by `op_timers` and
+removed when it exits. Hooks synchronize the device around every op, so a profiled step is slower
+than a timed one: run it apart from the timed runs.
+
+Ops (summed over layers; `layers` keeps them per layer):
+  embedding, block norms (attn_norm + ffn_norm), attention (MLA), gate, routed experts,
+  shared experts, dense MLP, final norm + lm_head; "everything else" = step total - their sum.
+The routed-experts module runs the shared experts it is handed (a backend may overlap them), so its
+time includes theirs: the shared experts are timed on their own and subtracted.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+from ..model import transformer as transformer_module
+from ..model.moe import MoE
+
+OPS = ("embedding", "block norms", "attention (MLA)", "gate", "routed experts", "shared experts", "dense MLP",
+       "final norm + lm_head")
+OTHER = "everything else"
+_EXPERTS_WITH_SHARED = "routed + shared"   # the routed-experts module's own time, before subtraction
+
+
+class OpTimes:
+    """Seconds and calls per (op, layer); layer None for the model-level ops."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.seconds: dict[tuple[str, int | None], float] = defaultdict(float)
+        self.calls: dict[tuple[str, int | None], int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def add(self, op: str, layer: int | None, seconds: float) -> None:
+        self.seconds[op, layer] += seconds
+        self.calls[op, layer] += 1
+
+    def wrap(self, fn: Callable, op: str) -> Callable:
+        def timed(*a, **kw):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            self.sync()
+            self.add(op, None, time.perf_counter() - t0)
+            return out
+        return timed
+
+    def per_op(self) -> dict[str, dict[int | None, float]]:
+        """op -> {layer: seconds}, with the shared experts subtracted from the routed-experts module."""
+        out: dict[str, dict[int | None, float]] = {op: {} for op in OPS}
+        for (op, layer), s in self.seconds.items():
+            if op == _EXPERTS_WITH_SHARED:
+                op, s = "routed experts", s - self.seconds.get(("shared experts", layer), 0.0)
+            out[op][layer] = out[op].get(layer, 0.0) + s
+        return out
+
+
+def _hook(times: OpTimes, module: torch.nn.Module, op: str, layer: int | None) -> list:
+    starts: list[float] = []
+
+    def pre(_m, _args):
+        times.sync()
+        starts.append(time.perf_counter())
+
+    def post(_m, _args, _out):
+        times.sync()
+        times.add(op, layer, time.perf_counter() - starts.pop())
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+@contextmanager
+def op_timers(model: transformer_module.Transformer, device: torch.device) -> Iterator[OpTimes]:
+    """Time every op of `model` while inside; hooks and wrappers removed on exit (also on error)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = OpTimes(sync)
+    handles = _hook(times, model.norm, "final norm + lm_head", None)
+    for i, block in enumerate(model.layers):
+        handles += _hook(times, block.attn_norm, "block norms", i)
+        handles += _hook(times, block.ffn_norm, "block norms", i)
+        handles += _hook(times, block.attn, "attention (MLA)", i)
+        if isinstance(block.ffn, MoE):
+            handles += _hook(times, block.ffn.gate, "gate", i)
+            handles += _hook(times, block.ffn.experts, _EXPERTS_WITH_SHARED, i)
+            if block.ffn.shared_experts is not None:
+                handles += _hook(times, block.ffn.shared_experts, "shared experts", i)
+        else:
+            handles += _hook(times, block.ffn, "dense MLP", i)
+    # Transformer.forward calls these two functionally (no module to hook); only it uses them there.
+    originals = {"embedding": transformer_module.embedding, "linear": transformer_module.linear}
+    transformer_module.embedding = times.wrap(originals["embedding"], "embedding")
+    transformer_module.linear = times.wrap(originals["linear"], "final norm + lm_head")
+    try:
+        yield times
+    finally:
+        for h in handles:
+            h.remove()
+        transformer_module.embedding, transformer_module.linear = originals["embedding"], originals["linear"]
+
+
+def breakdown(times: OpTimes, total_s: float, steps: int) -> dict:
+    """{"step_ms", "steps", "ops": [{"op", "ms", "percent", "layers": {layer: ms}}]} per step, the last
+    op "everything else" (total - sum of the timed ops, never below 0)."""
+    per_op = times.per_op()
+    step = total_s / steps
+    ops = []
+    for op in OPS:
+        layers = {("model" if k is None else str(k)): v / steps * 1e3 for k, v in sorted(
+            per_op[op].items(), key=lambda kv: -1 if kv[0] is None else kv[0])}
+        ops.append({"op": op, "ms": sum(layers.values()), "layers": layers})
+    rest = max(0.0, step * 1e3 - sum(o["ms"] for o in ops))
+    ops.append({"op": OTHER, "ms": rest, "layers": {}})
+    for o in ops:
+        o["percent"] = 100 * o["ms"] / (step * 1e3) if step > 0 else 0.0
+    return {"step_ms": step * 1e3, "steps": steps, "ops": ops}
+
+
+def describe(title: str, b: dict) -> str:
+    lines = [f"{title}: {b['step_ms']:.3f} ms per step (mean of {b['steps']}, profiled: hooks synchronize "
+             "around every op)", "", "| op | ms | % of step |", "| --- | ---: | ---: |"]
+    lines += [f"| {o['op']} | {o['ms']:.3f} | {o['percent']:.1f} |" for o in b["ops"]]
+    return "\n".join(lines)
