@@ -26,7 +26,8 @@ def ckpt(tmp_path_factory):
 def result(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--model", str(ckpt), "-p", "16", "-n", "4", "-t", "1,2", "--repetitions", "2",
-            "--bandwidth-probe", "16MiB", "--json", str(out / "b.json"), "--csv", str(out / "b.csv")]
+            "--bandwidth-probe", "16MiB", "--json", str(out / "b.json"), "--csv", str(out / "b.csv"),
+            "--trace", str(out / "trace.json")]
     return cli.main(argv), json.loads((out / "b.json").read_text()), out / "b.csv"
 
 
@@ -110,3 +111,22 @@ def test_bad_arguments_exit_2(ckpt, capsys, bad):
         cli.main(["bench", "--model", str(ckpt)] + bad)
     assert e.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_trace_holds_every_profiled_op_and_step(result):
+    """--trace: Chrome trace events of the profiled prefill and decode steps, one process each; every
+    op per layer, and its durations add up to the breakdown's figure for that op."""
+    _, doc, csv_path = result
+    trace = json.loads((csv_path.parent / "trace.json").read_text())
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert sorted(names.values()) == ["default: decode", "default: prefill"]
+    decode = next(pid for pid, n in names.items() if n.endswith("decode"))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == decode]
+    steps = doc["runs"][0]["breakdown"]["decode"]["steps"]
+    assert sum(e["name"].startswith("decode step") for e in spans) == steps
+    attn = [e for e in spans if e["cat"] == "attention (MLA)"]
+    op = next(o for o in doc["runs"][0]["breakdown"]["decode"]["ops"] if o["op"] == "attention (MLA)")
+    assert {e["args"]["layer"] for e in attn} == {int(k) for k in op["layers"]} and len(op["layers"]) > 1
+    assert sum(e["dur"] for e in attn) / 1e3 / steps == pytest.approx(op["ms"], rel=1e-6)
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    assert "events" not in doc["runs"][0]["breakdown"]["decode"]         # the JSON document stays small

@@ -147,18 +147,20 @@ def profile_decode(rt, n: int, rng) -> dict:
     with profile.op_timers(rt.model, rt.device) as times:
         t0 = time.perf_counter()
         for i in range(k):
-            rt.step(steps[i:i + 1], TG_PROMPT + i, last_only=True)
+            with times.span(f"decode step {i}"):
+                rt.step(steps[i:i + 1], TG_PROMPT + i, last_only=True)
         total = time.perf_counter() - t0
-    return profile.breakdown(times, total, k)
+    return {**profile.breakdown(times, total, k), "events": list(times.events)}
 
 
 def profile_prefill(rt, p: int, rng) -> dict:
     ids = _ids(rng, rt, p)
     with profile.op_timers(rt.model, rt.device) as times:
         t0 = time.perf_counter()
-        rt.step(ids, 0, last_only=True)
+        with times.span(f"prefill {p} tokens"):
+            rt.step(ids, 0, last_only=True)
         total = time.perf_counter() - t0
-    return profile.breakdown(times, total, 1)
+    return {**profile.breakdown(times, total, 1), "events": list(times.events)}
 
 
 def decode_bytes(rt) -> dict:
@@ -242,13 +244,18 @@ def write_csv(doc: dict, path: str | Path) -> None:
 
 
 def bench_command(ns) -> int:
-    """The CLI's `bench`: run, print the report to stdout (progress on stderr), write --json / --csv."""
+    """The CLI's `bench`: run, print the report to stdout (progress on stderr), write --json / --csv and
+    --trace (the profiled prefill and decode steps as Chrome trace events)."""
     log = lambda s: print(s, file=sys.stderr)
     doc = bench(ns.model, ns.rules or [None], ns.prompt_tokens, ns.gen_tokens, ns.threads, ns.repetitions,
                 machine_info.peak_rss_bytes,
                 context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback,
                 check_memory=not ns.skip_memory_check, probe_bytes=ns.bandwidth_probe, log=log)
+    trace = profile.chrome_trace([(f"{run['rules']}: {phase}", run["breakdown"][phase].pop("events"))
+                                  for run in doc["runs"] for phase in ("prefill", "decode")])
     print(report(doc))
+    if ns.trace is not None:
+        Path(ns.trace).write_text(json.dumps(trace) + "\n")
     if ns.json is not None:
         Path(ns.json).write_text(json.dumps(doc, indent=1) + "\n")
     if ns.csv is not None:

@@ -12,6 +12,7 @@ time includes theirs: the shared experts are timed on their own and subtracted.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -35,14 +36,18 @@ class OpTimes:
         self.sync = sync
         self.seconds: dict[tuple[str, int | None], float] = defaultdict(float)
         self.calls: dict[tuple[str, int | None], int] = defaultdict(int)
+        self.events: list[tuple[str, int | None, float, float, str]] = []   # (op, layer, start, seconds, thread)
 
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+        self.events.clear()
 
-    def add(self, op: str, layer: int | None, seconds: float) -> None:
+    def add(self, op: str, layer: int | None, seconds: float, start: float | None = None) -> None:
         self.seconds[op, layer] += seconds
         self.calls[op, layer] += 1
+        if start is not None:
+            self.events.append((op, layer, start, seconds, threading.current_thread().name))
 
     def wrap(self, fn: Callable, op: str) -> Callable:
         def timed(*a, **kw):
@@ -50,9 +55,20 @@ class OpTimes:
             t0 = time.perf_counter()
             out = fn(*a, **kw)
             self.sync()
-            self.add(op, None, time.perf_counter() - t0)
+            self.add(op, None, time.perf_counter() - t0, t0)
             return out
         return timed
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        """A trace event around a whole step (not counted as an op)."""
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.events.append((name, None, t0, time.perf_counter() - t0, threading.current_thread().name))
 
     def per_op(self) -> dict[str, dict[int | None, float]]:
         """op -> {layer: seconds}, with the shared experts subtracted from the routed-experts module."""
@@ -73,7 +89,8 @@ def _hook(times: OpTimes, module: torch.nn.Module, op: str, layer: int | None) -
 
     def post(_m, _args, _out):
         times.sync()
-        times.add(op, layer, time.perf_counter() - starts.pop())
+        t0 = starts.pop()
+        times.add(op, layer, time.perf_counter() - t0, t0)
 
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
@@ -129,3 +146,22 @@ def describe(title: str, b: dict) -> str:
              "around every op)", "", "| op | ms | % of step |", "| --- | ---: | ---: |"]
     lines += [f"| {o['op']} | {o['ms']:.3f} | {o['percent']:.1f} |" for o in b["ops"]]
     return "\n".join(lines)
+
+
+def chrome_trace(phases: list[tuple[str, list[tuple[str, int | None, float, float, str]]]]) -> dict:
+    """Chrome / Perfetto trace events ("X" complete events, microseconds) of the profiled phases: one
+    process per phase (its label), one track per thread, an event per op per layer and per step.
+    Open with https://ui.perfetto.dev or chrome://tracing."""
+    events, tids = [], {}
+    for pid, (label, recorded) in enumerate(phases, start=1):
+        events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": label}})
+        base = min((e[2] for e in recorded), default=0.0)
+        for op, layer, start, seconds, thread in recorded:
+            tid = tids.setdefault(thread, len(tids) + 1)
+            events.append({"name": op if layer is None else f"{op} [{layer}]", "cat": op, "ph": "X", "pid": pid,
+                           "tid": tid, "ts": (start - base) * 1e6, "dur": seconds * 1e6,
+                           "args": {} if layer is None else {"layer": layer}})
+    for thread, tid in tids.items():
+        for pid in range(1, len(phases) + 1):
+            events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": thread}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
