@@ -1,6 +1,8 @@
 """Generation: greedy decode agrees with transformers' generate; sampling is seeded; eos, context
 limits, bad prompts; text streaming; the CLI."""
+import io
 import json
+import sys
 
 import re
 
@@ -259,3 +261,24 @@ def test_rules_override_loads_dtype_and_context_is_forwarded(tiny, tmp_path, cap
     assert cli_main(["run", "--model", str(tiny), "--prompt", "x " * 30, "-n", "30", "--context", "40",
                      "--rules", str(rules)]) == 2
     assert "40" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_loading_shows_progress_on_a_terminal_only(tiny, monkeypatch):
+    """A progress bar (one step per MoE layer's experts, one for the rest) on stderr when it is a
+    terminal; nothing at all when it is not (logs, pipes, tests)."""
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    hetero_rt.load(tiny)
+    shown = term.getvalue()
+    args = hetero_rt.load(tiny).args
+    n_moe = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+    assert "loading" in shown and f"{n_moe + 1}/{n_moe + 1}" in shown
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    hetero_rt.load(tiny)
+    assert "loading" not in plain.getvalue()

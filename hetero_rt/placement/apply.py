@@ -6,6 +6,7 @@ map straight to its device and dtype, one tensor at a time."""
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from ..checkpoint.loader import Where, build_model
 from ..checkpoint.names import hf_name
@@ -20,13 +21,20 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 def load_model(loader, args: ModelArgs, plan: Plan, main_dtype: torch.dtype) -> Transformer:
     """loader: a checkpoint loader (checkpoint.loader.SafetensorsLoader, checkpoint.gguf_loader.GGUFLoader)."""
     builder = ExpertsBuilder(args, plan.main.device, main_dtype)
-    for layer in range(args.num_hidden_layers):
-        if args.is_moe_layer(layer):
+    moe_layers = [layer for layer in range(args.num_hidden_layers) if args.is_moe_layer(layer)]
+    # a bar on stderr while loading (one step per MoE layer's experts, one for the rest); silent when
+    # stderr is not a terminal (tqdm's disable=None), so logs and tests see nothing
+    with tqdm(total=len(moe_layers) + 1, desc="loading", unit="part", disable=None, leave=False) as bar:
+        for layer in moe_layers:
             p = plan.experts(layer)
             dtype = TORCH_DTYPES[p.dtype] if p.dtype else main_dtype
+            bar.set_postfix_str(f"layer {layer} experts", refresh=False)
             builder.build(loader.expert_weights(layer, registry.get(p.backend), dtype), p)
-    model = build_model(args, builder.experts_for)
-    loader.load(model, param_placement(plan, main_dtype))
+            bar.update()
+        model = build_model(args, builder.experts_for)
+        bar.set_postfix_str("attention, shared experts, embeddings", refresh=False)
+        loader.load(model, param_placement(plan, main_dtype))
+        bar.update()
     for name, param in model.named_parameters():        # format: stored weights take their activations
         stored = getattr(param, "stored", None)
         if stored is not None:
