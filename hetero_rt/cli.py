@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bandwidth-probe", type=_size, default="1GiB", help="buffer read for the bandwidth figure")
     bench.add_argument("--json", type=Path, default=None, help="write every figure as one JSON document")
     bench.add_argument("--csv", type=Path, default=None, help="write the table's rows (all repetitions) as CSV")
+    bench.add_argument("--plot", type=Path, default=None,
+                       help="write PNG charts: tokens/s per configuration, per-op time stacked (needs matplotlib: "
+                            "the plot extra)")
     bench.add_argument("--trace", type=Path, default=None,
                        help="write the profiled prefill and decode steps as Chrome/Perfetto trace events (JSON): "
                             "per layer and op, per thread")

@@ -27,7 +27,7 @@ def result(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--model", str(ckpt), "-p", "16", "-n", "4", "-t", "1,2", "--repetitions", "2",
             "--bandwidth-probe", "16MiB", "--json", str(out / "b.json"), "--csv", str(out / "b.csv"),
-            "--trace", str(out / "trace.json")]
+            "--trace", str(out / "trace.json"), "--plot", str(out / "bench.png")]
     return cli.main(argv), json.loads((out / "b.json").read_text()), out / "b.csv"
 
 
@@ -130,3 +130,12 @@ def test_trace_holds_every_profiled_op_and_step(result):
     assert sum(e["dur"] for e in attn) / 1e3 / steps == pytest.approx(op["ms"], rel=1e-6)
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     assert "events" not in doc["runs"][0]["breakdown"]["decode"]         # the JSON document stays small
+
+
+def test_plot_writes_a_png_of_both_charts(result):
+    _, doc, csv_path = result
+    png = (csv_path.parent / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    import matplotlib.image
+    h, w = matplotlib.image.imread(csv_path.parent / "bench.png").shape[:2]
+    assert w > 2 * h * 0.9                       # two charts side by side

@@ -36,7 +36,7 @@ from ..errors import HeteroRTError
 from ..placement.memory import plan_memory
 from ..placement.sizes import fmt_bytes
 from . import machine as machine_info
-from . import profile
+from . import plots, profile
 
 SCHEMA = "hetero_rt.bench/1"
 TG_PROMPT = 16            # cached positions before the timed decode steps
@@ -245,7 +245,7 @@ def write_csv(doc: dict, path: str | Path) -> None:
 
 def bench_command(ns) -> int:
     """The CLI's `bench`: run, print the report to stdout (progress on stderr), write --json / --csv and
-    --trace (the profiled prefill and decode steps as Chrome trace events)."""
+    --trace (the profiled prefill and decode steps as Chrome trace events) and --plot (PNG charts)."""
     log = lambda s: print(s, file=sys.stderr)
     doc = bench(ns.model, ns.rules or [None], ns.prompt_tokens, ns.gen_tokens, ns.threads, ns.repetitions,
                 machine_info.peak_rss_bytes,
@@ -256,6 +256,8 @@ def bench_command(ns) -> int:
     print(report(doc))
     if ns.trace is not None:
         Path(ns.trace).write_text(json.dumps(trace) + "\n")
+    if ns.plot is not None:
+        plots.plot(doc, ns.plot)
     if ns.json is not None:
         Path(ns.json).write_text(json.dumps(doc, indent=1) + "\n")
     if ns.csv is not None:
