@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate text from a checkpoint")
     run.add_argument("--model", required=True,
                      help="checkpoint directory (config.json + *.safetensors) or a deepseek2 .gguf file "
-                          "(for split files, any part)")
+                          "(for split files, any part), or a Hugging Face model id: org/name, org/name:QUANT "
+                          "(e.g. :Q4_K_M) or org/name:FILE.gguf (downloaded into the HF cache, or read from it "
+                          "with HF_HUB_OFFLINE=1)")
     run.add_argument("--prompt", required=True)
     _generation_args(run)
     run.set_defaults(func=cmd_run)

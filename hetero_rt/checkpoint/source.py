@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import ModelArgs
 from ..errors import CheckpointError
+from . import hub
 from .gguf import GGUFCheckpoint, is_gguf
 from .gguf_loader import GGUFLoader
 from .loader import SafetensorsLoader
@@ -30,7 +31,10 @@ def default_dtype(tensors: TensorMeta) -> str:
 
 
 def open_source(path: str | Path) -> "DirectorySource | GGUFSource":
-    return GGUFSource(Path(path)) if is_gguf(path) else DirectorySource(Path(path))
+    """A checkpoint directory, a GGUF file (any part of a split one), or a Hugging Face model id
+    (checkpoint.hub: org/name, org/name:QUANT, org/name:FILE.gguf) resolved through the HF cache."""
+    path = hub.resolve(path)
+    return GGUFSource(path) if is_gguf(path) else DirectorySource(path)
 
 
 class DirectorySource:
