@@ -22,9 +22,11 @@ def load_model(loader, args: ModelArgs, plan: Plan, main_dtype: torch.dtype) -> 
     """loader: a checkpoint loader (checkpoint.loader.SafetensorsLoader, checkpoint.gguf_loader.GGUFLoader)."""
     builder = ExpertsBuilder(args, plan.main.device, main_dtype)
     moe_layers = [layer for layer in range(args.num_hidden_layers) if args.is_moe_layer(layer)]
-    # a bar on stderr while loading (one step per MoE layer's experts, one for the rest); silent when
-    # stderr is not a terminal (tqdm's disable=None), so logs and tests see nothing
-    with tqdm(total=len(moe_layers) + 1, desc="loading", unit="part", disable=None, leave=False) as bar:
+    # a bar on stderr while loading (one step per MoE layer's experts, one for the rest), redrawn at every
+    # step (a step is a layer: seconds, not microseconds); silent when stderr is not a terminal (tqdm's
+    # disable=None), so logs and tests see nothing
+    with tqdm(total=len(moe_layers) + 1, desc="loading", unit="part", disable=None, leave=False, mininterval=0,
+              miniters=1) as bar:
         for layer in moe_layers:
             p = plan.experts(layer)
             dtype = TORCH_DTYPES[p.dtype] if p.dtype else main_dtype
