@@ -165,17 +165,20 @@ def test_replies_stream_and_equal_greedy_over_the_whole_conversation(server, bro
 
 
 def test_stop_ends_the_reply_and_keeps_the_part_shown(tiny, browser, reference):
-    """The served runtime is slowed to about 50 forwards/s so that Stop lands mid-reply."""
+    """The served runtime's forwards stop after the 30th (they wait on an event, not a clock) until
+    Stop has been clicked, so Stop always lands mid-reply."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     from hetero_rt.serve.app import build_app
     rt = hetero_rt.load(tiny)
-    fast = rt.batcher.forward
+    fast, calls, clicked = rt.batcher.forward, [0], threading.Event()
 
-    def slow(*args, **kw):
-        time.sleep(0.02)
+    def held(*args, **kw):
+        calls[0] += 1
+        if calls[0] > 30:
+            clicked.wait(WAIT_S)
         return fast(*args, **kw)
-    rt.batcher.forward = slow
+    rt.batcher.forward = held
     with serving(build_app(rt, "tiny")) as url:
         open_page(browser, url, max_tokens=400)
         type_and_send(browser, "count to a thousand")
@@ -183,6 +186,7 @@ def test_stop_ends_the_reply_and_keeps_the_part_shown(tiny, browser, reference):
             lambda d: replies(d) and int(replies(d)[0].get_attribute("data-chunks")) >= 3)
         browser.find_element(By.ID, "stop").click()
         stopped = wait_reply(browser, 0)
+        clicked.set()
         partial = text_of(stopped)
         assert "stopped" in stopped.get_attribute("class") and int(stopped.get_attribute("data-chunks")) < 400
         assert browser.find_element(By.ID, "send").is_enabled()
