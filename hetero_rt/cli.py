@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 from .api import load, make_plan
-from .bench.llama_bench import bench_command
-from .bench.machine import peak_rss_bytes
 from .chat import chat_repl
 from .checkpoint.source import default_dtype, open_source
 from .checkpoint.synthetic import ensure_demo_checkpoint
@@ -19,7 +17,7 @@ from .errors import HeteroRTError
 from .experts import registry
 from .kernels.threads import default_threads
 from .placement.memory import plan_memory
-from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes
+from .placement.sizes import fmt_bytes, machine_budgets, parse_bytes, peak_rss_bytes
 from .placement.write import write_rules
 from .runtime.engine import print_stream
 from .runtime.request import GenerationInterrupted
@@ -205,6 +203,9 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
+    # imported here so that run / chat / serve / plan never load hetero_rt.bench (llama.cpp's reference,
+    # matplotlib): tests/test_experts_build.py holds the runtime path to that
+    from .bench.llama_bench import bench_command
     ns.threads = ns.threads or [default_threads()]
     return bench_command(ns)
 

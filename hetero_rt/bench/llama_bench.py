@@ -34,7 +34,7 @@ from ..api import dtype_name, load
 from ..checkpoint.source import open_source
 from ..errors import HeteroRTError
 from ..placement.memory import plan_memory
-from ..placement.sizes import fmt_bytes
+from ..placement.sizes import fmt_bytes, peak_rss_bytes
 from . import machine as machine_info
 from . import plots, profile
 
@@ -248,7 +248,7 @@ def bench_command(ns) -> int:
     --trace (the profiled prefill and decode steps as Chrome trace events) and --plot (PNG charts)."""
     log = lambda s: print(s, file=sys.stderr)
     doc = bench(ns.model, ns.rules or [None], ns.prompt_tokens, ns.gen_tokens, ns.threads, ns.repetitions,
-                machine_info.peak_rss_bytes,
+                peak_rss_bytes,
                 context=ns.context, dtype=ns.dtype, device=ns.device, cpu_fallback=ns.cpu_fallback,
                 check_memory=not ns.skip_memory_check, probe_bytes=ns.bandwidth_probe, log=log)
     trace = profile.chrome_trace([(f"{run['rules']}: {phase}", run["breakdown"][phase].pop("events"))

@@ -5,8 +5,6 @@ Everything is a plain JSON-able dict so a later script can build docs tables fro
 from __future__ import annotations
 
 import platform
-import resource
-import sys
 
 import numba
 import numpy as np
@@ -79,13 +77,3 @@ def describe(m: dict) -> str:
                                                   f"compute {gpu['capability']})"),
              "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())]
     return "\n".join(lines)
-
-
-def peak_rss_bytes() -> int:
-    """This process's high-water resident memory: VmHWM on Linux, else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024

@@ -3,6 +3,8 @@ not taken as 24 bytes) and as hetero_rt prints them; the memory this machine has
 from __future__ import annotations
 
 import re
+import resource
+import sys
 
 import psutil
 import torch
@@ -48,3 +50,13 @@ def machine_budgets(devices) -> tuple[dict[str, int], list[str]]:
         else:
             said.append(f"no budget for {dev}: this machine has no such GPU; pass --gpu-mem to plan for one")
     return budgets, said
+
+
+def peak_rss_bytes() -> int:
+    """This process's high-water resident memory: VmHWM on Linux, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
