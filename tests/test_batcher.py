@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import hetero_rt
-from hetero_rt.model.transformer import Segment
+from hetero_rt.model.batch import Segment
 from hetero_rt.placement.memory import plan_memory
 from hetero_rt.runtime.request import GenerationInterrupted, StopText
 

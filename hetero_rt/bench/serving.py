@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import uvicorn
 
-from ..model.transformer import Segment
+from ..model.batch import Segment
 from ..runtime.engine import Runtime
 from ..serve.app import build_app
 

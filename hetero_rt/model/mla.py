@@ -14,7 +14,6 @@ tokens at once, then per segment: write its latents into its cache slot, attend 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..config import ModelArgs, yarn_mscale
 from ..quant.fp8 import materialize
+from .batch import Packed
 from .layers import RMSNorm, linear
 
 # The latent norms (q_a / kv_a) use a fixed eps: DeepSeek's modeling code and transformers build them
@@ -101,24 +101,18 @@ class MLA(nn.Module):
         self.wo = nn.Parameter(torch.empty(D, H * self.V))
         self.softmax_scale = args.softmax_scale
 
-    def forward(self, x: torch.Tensor, segments: Sequence, rope: Rope, cache: torch.Tensor,
-                absorbed: bool | None) -> torch.Tensor:
-        """x (T, D), the tokens of `segments` (model.transformer.Segment: slot, start, length) one after
-        another; cache (B, S_max, C+R) for this layer. The projections run once over all T tokens;
-        each segment writes its latents into its slot and attends over its own positions. absorbed=None:
-        the absorbed path for one-token segments (decode), the naive one for longer ones. Returns (T, D)."""
-        T = x.shape[0]
-        pos = positions(segments, x.device)                              # (T,)
+    def forward(self, x: torch.Tensor, packed: Packed, rope: Rope, cache: torch.Tensor) -> torch.Tensor:
+        """x (T, D), the tokens of packed.segments one after another; cache (B, S_max, C+R) for this
+        layer. The projections run once over all T tokens; each segment writes its latents into its
+        slot and attends over its own positions, on the path packed.absorb names. Returns (T, D)."""
+        T, pos, rows = x.shape[0], packed.positions, packed.absorbed_rows   # (T,), (Ta,) or None
         q_nope, q_pe = self.query(x, pos, rope)                          # (T, H, N), (T, H, R)
         kv = linear(x, self.wkv_a)                                       # (T, C+R)
         latent = torch.cat((self.kv_norm(kv[:, :self.C]), rope.apply(kv[:, None, self.C:], pos)[:, 0]), -1)
-        absorb = [s.length == 1 if absorbed is None else absorbed for s in segments]
-        rows = torch.cat([torch.arange(o, o + s.length) for o, s, a in zip(offsets(segments), segments, absorb) if a]) \
-            if any(absorb) else None                                     # tokens on the absorbed path
         q_lat = self.absorb_query(q_nope[rows]) if rows is not None else None   # (Ta, H, C)
-        o = x.new_empty(T, self.H, self.V) if not all(absorb) else None
+        o = None if packed.all_absorbed else x.new_empty(T, self.H, self.V)
         o_lat, ai = [], 0
-        for off, s, a in zip(offsets(segments), segments, absorb):
+        for off, s, a in zip(packed.offsets, packed.segments, packed.absorb):
             sl, end = slice(off, off + s.length), s.start + s.length
             cache[s.slot, s.start:end] = latent[sl].to(cache.dtype)
             c_kv, k_pe = cache[s.slot, :end, :self.C], cache[s.slot, :end, self.C:]   # (S, C), (S, R)
@@ -130,7 +124,7 @@ class MLA(nn.Module):
                 o[sl] = self.attend_naive(q_nope[sl], q_pe[sl], c_kv, k_pe, mask)
         if rows is not None:
             expanded = self.expand_output(torch.cat(o_lat))              # (Ta, H, V)
-            o = expanded if o is None else o.index_copy_(0, rows.to(o.device), expanded.to(o.dtype))
+            o = expanded if o is None else o.index_copy_(0, rows, expanded.to(o.dtype))
         return linear(o.reshape(T, -1), self.wo)
 
     def query(self, x: torch.Tensor, pos: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,20 +171,6 @@ class MLA(nn.Module):
 
     def _w_ukv(self, dtype: torch.dtype) -> torch.Tensor:
         return materialize(self.wkv_b, dtype).view(self.H, self.N + self.V, self.C)   # (H, N+V, C)
-
-
-def positions(segments: Sequence, device) -> torch.Tensor:
-    """(T,) absolute position of every token of the packed segments."""
-    return torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(device)
-
-
-def offsets(segments: Sequence) -> list[int]:
-    """Where each segment's tokens begin in the packed batch."""
-    out, off = [], 0
-    for s in segments:
-        out.append(off)
-        off += s.length
-    return out
 
 
 def causal_mask(T: int, start: int, device) -> torch.Tensor:

@@ -12,7 +12,6 @@ lm_head run on all T tokens at once, so the weights read for one decode step ser
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..experts import TorchExperts
+from .batch import Packed, Segment
 from .layers import MLP, RMSNorm, embedding, linear
 from .mla import MLA, Rope
 from .moe import MoE
@@ -32,14 +32,6 @@ def torch_experts(args: ModelArgs) -> ExpertsFactory:
     return lambda layer, gate: TorchExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """`length` consecutive tokens of one sequence, in cache slot `slot`, at positions start.."""
-    slot: int
-    start: int
-    length: int
-
-
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, make_experts: ExpertsFactory):
         super().__init__()
@@ -49,11 +41,9 @@ class Block(nn.Module):
         self.ffn = MoE(args, layer, make_experts) if args.is_moe_layer(layer) \
             else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, h: torch.Tensor, segments: Sequence[Segment], rope: Rope, cache: torch.Tensor,
-                absorbed: bool | None):
-        """h (T, D); cache (B, S_max, C+R) of this layer. absorbed=None: absorbed MLA for one-token
-        segments (decode), naive for longer ones (prefill)."""
-        h = h + self.attn(self.attn_norm(h), segments, rope, cache, absorbed)
+    def forward(self, h: torch.Tensor, packed: Packed, rope: Rope, cache: torch.Tensor):
+        """h (T, D); cache (B, S_max, C+R) of this layer."""
+        h = h + self.attn(self.attn_norm(h), packed, rope, cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -73,14 +63,14 @@ class Transformer(nn.Module):
         (L, B, S_max, C+R) is read and written in place. absorbed=None picks naive MLA for prefill
         segments, absorbed for one-token (decode) segments. Returns fp32 logits (T, Vocab), or
         (len(segments), Vocab) for each segment's last token with last_only."""
-        if sum(s.length for s in segments) != tokens.shape[0]:
-            raise ValueError(f"segments cover {sum(s.length for s in segments)} tokens, got {tokens.shape[0]}")
+        packed = Packed(segments, absorbed, tokens.device)
+        if packed.tokens != tokens.shape[0]:
+            raise ValueError(f"segments cover {packed.tokens} tokens, got {tokens.shape[0]}")
         h = embedding(tokens, self.embed.weight)                         # (T, D)
         for i, block in enumerate(self.layers):
-            h = block(h, segments, rope, cache[i], absorbed)
+            h = block(h, packed, rope, cache[i])
         if last_only:
-            ends = torch.tensor([s.length for s in segments]).cumsum(0) - 1
-            h = h[ends.to(h.device)]                                     # (len(segments), D)
+            h = h[packed.last_rows]                                      # (len(segments), D)
         h = self.norm(h)
         head = self.embed.weight if self.head is None else self.head
         return linear(h, head).float()                                   # (T, Vocab)

@@ -1,5 +1,5 @@
 """The batcher: runs requests on the model, several at once. Each active request holds one slot of
-the latent cache; every step is one forward of a packed batch (model.transformer.Segment): one
+the latent cache; every step is one forward of a packed batch (model.batch.Segment): one
 token for every decoding request plus prompt chunks of requests being prefilled, within the
 prefill chunk's token budget. So the routed experts' weights read for a decode step serve every
 sequence in the batch, and a long prompt arriving never stalls the others for more than a chunk.
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..model.transformer import Segment
+from ..model.batch import Segment
 from .request import GenerationInterrupted, Request
 
 Forward = Callable[[torch.Tensor, list[Segment]], torch.Tensor]   # tokens (T,), segments -> (len, Vocab)

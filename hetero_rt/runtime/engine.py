@@ -22,7 +22,8 @@ from ..errors import InputError
 from ..experts import NumbaExperts
 from ..kv_cache import LatentCache
 from ..model.mla import Rope
-from ..model.transformer import Segment, Transformer
+from ..model.batch import Segment
+from ..model.transformer import Transformer
 from . import arguments
 from .batcher import Batcher
 from .request import GenerationResult, Request
@@ -102,7 +103,7 @@ class Runtime:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, segments: list[Segment], absorbed: bool | None = None,
                 last_only: bool = True) -> torch.Tensor:
-        """One forward of a packed batch (model.transformer.Segment) against the cache: fp32 logits on
+        """One forward of a packed batch (model.batch.Segment) against the cache: fp32 logits on
         the CPU of each segment's last token (len(segments), vocab), or of every token without last_only."""
         for s in segments:
             self.cache.reserve(s.start, s.length)

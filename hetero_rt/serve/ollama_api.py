@@ -27,9 +27,8 @@ from .. import __version__
 from ..runtime.request import GenerationResult
 from .bridge import Generation, GenerationStream
 from .errors import ApiError, StrictBody, parse_body
-from .service import Service
+from .service import FINISH_REASONS, Service
 
-DONE_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 
 
@@ -150,7 +149,7 @@ def check_result(gen: Generation) -> None:
     reason = gen.result.stop_reason
     if reason == "error":
         raise ApiError(500, f"generation failed: {gen.error}")
-    if reason not in DONE_REASONS:
+    if reason not in FINISH_REASONS:
         raise ApiError(503, f"generation {reason}: the server is shutting down")
 
 
@@ -167,7 +166,7 @@ async def lines(service: Service, gen: Generation, field: str) -> AsyncIterator[
 
 def final(service: Service, gen: Generation, field: str, text: str) -> dict:
     res: GenerationResult = gen.result
-    return {**head(service), field: content(field, text), "done": True, "done_reason": DONE_REASONS[res.stop_reason],
+    return {**head(service), field: content(field, text), "done": True, "done_reason": FINISH_REASONS[res.stop_reason],
             "total_duration": ns(gen.total_s), "load_duration": 0,
             "prompt_eval_count": len(res.prompt_ids), "prompt_eval_duration": ns(res.prefill_s),
             "eval_count": len(res.new_ids), "eval_duration": ns(res.decode_s)}

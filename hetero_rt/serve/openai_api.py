@@ -24,9 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from ..runtime.request import GenerationResult
 from .bridge import Generation, GenerationStream
 from .errors import ApiError, StrictBody, parse_body
-from .service import Service
-
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+from .service import FINISH_REASONS, Service
 
 
 class StreamOptions(StrictBody):

@@ -14,6 +14,11 @@ from .errors import ApiError
 from .metrics import ServerMetrics, expert_cache_layers
 
 
+# the runtime's stop reasons a reply can end with, as both APIs name them (OpenAI finish_reason,
+# Ollama done_reason); cancelled / interrupted / error replies never reach a client as a finish
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
 @dataclass
 class Service:
     rt: Runtime
