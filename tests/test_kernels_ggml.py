@@ -87,12 +87,12 @@ def test_int8_activation_dot_within_stated_tolerance(fmt):
     """dot_row_i8 (x quantized per 32 columns to int8, integer block sums) vs the exact fp32 dot of
     the dequantized weights: within 2% of max |dot| over 64 rows (measured 4e-3 to 7e-3), and not
     exact (so the int8 path really ran)."""
-    from hetero_rt.kernels.dot import dot_row_i8, quantize_act
+    from hetero_rt.kernels.dot import act_sums_size, dot_row_i8, quantize_act
     f = ggml.get_format(fmt)
     cols = 2048 + 256 + (32 if f.block == 32 else 0)
     raw = ggml.quantize(weights(64, cols, seed=5), fmt)
     x = np.random.default_rng(6).standard_normal(cols).astype(np.float32)
-    xq, xd, xs = np.empty(cols, np.int8), np.empty(cols // 32, np.float32), np.empty(cols // 32, np.float32)
+    xq, xd, xs = np.empty(cols, np.int8), np.empty(cols // 32, np.float32), np.empty(act_sums_size(cols), np.float32)
     quantize_act(x, xq, xd, xs)
     np.testing.assert_allclose(xq * np.repeat(xd, 32), x, atol=np.abs(x).max() / 254 * 1.001)
     ref = ggml.dequantize(raw, fmt).astype(np.float64) @ x
@@ -144,32 +144,19 @@ def test_micro_kernels_of_every_block_shape(rb, nv):
     np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("vnni", [False, True])
-def test_q4k_block_i8_both_code_paths(vnni, monkeypatch):
-    """The int8 Q4_K block dot (scales and mins unpacked as vectors, integer dots with and without
-    VNNI) against float64 numpy on gguf's dequantized weights and the dequantized int8 activations,
-    for every block of a 4-block row (all 6-bit scale/min packings occur)."""
-    from numba import njit
-    from hetero_rt.kernels import intrinsics
-    from hetero_rt.kernels.dot import quantize_act
-    if vnni and not intrinsics.VNNI:
-        pytest.skip("this CPU has no AVX512-VNNI")
-    monkeypatch.setattr(intrinsics, "VNNI", vnni)
-
-    @njit
-    def call(row, o, xq, xo, xd, xs, xb):
-        return intrinsics.q4k_block_i8(row, o, xq, xo, xd, xs, xb)
-
-    raw = ggml.quantize(weights(1, 1024, seed=8) * 3, "q4_k")[0].copy()
-    w = ggml.dequantize(raw[None], "q4_k")[0].astype(np.float64)
-    x = np.random.default_rng(9).standard_normal(1024).astype(np.float32)
-    xq, xd, xs = np.empty(1024, np.int8), np.empty(32, np.float32), np.empty(32, np.float32)
-    quantize_act(x, xq, xd, xs)
-    xdq = xq.astype(np.float64) * np.repeat(xd.astype(np.float64), 32)
-    for blk in range(4):
-        got = call(raw, np.uint64(144 * blk), xq, np.uint64(256 * blk), xd, xs, 8 * blk)
-        want = (w[256 * blk:256 * blk + 256] * xdq[256 * blk:256 * blk + 256]).sum()
-        assert abs(got - want) <= 1e-4 * np.abs(w[256 * blk:256 * blk + 256] * xdq[256 * blk:256 * blk + 256]).sum()
+def test_act_sums_against_numpy():
+    """The int8 activations' block sums: per 32 then per 16, each the block's scale times the sum of
+    its int8 values (the extremes -128 / 127 included)."""
+    from hetero_rt.kernels.dot import act_sums, act_sums_size
+    rng = np.random.default_rng(3)
+    xq = rng.integers(-128, 128, 512, dtype=np.int8)
+    xq[:32], xq[64:80] = -128, 127
+    xd = rng.random(16).astype(np.float32)
+    xs = np.full(act_sums_size(512), np.nan, np.float32)
+    act_sums(xq, xd, xs)
+    q = xq.astype(np.float64)
+    np.testing.assert_allclose(xs[:16], xd * q.reshape(16, 32).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(xs[16:], np.repeat(xd, 2) * q.reshape(32, 16).sum(1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("vnni", [False, True])
@@ -183,8 +170,8 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
     monkeypatch.setattr(intrinsics, "VNNI", vnni)
 
     @njit
-    def call(row, xq, xd, nb):
-        return intrinsics.q8_0_dot_i8(row, xq, xd, nb)
+    def call(row, xq, xd, xs, nb):
+        return intrinsics.q8_0_dot_i8(row, xq, xd, xs, nb)
 
     rng = np.random.default_rng(5 + int(vnni))
     raw = ggml.quantize(weights(1, 96, seed=4), "q8_0")[0].copy()
@@ -195,17 +182,19 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
     xd = rng.random(3).astype(np.float32)
     d = raw.reshape(3, 34)[:, :2].copy().view(np.float16).astype(np.float64).ravel()
     want = sum(d[b] * xd[b] * float((q[b].astype(np.int64) * xq[32 * b:32 * b + 32]).sum()) for b in range(3))
-    np.testing.assert_allclose(call(raw, xq, xd, 3), want, rtol=1e-5)
+    np.testing.assert_allclose(call(raw, xq, xd, _sums(xq, xd), 3), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q6_k", "q2_k", "q3_k", "iq4_xs"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q4_k", "q6_k", "q2_k", "q3_k", "iq4_xs"])
 def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
-    """The whole-row int8 dots written as vector IR (levels unpacked in vectors, offsets subtracted
-    through a second vpdpbusd of 1s, the 16 sub-block scales of Q2_K/Q3_K/Q6_K applied per vector
-    lane, IQ4_XS's levels by table lookup), with and without VNNI, against float64 numpy on gguf's dequantized
-    weights and the dequantized int8 activations (an exact reference: the only difference is fp32
-    summation order); activations at the int8 extremes -128 / 127 and every level of the format."""
+    """The whole-row int8 dots written as vector IR (levels unpacked in vectors, offsets and mins taken
+    from the activations' block sums, the 16 sub-block scales of Q2_K/Q3_K/Q6_K applied per vector
+    lane, Q4_K's 6-bit scales and mins unpacked as vectors, IQ4_XS's levels by table lookup), with
+    and without VNNI, against float64 numpy on gguf's dequantized weights and the dequantized int8
+    activations (an exact reference: the only difference is fp32 summation order); activations at
+    the int8 extremes -128 / 127 and every level of the format; rows of 4 and 5 blocks (the unrolled
+    loop and its remainder)."""
     from numba import njit
     from hetero_rt.kernels import intrinsics
     if vnni and not intrinsics.VNNI:
@@ -214,22 +203,22 @@ def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
     fn = getattr(intrinsics, f"{fmt}_dot_i8")
 
     @njit
-    def call(row, xq, xd, nb):
-        return fn(row, xq, xd, nb)
+    def call(row, xq, xd, xs, nb):
+        return fn(row, xq, xd, xs, nb)
 
     f = ggml.get_format(fmt)
-    cols = 1024 + (64 if f.block == 32 else 0)
+    cols = 1024 + (64 if f.block == 32 else 256)
     rng = np.random.default_rng(11 + int(vnni))
     raw = ggml.quantize(weights(6, cols, seed=12) * 3, fmt)
     w = ggml.dequantize(raw, fmt).astype(np.float64)
-    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60, "q2_k": 3, "q3_k": 7}.get(fmt, 15)
+    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60, "q2_k": 3, "q3_k": 7, "q4_k": 40}.get(fmt, 15)
     xq = rng.integers(-128, 128, cols, dtype=np.int8)
     xq[:16], xq[40:56] = -128, 127
     xd = (rng.random(cols // 32) + 0.5).astype(np.float32)
     xdq = xq.astype(np.float64) * np.repeat(xd.astype(np.float64), 32)
     for r in range(6):
         want = w[r] @ xdq
-        got = call(raw[r], xq, xd, cols // f.block)
+        got = call(raw[r], xq, xd, _sums(xq, xd), cols // f.block)
         assert abs(got - want) <= 2e-6 * np.abs(w[r] * xdq).sum(), (r, got, want)
 
 
@@ -298,3 +287,11 @@ def test_stored_kv_b_per_head_products(tokens):
         kv.act = "bf16"
     with pytest.raises(ValueError, match="are not \\(H \\* C, N\\) and \\(H \\* V, C\\)"):
         stored_kv_b_parameter(k_raw, "q5_0", v_raw, "q4_k", h + 1)
+
+
+def _sums(xq, xd):
+    """The block sums the row dots take with xq, xd (kernels.dot.act_sums)."""
+    from hetero_rt.kernels.dot import act_sums, act_sums_size
+    xs = np.empty(act_sums_size(xq.shape[0]), np.float32)
+    act_sums(xq, xd, xs)
+    return xs

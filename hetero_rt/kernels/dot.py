@@ -23,7 +23,7 @@ from ..quant.ggml import (BF16, FP8, FP16, FP32, IQ4_XS, KVALUES_IQ4, Q2_K, Q3_K
                           Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)
 
 from .intrinsics import (e4m3_to_f32, f16_to_f32, f32_from_bits, iq4_xs_dot_i8, mac_i32, opaque, prefetch,
-                         q2_k_dot_i8, q3_k_dot_i8, q3_to_f32, q3_to_i32, q4_0_dot_i8, q4_to_i32, q4k_block_i8,
+                         q2_k_dot_i8, q3_k_dot_i8, q3_to_f32, q3_to_i32, q4_0_dot_i8, q4_to_i32, q4_k_dot_i8,
                          q5_0_dot_i8, q5_to_f32, q5_to_i32, q6_k_dot_i8, q6_to_f32, q8_0_dot_i8, u8_to_f32,
                          u8_to_i32)
 
@@ -535,12 +535,38 @@ def dot_row(fmt, row, x, xs):
 # --- int8 activations ---------------------------------------------------------------------------
 # x is quantized per 32 columns like Q8_0 (xq int8, xd = max|x| / 127 per block), so every product
 # of a block is an integer: int32 sums of (small int weight) x (int8 activation), the block scales
-# applied once per 32 (Q6_K: 16) products. xs = xd * sum(xq) per block replaces block_sums(x).
+# applied once per 32 (Q6_K: 16) products. xs (act_sums_size(C)) holds the quantized rows' block
+# sums, xd times the sum of the xq: per 32 first (xs[:C // 32], in place of block_sums(x)), then per
+# 16 (xs[C // 32:]); they carry the share of a weight format's offset or min, which does not depend
+# on the row, so the row dots need no second integer dot for it.
+
+
+@njit(cache=True)
+def act_sums_size(cols):
+    """Length of the int8 activations' sums array xs for rows of cols values: cols // 32 + cols // 16."""
+    return cols // 32 + cols // 16
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def act_sums(xq, xd, xs):
+    """xs = the block sums of the int8 activations xq (C,) with scales xd (C // 32,): xs[b] = xd[b] *
+    sum of xq[32 b : 32 b + 32], then xs[C // 32 + i] = xd[i // 2] * sum of xq[16 i : 16 i + 16]."""
+    n32 = xd.shape[0]
+    for b in range(n32):
+        o = 32 * b
+        lo = 0
+        hi = 0
+        for k in range(16):
+            lo += np.int32(xq[o + k])
+            hi += np.int32(xq[o + 16 + k])
+        xs[b] = xd[b] * np.float32(lo + hi)
+        xs[n32 + 2 * b] = xd[b] * np.float32(lo)
+        xs[n32 + 2 * b + 1] = xd[b] * np.float32(hi)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
 def quantize_act(x, xq, xd, xs):
-    """x (C,) fp32 -> xq (C,) int8, xd (C // 32,) scales, xs (C // 32,) = xd * sum of the block's xq."""
+    """x (C,) fp32 -> xq (C,) int8, xd (C // 32,) scales, xs (act_sums_size(C),) their block sums."""
     for b in range(xd.shape[0]):
         o = U(32 * b)
         amax = F0
@@ -548,37 +574,28 @@ def quantize_act(x, xq, xd, xs):
             amax = max(amax, abs(x[o + U(k)]))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d > 0 else F0
-        isum = 0
         for k in range(32):
-            q = np.int32(np.rint(x[o + U(k)] * inv))
-            xq[o + U(k)] = q
-            isum += q
+            xq[o + U(k)] = np.int32(np.rint(x[o + U(k)] * inv))
         xd[b] = d
-        xs[b] = d * np.float32(isum)
+    act_sums(xq, xd, xs)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _dot_q8_0_i8(row, xq, xd):
+def _dot_q8_0_i8(row, xq, xd, xs):
     """The whole row in vector registers: intrinsics.q8_0_dot_i8 (vpdpbusd with VNNI)."""
-    return q8_0_dot_i8(row, xq, xd, xq.shape[0] // 32)
+    return q8_0_dot_i8(row, xq, xd, xs, xq.shape[0] // 32)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q4_0_i8(row, xq, xd, xs):
     """The whole row in vector registers: intrinsics.q4_0_dot_i8."""
-    return q4_0_dot_i8(row, xq, xd, xq.shape[0] // 32)
+    return q4_0_dot_i8(row, xq, xd, xs, xq.shape[0] // 32)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q4_k_i8(row, xq, xd, xs):
-    """Each 256 block in vector registers, scales and mins included (intrinsics.q4k_block_i8:
-    vpdpbusd with VNNI)."""
-    s = F0
-    for b in range(xq.shape[0] // 256):
-        o = U(144 * b)
-        _prefetch_ahead(row, o, 144)
-        s += q4k_block_i8(row, o, xq, U(256 * b), xd, xs, 8 * b)
-    return s
+    """The whole row in vector registers, scales and mins included: intrinsics.q4_k_dot_i8."""
+    return q4_k_dot_i8(row, xq, xd, xs, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -610,9 +627,9 @@ def _dot_q5_k_i8(row, xq, xd, xs):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _dot_q6_k_i8(row, xq, xd):
+def _dot_q6_k_i8(row, xq, xd, xs):
     """The whole row in vector registers, the 16 sub-block scales included: intrinsics.q6_k_dot_i8."""
-    return q6_k_dot_i8(row, xq, xd, xq.shape[0] // 256)
+    return q6_k_dot_i8(row, xq, xd, xs, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -654,7 +671,7 @@ def _q5_0_block_i8(row, o, xq, xo):
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q5_0_i8(row, xq, xd, xs):
     """The whole row in vector registers: intrinsics.q5_0_dot_i8."""
-    return q5_0_dot_i8(row, xq, xd, xq.shape[0] // 32)
+    return q5_0_dot_i8(row, xq, xd, xs, xq.shape[0] // 32)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -670,21 +687,21 @@ def _dot_q5_1_i8(row, xq, xd, xs):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _dot_q2_k_i8(row, xq, xd):
+def _dot_q2_k_i8(row, xq, xd, xs):
     """The whole row in vector registers, scales and mins included: intrinsics.q2_k_dot_i8."""
-    return q2_k_dot_i8(row, xq, xd, xq.shape[0] // 256)
+    return q2_k_dot_i8(row, xq, xd, xs, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _dot_q3_k_i8(row, xq, xd):
+def _dot_q3_k_i8(row, xq, xd, xs):
     """The whole row in vector registers, the 16 6-bit scales included: intrinsics.q3_k_dot_i8."""
-    return q3_k_dot_i8(row, xq, xd, xq.shape[0] // 256)
+    return q3_k_dot_i8(row, xq, xd, xs, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _dot_iq4_xs_i8(row, xq, xd):
+def _dot_iq4_xs_i8(row, xq, xd, xs):
     """The whole row in vector registers, levels looked up by vpshufb: intrinsics.iq4_xs_dot_i8."""
-    return iq4_xs_dot_i8(row, xq, xd, xq.shape[0] // 256)
+    return iq4_xs_dot_i8(row, xq, xd, xs, xq.shape[0] // 256)
 
 
 @njit(inline="always", cache=True)
@@ -699,7 +716,7 @@ def dot_row_i8(fmt, row, xq, xd, xs):
     """dot(weights of the stored row, x) for the formats of has_int8_dot, with x given as
     quantize_act(x)."""
     if fmt == Q8_0:
-        return _dot_q8_0_i8(row, xq, xd)
+        return _dot_q8_0_i8(row, xq, xd, xs)
     if fmt == Q4_0:
         return _dot_q4_0_i8(row, xq, xd, xs)
     if fmt == Q4_K:
@@ -707,7 +724,7 @@ def dot_row_i8(fmt, row, xq, xd, xs):
     if fmt == Q5_K:
         return _dot_q5_k_i8(row, xq, xd, xs)
     if fmt == Q6_K:
-        return _dot_q6_k_i8(row, xq, xd)
+        return _dot_q6_k_i8(row, xq, xd, xs)
     if fmt == Q5_0:
         return _dot_q5_0_i8(row, xq, xd, xs)
     if fmt == Q4_1:
@@ -715,9 +732,9 @@ def dot_row_i8(fmt, row, xq, xd, xs):
     if fmt == Q5_1:
         return _dot_q5_1_i8(row, xq, xd, xs)
     if fmt == Q2_K:
-        return _dot_q2_k_i8(row, xq, xd)
+        return _dot_q2_k_i8(row, xq, xd, xs)
     if fmt == Q3_K:
-        return _dot_q3_k_i8(row, xq, xd)
+        return _dot_q3_k_i8(row, xq, xd, xs)
     if fmt == IQ4_XS:
-        return _dot_iq4_xs_i8(row, xq, xd)
+        return _dot_iq4_xs_i8(row, xq, xd, xs)
     raise ValueError("dot_row_i8: no int8 dot for this format")

@@ -11,10 +11,9 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   e4m3_to_f32(v)             the float8 e4m3 value of byte v / 256 (exact; through fp16: vcvtph2ps)
   q4_to_i32 / q5_to_i32 / q3_to_i32: the same values as int32 (the int8-activation dots)
   u8_to_i32(v, shift, mask)  ((v >> shift) & mask) as int32, computed on 8-bit integers
-and, written directly as vector IR, the int8-activation dots of whole rows or blocks (vpdpbusd with
+and, written directly as vector IR, the int8-activation dots of whole rows (vpdpbusd with
 AVX512-VNNI or AVX-VNNI, else 32-bit multiplies LLVM lowers to pmaddwd): q8_0_dot_i8, q4_0_dot_i8,
-q5_0_dot_i8, q2_k_dot_i8, q3_k_dot_i8, q6_k_dot_i8, iq4_xs_dot_i8 (rows) and q4k_block_i8 (one
-256-block).
+q5_0_dot_i8, q2_k_dot_i8, q3_k_dot_i8, q4_k_dot_i8, q6_k_dot_i8, iq4_xs_dot_i8.
 """
 from __future__ import annotations
 
@@ -47,19 +46,26 @@ def f32_from_bits(typingctx, bits):
 
 
 def _half_to_float(builder, h16):
-    """fp32 of the IEEE half whose bits are the i16 h16: vcvtph2ps where the target has F16C; else
-    exponent and mantissa moved into fp32's fields and rescaled by 2**112 (fp32's bias less fp16's),
-    which also turns fp16 subnormals into normal fp32s (LLVM's own fallback is a libcall numba's JIT
-    does not link). Inf/NaN halves come out finite there; weights and scales carry none."""
+    """fp32 of the IEEE half whose bits are the i16 h16 (or each lane of an <n x i16>): vcvtph2ps
+    where the target has F16C; else exponent and mantissa moved into fp32's fields and rescaled by
+    2**112 (fp32's bias less fp16's), which also turns fp16 subnormals into normal fp32s (LLVM's own
+    fallback is a libcall numba's JIT does not link). Inf/NaN halves come out finite there; weights
+    and scales carry none."""
+    lanes = h16.type.count if isinstance(h16.type, ir.VectorType) else None
+
+    def ty(t):
+        return ir.VectorType(t, lanes) if lanes else t
+
+    def c(t, v):
+        return ir.Constant(ty(t), [v] * lanes if lanes else v)
     if F16C:
-        return builder.fpext(builder.bitcast(h16, ir.HalfType()), ir.FloatType())
-    i32 = ir.IntType(32)
-    v = builder.zext(h16, i32)
-    sign = builder.shl(builder.and_(v, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
-    body = builder.bitcast(builder.shl(builder.and_(v, ir.Constant(i32, 0x7FFF)), ir.Constant(i32, 13)),
-                           ir.FloatType())
-    scaled = builder.bitcast(builder.fmul(body, ir.Constant(ir.FloatType(), 2.0 ** 112)), i32)
-    return builder.bitcast(builder.or_(scaled, sign), ir.FloatType())
+        return builder.fpext(builder.bitcast(h16, ty(ir.HalfType())), ty(ir.FloatType()))
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    v = builder.zext(h16, ty(i32))
+    sign = builder.shl(builder.and_(v, c(i32, 0x8000)), c(i32, 16))
+    body = builder.bitcast(builder.shl(builder.and_(v, c(i32, 0x7FFF)), c(i32, 13)), ty(f32))
+    scaled = builder.bitcast(builder.fmul(body, c(f32, 2.0 ** 112)), ty(i32))
+    return builder.bitcast(builder.or_(scaled, sign), ty(f32))
 
 
 @intrinsic
@@ -283,110 +289,171 @@ def _u8s8_dot8(builder, q, x):
     return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
 
 
-@intrinsic
-def q4k_block_i8(typingctx, row, o, xq, xo, xd, xs, xb):
-    """One whole Q4_K block at row[o:] (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
-    mins, 128 nibble bytes) dotted with int8 activations xq[xo:xo+256] (scales xd[xb:xb+8], block
-    sums xs[xb:xb+8] = xd * sum of each 32 of xq), all in vector registers:
-        sum_j d sc_j xd_j sum_k q_jk xq_jk  -  dmin sum_j m_j xs_j.
-    The eight 6-bit scales and mins are unpacked together as <8 x i8> (shuffles, masks, shifts:
-    sc_j = b[j] & 63 and m_j = b[j+4] & 63 for j < 4; for j >= 4, sc_j = (b[j+4] & 15) | (b[j-4] >> 6) << 4
-    and m_j = (b[j+4] >> 4) | (b[j] >> 6) << 4), the integer dots are vpdpbusd with AVX512-VNNI (see
-    _u8s8_dot8), and one horizontal sum ends the block."""
-    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
-            and xq.dtype == types.int8 and isinstance(xd, types.Array) and xd.dtype == types.float32
-            and isinstance(xs, types.Array) and xs.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ra, xa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2))
-        da, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (4, 5))
-        i8, i32 = _I8, ir.IntType(32)
-        v8i8, v12i8 = ir.VectorType(i8, 8), ir.VectorType(i8, 12)
-        blk = _byte_ptr(builder, builder.bitcast(ra.data, i8.as_pointer()), args[1])
-        xb = _byte_ptr(builder, builder.bitcast(xa.data, i8.as_pointer()), args[3])
-        d, dmin = _f16_at(builder, blk, 0), _f16_at(builder, blk, 2)
-        b = builder.load(_byte_ptr(builder, blk, 4, v12i8), align=1)
-
-        def pick(idx):
-            return builder.shuffle_vector(b, ir.Constant(v12i8, ir.Undefined), ir.Constant(ir.VectorType(i32, 8), idx))
-
-        def c8(vals):
-            return ir.Constant(v8i8, vals)
-        lo4 = [True] * 4 + [False] * 4
-        a = pick([0, 1, 2, 3, 8, 9, 10, 11])           # b[j] (j < 4) / b[j+4] (j >= 4)
-        hi2 = builder.shl(builder.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), c8([6] * 8)), c8([4] * 8))   # (b[j-4] >> 6) << 4
-        sc = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 8), lo4), builder.and_(a, c8([63] * 8)),
-                            builder.or_(builder.and_(a, c8([15] * 8)), hi2))
-        mm = pick([4, 5, 6, 7, 8, 9, 10, 11])          # b[j+4]
-        mh = builder.shl(builder.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), c8([6] * 8)), c8([4] * 8))   # (b[j] >> 6) << 4
-        m = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 8), lo4), builder.and_(mm, c8([63] * 8)),
-                           builder.or_(builder.lshr(mm, c8([4] * 8)), mh))
-        xdp = builder.bitcast(builder.gep(da.data, [args[6]]), _V8F32.as_pointer())
-        xsp = builder.bitcast(builder.gep(sa.data, [args[6]]), _V8F32.as_pointer())
-        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), splat(builder, d, _V8F32)),
-                             builder.load(xdp, align=4))
-        mins = builder.fmul(builder.fmul(builder.uitofp(m, _V8F32), splat(builder, dmin, _V8F32)),
-                            builder.load(xsp, align=4))
-        fma = fma8(builder)
-        acc = builder.fsub(ir.Constant(_V8F32, [0.0] * 8), mins)
-        undef = ir.Constant(_V8F32, ir.Undefined)
-        for i in range(4):
-            qv = builder.load(_byte_ptr(builder, blk, 16 + 32 * i, _V32I8), align=1)
-            for h in range(2):
-                j = 2 * i + h
-                q = builder.and_(builder.lshr(qv, ir.Constant(_V32I8, [4 * h] * 32)), ir.Constant(_V32I8, [15] * 32))
-                xv = builder.load(_byte_ptr(builder, xb, 32 * j, _V32I8), align=1)
-                sj = builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8))
-                acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, q, xv), _V8F32), sj, acc])
-        return _hsum8(builder, acc)
-    u64 = types.uint64
-    return types.float32(row, u64, xq, u64, xd, xs, types.int64), codegen
+# --- whole-row int8-activation dots ----------------------------------------------------------------
+# Every row dot below takes (row, xq, xd, xs, nb): the row's nb blocks as stored bytes, the activations
+# quantized per 32 (xq int8, xd scales) and their block sums xs (kernels.dot.act_sums: per 32, then
+# per 16, each xd times the sum of that many xq). A weight level stored with an offset (Q4_0's q - 8,
+# Q6_K's q - 32, ...) is dotted as the unsigned level vpdpbusd takes, and the offset's share, which
+# does not depend on the row, is taken from xs once per block rather than by a second dot per vector.
 
 
 def _c32(v):
     return ir.Constant(_V32I8, [v] * 32)
 
 
-def _is_row_args(row, xq, xd) -> bool:
+def _is_row_args(row, xq, xd, xs) -> bool:
     return (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(xq, types.Array)
-            and xq.dtype == types.int8 and isinstance(xd, types.Array) and xd.dtype == types.float32)
+            and xq.dtype == types.int8 and all(isinstance(a, types.Array) and a.dtype == types.float32
+                                               for a in (xd, xs)))
 
 
-def _offset_dot8(builder, q, x, shift):
-    """<8 x i32>: lane m = sum over j < 4 of (q[4m + j] - 2**shift) * x[4m + j], q unsigned bytes below
-    256, x signed: vpdpbusd of q less 2**shift times the vpdpbusd of 1s against x."""
-    return builder.sub(_u8s8_dot8(builder, q, x),
-                       builder.shl(_u8s8_dot8(builder, _c32(1), x), ir.Constant(_V8I32, [shift] * 8)))
+class _Accs:
+    """NACC independent <8 x float> accumulators taken in turn by fma(a, b), and two scalar ones by
+    fma1(a, b): consecutive FMAs of a row dot do not wait on each other's 4-cycle latency (with one
+    accumulator, Q2_K's 16 FMAs per block bounded it at ~64 cycles per 256 weights, more than its
+    instructions take)."""
+
+    def __init__(self, builder, vectors, scalars):
+        self.builder, self.vectors, self.scalars = builder, list(vectors), list(scalars)
+        self.turn = self.turn1 = 0
+
+    def fma(self, a, b):
+        k = self.turn % len(self.vectors)
+        self.turn += 1
+        self.vectors[k] = self.builder.call(fma8(self.builder), [a, b, self.vectors[k]])
+
+    def fma1(self, a, b):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        k = self.turn1 % len(self.scalars)
+        self.turn1 += 1
+        self.scalars[k] = self.builder.call(fn, [a, b, self.scalars[k]])
 
 
-def _row_blocks(context, builder, sig, args, block_bytes, body):
-    """The loop of a whole-row int8 dot (args: row, xq, xd, nb): for each of the nb blocks b of the
-    row (block_bytes each), acc = body(builder, blk (i8*: the block), xbase (i8*: xq), b, xd (float*),
-    acc) on an <8 x float> accumulator; the row is prefetched 2 KiB ahead; one horizontal sum at
-    the end."""
-    ra = context.make_array(sig.args[0])(context, builder, args[0])
-    xa = context.make_array(sig.args[1])(context, builder, args[1])
-    da = context.make_array(sig.args[2])(context, builder, args[2])
-    i8p, i64 = _I8.as_pointer(), ir.IntType(64)
-    rbase, xbase = builder.bitcast(ra.data, i8p), builder.bitcast(xa.data, i8p)
-    acc = cgutils.alloca_once(builder, _V8F32)
-    builder.store(ir.Constant(_V8F32, [0.0] * 8), acc)
-    with cgutils.for_range(builder, args[3]) as loop:
-        b = loop.index
-        blk = _byte_ptr(builder, rbase, builder.mul(b, ir.Constant(i64, block_bytes)))
-        _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))
-        builder.store(body(builder, blk, xbase, b, da.data, builder.load(acc)), acc)
-    return _hsum8(builder, builder.load(acc))
+NACC = 4
 
 
-def _blocks32_dot(builder, blk, xbase, b, xd, acc, q, shift):
-    """acc + d_b * xd[b] * (the 8 lane sums of (q - 2**shift) * x) for one 32-block whose fp16 d is
-    at blk and whose 32 unsigned levels are q (<32 x i8>)."""
-    x = builder.load(_byte_ptr(builder, xbase, builder.mul(b, ir.Constant(ir.IntType(64), 32)), _V32I8), align=1)
-    scale = builder.fmul(_f16_at(builder, blk, 0), builder.load(builder.gep(xd, [b])))
-    return builder.call(fma8(builder), [builder.sitofp(_offset_dot8(builder, q, x, shift), _V8F32),
-                                        splat(builder, scale, _V8F32), acc])
+class _Act:
+    """The activations of one row dot inside the IR: xq bytes, scales xd, sums xs (per 32 then per 16)."""
+
+    def __init__(self, builder, xq, xd, xs, nb, per_block):
+        self.builder, self.xq, self.xd, self.xs = builder, xq, xd, xs
+        self.n32 = builder.mul(nb, ir.Constant(ir.IntType(64), per_block // 32))   # where the per-16 sums start
+
+    def x(self, offset):
+        """<32 x i8>: xq[offset:offset + 32] (offset an i64 value)."""
+        return self.builder.load(_byte_ptr(self.builder, self.xq, offset, _V32I8), align=1)
+
+    def scalar(self, base, i):
+        return self.builder.load(self.builder.gep(base, [i]))
+
+    def vec(self, base, i, n):
+        """<n x float>: base[i:i + n]."""
+        ty = ir.VectorType(ir.FloatType(), n)
+        return self.builder.load(self.builder.bitcast(self.builder.gep(base, [i]), ty.as_pointer()), align=4)
+
+    def xs16(self, b):
+        """<16 x float>: the per-16 sums of 256-block b."""
+        i64 = ir.IntType(64)
+        return self.vec(self.xs, self.builder.add(self.n32, self.builder.mul(b, ir.Constant(i64, 16))), 16)
+
+
+def _row_blocks(context, builder, sig, args, block_bytes, body, per_block, group=None):
+    """The loop of a whole-row int8 dot (args: row, xq, xd, xs, nb): for each of the nb blocks b of the
+    row (block_bytes bytes, per_block weights), body(builder, blk (i8*: the block), b, acc (_Accs),
+    act (_Act)) adds the block's terms; with `group`, eight blocks per iteration are
+    group(builder, blks (their 8 pointers), b0, acc, act) and only the rest go one at a time through
+    body; the row is prefetched 2 KiB ahead; the accumulators summed and one horizontal sum at the end."""
+    ra, xa, da, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
+    i8p, i64, f32 = _I8.as_pointer(), ir.IntType(64), ir.FloatType()
+    rbase = builder.bitcast(ra.data, i8p)
+    nb = args[4]
+    act = _Act(builder, builder.bitcast(xa.data, i8p), da.data, sa.data, nb, per_block)
+    slots = [cgutils.alloca_once(builder, _V8F32) for _ in range(NACC)]
+    slots1 = [cgutils.alloca_once(builder, f32) for _ in range(2)]
+    for slot in slots:
+        builder.store(ir.Constant(_V8F32, [0.0] * 8), slot)
+    for slot in slots1:
+        builder.store(ir.Constant(f32, 0.0), slot)
+
+    def run(first, count):
+        acc = _Accs(builder, [builder.load(s) for s in slots], [builder.load(s) for s in slots1])
+        blks = []
+        for u in range(count):
+            blk = _byte_ptr(builder, rbase, builder.mul(builder.add(first, ir.Constant(i64, u)), ir.Constant(i64, block_bytes)))
+            if u % 2 == 0 or block_bytes >= 64:
+                _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))
+            blks.append(blk)
+        if count > 1:
+            group(builder, blks, first, acc, act)
+        else:
+            body(builder, blks[0], first, acc, act)
+        for slot, v in zip(slots + slots1, acc.vectors + acc.scalars):
+            builder.store(v, slot)
+    unroll = 8 if group is not None else 1
+    whole = builder.udiv(nb, ir.Constant(i64, unroll)) if unroll > 1 else nb
+    with cgutils.for_range(builder, whole) as loop:
+        run(builder.mul(loop.index, ir.Constant(i64, unroll)), unroll)
+    if unroll > 1:
+        done = builder.mul(whole, ir.Constant(i64, unroll))
+        with cgutils.for_range(builder, builder.sub(nb, done)) as loop:
+            run(builder.add(done, loop.index), 1)
+    total = builder.load(slots[0])
+    for slot in slots[1:]:
+        total = builder.fadd(total, builder.load(slot))
+    return builder.fadd(_hsum8(builder, total), builder.fadd(builder.load(slots1[0]), builder.load(slots1[1])))
+
+
+def _row_dot(row, xq, xd, xs, nb, block_bytes, per_block, body, group=None):
+    """The (signature, codegen) of an @intrinsic whole-row dot, or None for other argument types."""
+    if not _is_row_args(row, xq, xd, xs):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _row_blocks(context, builder, sig, args, block_bytes, body, per_block, group)
+    return types.float32(row, xq, xd, xs, types.int64), codegen
+
+
+def _halves(builder, v16):
+    """The two <8 x float> halves of a <16 x float>."""
+    undef = ir.Constant(v16.type, ir.Undefined)
+    return [builder.shuffle_vector(v16, undef, ir.Constant(_V8I32, list(range(8 * h, 8 * h + 8)))) for h in range(2)]
+
+
+def _fma16(builder, acc, a16, b16):
+    """acc += a16 * b16 lane-wise, for <16 x float> a16, b16 (two 8-lane FMAs)."""
+    for a, b in zip(_halves(builder, a16), _halves(builder, b16)):
+        acc.fma(a, b)
+
+
+def _blocks32_dot(builder, blk, b, acc, act, q, offset):
+    """Adds d_b * (xd[b] * (the 8 lane sums of q . x) - offset * xs[b]) for one 32-block whose fp16 d is
+    at blk and whose 32 unsigned levels are q (<32 x i8>; weight = d (q - offset))."""
+    x = act.x(builder.mul(b, ir.Constant(ir.IntType(64), 32)))
+    d = _f16_at(builder, blk, 0)
+    acc.fma(builder.sitofp(_u8s8_dot8(builder, q, x), _V8F32), splat(builder, builder.fmul(d, act.scalar(act.xd, b)), _V8F32))
+    acc.fma1(d, builder.fmul(act.scalar(act.xs, b), ir.Constant(ir.FloatType(), -float(offset))))
+
+
+def _blocks32_group(levels, offset):
+    """The body of eight consecutive 32-blocks b0 .. b0 + 7 (levels(builder, blk) -> their <32 x i8>
+    unsigned levels; weight = d (q - offset)): the eight fp16 d gathered into one vector and converted
+    at once, multiplied by xd[b0:b0 + 8] as a vector, the offsets' share as one FMA with xs[b0:b0 + 8];
+    per block only the integer dot, its conversion and one FMA by its lane of the scales."""
+    def group(builder, blks, b0, acc, act):
+        i16, i64 = ir.IntType(16), ir.IntType(64)
+        dv = ir.Constant(ir.VectorType(i16, 8), ir.Undefined)
+        for u, blk in enumerate(blks):
+            dv = builder.insert_element(dv, builder.load(_byte_ptr(builder, blk, 0, i16), align=1), ir.Constant(ir.IntType(32), u))
+        d = _half_to_float(builder, dv)
+        scale = builder.fmul(d, act.vec(act.xd, b0, 8))
+        acc.fma(builder.fmul(d, ir.Constant(_V8F32, [-float(offset)] * 8)), act.vec(act.xs, b0, 8))
+        undef = ir.Constant(_V8F32, ir.Undefined)
+        for u, blk in enumerate(blks):
+            x = act.x(builder.mul(builder.add(b0, ir.Constant(i64, u)), ir.Constant(i64, 32)))
+            acc.fma(builder.sitofp(_u8s8_dot8(builder, levels(builder, blk), x), _V8F32),
+                    builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [u] * 8)))
+    return group
 
 
 def _nibbles32(builder, blk, offset):
@@ -399,104 +466,48 @@ def _nibbles32(builder, blk, offset):
     return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
 
 
+def _blocks32_row(row, xq, xd, xs, nb, block_bytes, levels, offset):
+    """_row_dot of a 32-block format: eight blocks at a time by _blocks32_group, the rest by _blocks32_dot."""
+    def body(builder, blk, b, acc, act):
+        _blocks32_dot(builder, blk, b, acc, act, levels(builder, blk), offset)
+    return _row_dot(row, xq, xd, xs, nb, block_bytes, 32, body, group=_blocks32_group(levels, offset))
+
+
 @intrinsic
-def q8_0_dot_i8(typingctx, row, xq, xd, nb):
+def q8_0_dot_i8(typingctx, row, xq, xd, xs, nb):
     """sum over the nb Q8_0 blocks of row (34 bytes: fp16 d, 32 int8 q) of d_b * xd[b] *
-    sum_k q_bk * xq[32 b + k], int8 activations xq with scales xd per 32, as fp32. The signed x signed
-    integer dot runs as vpdpbusd (unsigned x signed) on q + 128 (q xor 0x80), less 128 * sum_k
-    xq[32 b + k] (_offset_dot8); the row loop is _row_blocks'."""
-    if not _is_row_args(row, xq, xd):
-        return None
-
-    def codegen(context, builder, sig, args):
-        def body(builder, blk, xbase, b, xd, acc):
-            q = builder.xor(builder.load(_byte_ptr(builder, blk, 2, _V32I8), align=1), _c32(-128))
-            return _blocks32_dot(builder, blk, xbase, b, xd, acc, q, 7)
-        return _row_blocks(context, builder, sig, args, 34, body)
-    return types.float32(row, xq, xd, types.int64), codegen
+    sum_k q_bk * xq[32 b + k], as fp32. The signed x signed integer dot runs as vpdpbusd (unsigned x
+    signed) on q + 128 (q xor 0x80), less 128 * xs[b]."""
+    def levels(builder, blk):
+        return builder.xor(builder.load(_byte_ptr(builder, blk, 2, _V32I8), align=1), _c32(-128))
+    return _blocks32_row(row, xq, xd, xs, nb, 34, levels, 128)
 
 
 @intrinsic
-def q4_0_dot_i8(typingctx, row, xq, xd, nb):
+def q4_0_dot_i8(typingctx, row, xq, xd, xs, nb):
     """sum over the nb Q4_0 blocks of row (18 bytes: fp16 d, 16 bytes of nibbles) of
     d_b * xd[b] * sum_k (q_bk - 8) * xq[32 b + k], in vector registers (vpdpbusd with VNNI)."""
-    if not _is_row_args(row, xq, xd):
-        return None
-
-    def codegen(context, builder, sig, args):
-        def body(builder, blk, xbase, b, xd, acc):
-            return _blocks32_dot(builder, blk, xbase, b, xd, acc, _nibbles32(builder, blk, 2), 3)
-        return _row_blocks(context, builder, sig, args, 18, body)
-    return types.float32(row, xq, xd, types.int64), codegen
+    def levels(builder, blk):
+        return _nibbles32(builder, blk, 2)
+    return _blocks32_row(row, xq, xd, xs, nb, 18, levels, 8)
 
 
 @intrinsic
-def q5_0_dot_i8(typingctx, row, xq, xd, nb):
+def q5_0_dot_i8(typingctx, row, xq, xd, xs, nb):
     """As q4_0_dot_i8 for Q5_0 (22 bytes: fp16 d, 32 high bits qh, 16 bytes of nibbles; level =
     nibble | bit k of qh << 4, weight d * (level - 16)): the 32 high bits become bytes by a bitcast
     to <32 x i1> (vpmovm2b with AVX-512BW)."""
-    if not _is_row_args(row, xq, xd):
-        return None
-
-    def codegen(context, builder, sig, args):
-        def body(builder, blk, xbase, b, xd, acc):
-            qh = builder.load(_byte_ptr(builder, blk, 2, ir.IntType(32)), align=1)
-            bits = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), _V32I8)
-            q = builder.or_(_nibbles32(builder, blk, 6), builder.shl(bits, ir.Constant(_V32I8, [4] * 32)))
-            return _blocks32_dot(builder, blk, xbase, b, xd, acc, q, 4)
-        return _row_blocks(context, builder, sig, args, 22, body)
-    return types.float32(row, xq, xd, types.int64), codegen
+    def levels(builder, blk):
+        qh = builder.load(_byte_ptr(builder, blk, 2, ir.IntType(32)), align=1)
+        bits = builder.zext(builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32)), _V32I8)
+        return builder.or_(_nibbles32(builder, blk, 6), builder.shl(bits, ir.Constant(_V32I8, [4] * 32)))
+    return _blocks32_row(row, xq, xd, xs, nb, 22, levels, 16)
 
 
-@intrinsic
-def q6_k_dot_i8(typingctx, row, xq, xd, nb):
-    """sum over the nb Q6_K blocks of row (210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales,
-    fp16 d) of d * sum_j sc_j * xd[j // 2] * sum_k (q_jk - 32) xq_jk, j over the 16 sub-blocks of 16.
-    Per half h of 128: ql bytes A = ql[64h:64h+32], C = ql[64h+32:64h+64], high bits H = qh[32h:32h+32]
-    give the four 32-vectors of levels A & 15 | (H & 3) << 4, C & 15 | (H & 12) << 2, A >> 4 | H & 48,
-    C >> 4 | (H & 192) >> 2 (elements 128h + 32i + l); each is one vpdpbusd, whose lanes 0-3 hold
-    sub-block 2(4h + i) and 4-7 the next, so the 16 scales times d times xd are applied as one
-    <8 x float> per vector."""
-    if not _is_row_args(row, xq, xd):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
-
-        def body(builder, blk, xbase, b, xd, acc):
-            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
-            xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]),
-                                               _V8F32.as_pointer()), align=4)
-            xd16 = builder.shuffle_vector(xdv, ir.Constant(_V8F32, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, 16), [j // 2 for j in range(16)]))
-            sc = builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f)
-            full = builder.fmul(builder.fmul(sc, xd16), splat(builder, _f16_at(builder, blk, 208), v16f))
-            undef = ir.Constant(v16f, ir.Undefined)
-            fma = fma8(builder)
-            for h in range(2):
-                a = builder.load(_byte_ptr(builder, blk, 64 * h, _V32I8), align=1)
-                cc = builder.load(_byte_ptr(builder, blk, 64 * h + 32, _V32I8), align=1)
-                hb = builder.load(_byte_ptr(builder, blk, 128 + 32 * h, _V32I8), align=1)
-                levels = [builder.or_(builder.and_(a, _c32(15)), builder.shl(builder.and_(hb, _c32(3)), _c32(4))),
-                          builder.or_(builder.and_(cc, _c32(15)), builder.shl(builder.and_(hb, _c32(12)), _c32(2))),
-                          builder.or_(builder.lshr(a, _c32(4)), builder.and_(hb, _c32(48))),
-                          builder.or_(builder.lshr(cc, _c32(4)), builder.lshr(builder.and_(hb, _c32(192)), _c32(2)))]
-                for i, q in enumerate(levels):
-                    v = 4 * h + i
-                    x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
-                    s = builder.shuffle_vector(full, undef, ir.Constant(_V8I32, [2 * v] * 4 + [2 * v + 1] * 4))
-                    acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, q, x, 5), _V8F32), s, acc])
-            return acc
-        return _row_blocks(context, builder, sig, args, 210, body)
-    return types.float32(row, xq, xd, types.int64), codegen
-
-
-def _xd16(builder, xd, b):
+def _xd16(act, b):
     """<16 x float>: xd[8b + j // 2] for j < 16 (the activation scale of each 16-sub-block of block b)."""
-    i64 = ir.IntType(64)
-    xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]), _V8F32.as_pointer()),
-                       align=4)
+    builder = act.builder
+    xdv = act.vec(act.xd, builder.mul(b, ir.Constant(ir.IntType(64), 8)), 8)
     return builder.shuffle_vector(xdv, ir.Constant(_V8F32, ir.Undefined),
                                   ir.Constant(ir.VectorType(ir.IntType(32), 16), [j // 2 for j in range(16)]))
 
@@ -508,85 +519,150 @@ def _pair_lanes(builder, v16, v):
                                   ir.Constant(_V8I32, [2 * v] * 4 + [2 * v + 1] * 4))
 
 
+def _x256(act, b, v):
+    """<32 x i8>: the activations of elements 32v .. 32v + 31 of 256-block b."""
+    i64 = ir.IntType(64)
+    return act.x(act.builder.add(act.builder.mul(b, ir.Constant(i64, 256)), ir.Constant(i64, 32 * v)))
+
+
+def _dot16_terms(builder, acc, act, b, levels, scale16):
+    """For the eight 32-vectors of levels of 256-block b (<32 x i8> each, unsigned), adds
+    sum over lanes of (levels . x) times scale16's value for the vector's two 16-sub-blocks."""
+    for v, q in enumerate(levels):
+        acc.fma(builder.sitofp(_u8s8_dot8(builder, q, _x256(act, b, v)), _V8F32), _pair_lanes(builder, scale16, v))
+
+
 @intrinsic
-def q2_k_dot_i8(typingctx, row, xq, xd, nb):
+def q6_k_dot_i8(typingctx, row, xq, xd, xs, nb):
+    """sum over the nb Q6_K blocks of row (210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales,
+    fp16 d) of d * sum_j sc_j * (xd[j // 2] * sum_k q_jk xq_jk - 32 xs16_j), j over the 16 sub-blocks
+    of 16. Per half h of 128: ql bytes A = ql[64h:64h+32], C = ql[64h+32:64h+64], high bits
+    H = qh[32h:32h+32] give the four 32-vectors of levels A & 15 | (H & 3) << 4, C & 15 | (H & 12) << 2,
+    A >> 4 | H & 48, C >> 4 | (H & 192) >> 2 (elements 128h + 32i + l); each is one vpdpbusd, whose
+    lanes 0-3 hold sub-block 2(4h + i) and 4-7 the next, so the 16 scales times d times xd are
+    applied as one <8 x float> per vector."""
+    v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
+
+    def body(builder, blk, b, acc, act):
+        d = splat(builder, _f16_at(builder, blk, 208), v16f)
+        sc = builder.fmul(builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f), d)
+        levels = []
+        for h in range(2):
+            a = builder.load(_byte_ptr(builder, blk, 64 * h, _V32I8), align=1)
+            cc = builder.load(_byte_ptr(builder, blk, 64 * h + 32, _V32I8), align=1)
+            hb = builder.load(_byte_ptr(builder, blk, 128 + 32 * h, _V32I8), align=1)
+            levels += [builder.or_(builder.and_(a, _c32(15)), builder.shl(builder.and_(hb, _c32(3)), _c32(4))),
+                       builder.or_(builder.and_(cc, _c32(15)), builder.shl(builder.and_(hb, _c32(12)), _c32(2))),
+                       builder.or_(builder.lshr(a, _c32(4)), builder.and_(hb, _c32(48))),
+                       builder.or_(builder.lshr(cc, _c32(4)), builder.lshr(builder.and_(hb, _c32(192)), _c32(2)))]
+        _dot16_terms(builder, acc, act, b, levels, builder.fmul(sc, _xd16(act, b)))
+        _fma16(builder, acc, builder.fmul(sc, ir.Constant(v16f, [-32.0] * 16)), act.xs16(b))
+    return _row_dot(row, xq, xd, xs, nb, 210, 256, body)
+
+
+@intrinsic
+def q2_k_dot_i8(typingctx, row, xq, xd, xs, nb):
     """sum over the nb Q2_K blocks of row (84 bytes: 16 bytes of 4-bit scale | 4-bit min << 4, 64 bytes
-    of 2-bit levels, fp16 d, fp16 dmin) of sum_j xd[j // 2] (d sc_j sum_k q_jk xq_jk - dmin m_j
-    sum_k xq_jk). Levels of element 128h + 32i + l: bits 2i of qs[32h + l], one vpdpbusd per
-    32-vector (lanes 0-3: sub-block 2(4h + i), 4-7: the next), a vpdpbusd of 1s for the min term."""
-    if not _is_row_args(row, xq, xd):
-        return None
+    of 2-bit levels, fp16 d, fp16 dmin) of sum_j (d sc_j xd[j // 2] sum_k q_jk xq_jk - dmin m_j xs16_j).
+    Levels of element 128h + 32i + l: bits 2i of qs[32h + l], one vpdpbusd per 32-vector (lanes 0-3:
+    sub-block 2(4h + i), 4-7: the next)."""
+    v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
 
-    def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
-        ones = _c32(1)
-
-        def body(builder, blk, xbase, b, xd, acc):
-            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
-            xd16 = _xd16(builder, xd, b)
-            sc = builder.load(_byte_ptr(builder, blk, 0, v16i8), align=1)
-            scale = builder.fmul(builder.fmul(builder.uitofp(builder.and_(sc, ir.Constant(v16i8, [15] * 16)), v16f),
-                                              xd16), splat(builder, _f16_at(builder, blk, 80), v16f))
-            mins = builder.fmul(builder.fmul(builder.uitofp(builder.lshr(sc, ir.Constant(v16i8, [4] * 16)), v16f),
-                                             xd16), splat(builder, _f16_at(builder, blk, 82), v16f))
-            mins = builder.fsub(ir.Constant(v16f, [0.0] * 16), mins)
-            fma = fma8(builder)
-            for h in range(2):
-                qs = builder.load(_byte_ptr(builder, blk, 16 + 32 * h, _V32I8), align=1)
-                for i in range(4):
-                    v = 4 * h + i
-                    q = builder.and_(builder.lshr(qs, _c32(2 * i)), _c32(3))
-                    x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
-                    acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, q, x), _V8F32),
-                                             _pair_lanes(builder, scale, v), acc])
-                    acc = builder.call(fma, [builder.sitofp(_u8s8_dot8(builder, ones, x), _V8F32),
-                                             _pair_lanes(builder, mins, v), acc])
-            return acc
-        return _row_blocks(context, builder, sig, args, 84, body)
-    return types.float32(row, xq, xd, types.int64), codegen
+    def body(builder, blk, b, acc, act):
+        sc = builder.load(_byte_ptr(builder, blk, 0, v16i8), align=1)
+        scale = builder.fmul(builder.fmul(builder.uitofp(builder.and_(sc, ir.Constant(v16i8, [15] * 16)), v16f),
+                                          _xd16(act, b)), splat(builder, _f16_at(builder, blk, 80), v16f))
+        mins = builder.fmul(builder.uitofp(builder.lshr(sc, ir.Constant(v16i8, [4] * 16)), v16f),
+                            splat(builder, builder.fneg(_f16_at(builder, blk, 82)), v16f))
+        levels = []
+        for h in range(2):
+            qs = builder.load(_byte_ptr(builder, blk, 16 + 32 * h, _V32I8), align=1)
+            levels += [builder.and_(builder.lshr(qs, _c32(2 * i)), _c32(3)) for i in range(4)]
+        _dot16_terms(builder, acc, act, b, levels, scale)
+        _fma16(builder, acc, mins, act.xs16(b))
+    return _row_dot(row, xq, xd, xs, nb, 84, 256, body)
 
 
 @intrinsic
-def q3_k_dot_i8(typingctx, row, xq, xd, nb):
+def q3_k_dot_i8(typingctx, row, xq, xd, xs, nb):
     """sum over the nb Q3_K blocks of row (110 bytes: 32 bytes hmask, 64 bytes of 2-bit levels, 12 bytes
-    of 6-bit scales, fp16 d) of d * sum_j (sc_j - 32) xd[j // 2] sum_k (q_jk - 4) xq_jk. Element
-    128h + 32i + l: bits 2i of qs[32h + l] | bit 4h + i of hmask[l] << 2; the 16 scales unpacked as one
-    <16 x i8> (low 4 bits: byte j % 8 >> 4 (j // 8), high 2: byte 8 + j % 4 >> 2 (j // 4))."""
-    if not _is_row_args(row, xq, xd):
-        return None
+    of 6-bit scales, fp16 d) of d * sum_j (sc_j - 32) (xd[j // 2] sum_k q_jk xq_jk - 4 xs16_j), q the
+    unsigned level 0..7 (weight level q - 4). Element 128h + 32i + l: bits 2i of qs[32h + l] | bit
+    4h + i of hmask[l] << 2; the 16 scales unpacked as one <16 x i8> (low 4 bits: byte j % 8 >> 4 (j // 8),
+    high 2: byte 8 + j % 4 >> 2 (j // 4))."""
+    i32 = ir.IntType(32)
+    v16i8, v16f, v12i8 = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I8, 12)
 
-    def codegen(context, builder, sig, args):
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v16i8, v16f, v12i8 = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I8, 12)
+    def body(builder, blk, b, acc, act):
+        raw = builder.load(_byte_ptr(builder, blk, 96, v12i8), align=1)
+        undef = ir.Constant(v12i8, ir.Undefined)
+        lo = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [j % 8 for j in range(16)]))
+        lo = builder.and_(builder.lshr(lo, ir.Constant(v16i8, [4 * (j // 8) for j in range(16)])),
+                          ir.Constant(v16i8, [15] * 16))
+        hi = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [8 + j % 4 for j in range(16)]))
+        hi = builder.and_(builder.lshr(hi, ir.Constant(v16i8, [2 * (j // 4) for j in range(16)])),
+                          ir.Constant(v16i8, [3] * 16))
+        sc = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v16i8, [4] * 16))), ir.Constant(v16i8, [32] * 16))
+        sc = builder.fmul(builder.sitofp(sc, v16f), splat(builder, _f16_at(builder, blk, 108), v16f))
+        hm = builder.load(_byte_ptr(builder, blk, 0, _V32I8), align=1)
+        levels = []
+        for h in range(2):
+            qs = builder.load(_byte_ptr(builder, blk, 32 + 32 * h, _V32I8), align=1)
+            for i in range(4):
+                low = builder.and_(builder.lshr(qs, _c32(2 * i)), _c32(3))
+                levels.append(builder.or_(low, builder.shl(builder.and_(builder.lshr(hm, _c32(4 * h + i)), _c32(1)), _c32(2))))
+        _dot16_terms(builder, acc, act, b, levels, builder.fmul(sc, _xd16(act, b)))
+        _fma16(builder, acc, builder.fmul(sc, ir.Constant(v16f, [-4.0] * 16)), act.xs16(b))
+    return _row_dot(row, xq, xd, xs, nb, 110, 256, body)
 
-        def body(builder, blk, xbase, b, xd, acc):
-            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
-            raw = builder.load(_byte_ptr(builder, blk, 96, v12i8), align=1)
-            undef = ir.Constant(v12i8, ir.Undefined)
-            lo = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [j % 8 for j in range(16)]))
-            lo = builder.and_(builder.lshr(lo, ir.Constant(v16i8, [4 * (j // 8) for j in range(16)])),
-                              ir.Constant(v16i8, [15] * 16))
-            hi = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [8 + j % 4 for j in range(16)]))
-            hi = builder.and_(builder.lshr(hi, ir.Constant(v16i8, [2 * (j // 4) for j in range(16)])),
-                              ir.Constant(v16i8, [3] * 16))
-            sc = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v16i8, [4] * 16))), ir.Constant(v16i8, [32] * 16))
-            scale = builder.fmul(builder.fmul(builder.sitofp(sc, v16f), _xd16(builder, xd, b)),
-                                 splat(builder, _f16_at(builder, blk, 108), v16f))
-            hm = builder.load(_byte_ptr(builder, blk, 0, _V32I8), align=1)
-            fma = fma8(builder)
+
+def _q4k_scales_mins(builder, blk):
+    """The eight 6-bit scales and mins of the Q4_K/Q5_K block at blk, as two <8 x i8> (shuffles,
+    masks, shifts: sc_j = b[j] & 63 and m_j = b[j+4] & 63 for j < 4; for j >= 4,
+    sc_j = (b[j+4] & 15) | (b[j-4] >> 6) << 4 and m_j = (b[j+4] >> 4) | (b[j] >> 6) << 4, b the 12 bytes
+    at blk + 4)."""
+    i32 = ir.IntType(32)
+    v8i8, v12i8 = ir.VectorType(_I8, 8), ir.VectorType(_I8, 12)
+    b = builder.load(_byte_ptr(builder, blk, 4, v12i8), align=1)
+
+    def pick(idx):
+        return builder.shuffle_vector(b, ir.Constant(v12i8, ir.Undefined), ir.Constant(ir.VectorType(i32, 8), idx))
+
+    def c8(vals):
+        return ir.Constant(v8i8, vals)
+    lo4 = ir.Constant(ir.VectorType(ir.IntType(1), 8), [True] * 4 + [False] * 4)
+    a = pick([0, 1, 2, 3, 8, 9, 10, 11])           # b[j] (j < 4) / b[j+4] (j >= 4)
+    hi2 = builder.shl(builder.lshr(pick([0, 1, 2, 3, 0, 1, 2, 3]), c8([6] * 8)), c8([4] * 8))   # (b[j-4] >> 6) << 4
+    sc = builder.select(lo4, builder.and_(a, c8([63] * 8)), builder.or_(builder.and_(a, c8([15] * 8)), hi2))
+    mm = pick([4, 5, 6, 7, 8, 9, 10, 11])          # b[j+4]
+    mh = builder.shl(builder.lshr(pick([4, 5, 6, 7, 4, 5, 6, 7]), c8([6] * 8)), c8([4] * 8))   # (b[j] >> 6) << 4
+    m = builder.select(lo4, builder.and_(mm, c8([63] * 8)), builder.or_(builder.lshr(mm, c8([4] * 8)), mh))
+    return sc, m
+
+
+@intrinsic
+def q4_k_dot_i8(typingctx, row, xq, xd, xs, nb):
+    """sum over the nb Q4_K blocks of row (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
+    mins, 128 nibble bytes) of sum_j (d sc_j xd_j sum_k q_jk xq_jk - dmin m_j xs_j), j over the eight
+    32-sub-blocks: scales and mins unpacked as vectors (_q4k_scales_mins), one vpdpbusd per sub-block
+    (nibbles 4h of bytes 16 + 32i .. : sub-block 2i + h)."""
+    def body(builder, blk, b, acc, act):
+        i64 = ir.IntType(64)
+        sc, m = _q4k_scales_mins(builder, blk)
+        b8 = builder.mul(b, ir.Constant(i64, 8))
+        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32)),
+                             act.vec(act.xd, b8, 8))
+        mins = builder.fmul(builder.uitofp(m, _V8F32), splat(builder, builder.fneg(_f16_at(builder, blk, 2)), _V8F32))
+        acc.fma(mins, act.vec(act.xs, b8, 8))
+        undef = ir.Constant(_V8F32, ir.Undefined)
+        for i in range(4):
+            qv = builder.load(_byte_ptr(builder, blk, 16 + 32 * i, _V32I8), align=1)
             for h in range(2):
-                qs = builder.load(_byte_ptr(builder, blk, 32 + 32 * h, _V32I8), align=1)
-                for i in range(4):
-                    v = 4 * h + i
-                    low = builder.and_(builder.lshr(qs, _c32(2 * i)), _c32(3))
-                    high = builder.shl(builder.and_(builder.lshr(hm, _c32(v)), _c32(1)), _c32(2))
-                    x = builder.load(_byte_ptr(builder, xb, 32 * v, _V32I8), align=1)
-                    acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, builder.or_(low, high), x, 2), _V8F32),
-                                             _pair_lanes(builder, scale, v), acc])
-            return acc
-        return _row_blocks(context, builder, sig, args, 110, body)
-    return types.float32(row, xq, xd, types.int64), codegen
+                j = 2 * i + h
+                q = builder.and_(builder.lshr(qv, _c32(4 * h)), _c32(15))
+                acc.fma(builder.sitofp(_u8s8_dot8(builder, q, _x256(act, b, j)), _V8F32),
+                        builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8)))
+    return _row_dot(row, xq, xd, xs, nb, 144, 256, body)
 
 
 def _lookup16(builder, table, idx):
@@ -612,39 +688,31 @@ def _lookup16(builder, table, idx):
 
 
 @intrinsic
-def iq4_xs_dot_i8(typingctx, row, xq, xd, nb):
+def iq4_xs_dot_i8(typingctx, row, xq, xd, xs, nb):
     """sum over the nb IQ4_XS blocks of row (136 bytes: fp16 d, 16 bits of high scale bits, 4 bytes of
-    low scale nibbles, 128 bytes of 4-bit indexes) of d * sum_j (ls_j - 32) xd[j] sum_k kv[idx_jk] xq_jk
+    low scale nibbles, 128 bytes of 4-bit indexes) of d * sum_j (ls_j - 32) (xd[j] sum_k kv[idx_jk] xq_jk)
     (kv: quant.ggml.KVALUES_IQ4). Sub-block j: the nibbles of qs[16j:16j+16] (low: elements 0-15,
-    high: 16-31) looked up in kv + 128 (unsigned, so vpdpbusd applies; 128 * sum xq subtracted)."""
-    if not _is_row_args(row, xq, xd):
-        return None
+    high: 16-31) looked up in kv + 128 (unsigned, so vpdpbusd applies; 128 xs_j subtracted)."""
     from ..quant.ggml import KVALUES_IQ4
     table = [int(v) + 128 for v in KVALUES_IQ4]
+    i16, i64 = ir.IntType(16), ir.IntType(64)
+    v8i8, v8i16, v4i8 = ir.VectorType(_I8, 8), ir.VectorType(i16, 8), ir.VectorType(_I8, 4)
 
-    def codegen(context, builder, sig, args):
-        i16, i64 = ir.IntType(16), ir.IntType(64)
-        v8i8, v8i16, v4i8 = ir.VectorType(_I8, 8), ir.VectorType(i16, 8), ir.VectorType(_I8, 4)
-
-        def body(builder, blk, xbase, b, xd, acc):
-            xb = _byte_ptr(builder, xbase, builder.mul(b, ir.Constant(i64, 256)))
-            sl = builder.load(_byte_ptr(builder, blk, 4, v4i8), align=1)
-            lo = builder.shuffle_vector(sl, ir.Constant(v4i8, ir.Undefined), ir.Constant(_V8I32, [j // 2 for j in range(8)]))
-            lo = builder.and_(builder.lshr(lo, ir.Constant(v8i8, [4 * (j % 2) for j in range(8)])), ir.Constant(v8i8, [15] * 8))
-            sh = splat(builder, builder.load(_byte_ptr(builder, blk, 2, i16), align=1), v8i16)
-            hi = builder.trunc(builder.and_(builder.lshr(sh, ir.Constant(v8i16, [2 * j for j in range(8)])),
-                                            ir.Constant(v8i16, [3] * 8)), v8i8)
-            ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v8i8, [4] * 8))), ir.Constant(v8i8, [32] * 8))
-            xdv = builder.load(builder.bitcast(builder.gep(xd, [builder.mul(b, ir.Constant(i64, 8))]),
-                                               _V8F32.as_pointer()), align=4)
-            scale = builder.fmul(builder.fmul(builder.sitofp(ls, _V8F32), xdv), splat(builder, _f16_at(builder, blk, 0), _V8F32))
-            undef = ir.Constant(_V8F32, ir.Undefined)
-            fma = fma8(builder)
-            for j in range(8):
-                q = _lookup16(builder, table, _nibbles32(builder, blk, 8 + 16 * j))
-                x = builder.load(_byte_ptr(builder, xb, 32 * j, _V32I8), align=1)
-                acc = builder.call(fma, [builder.sitofp(_offset_dot8(builder, q, x, 7), _V8F32),
-                                         builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8)), acc])
-            return acc
-        return _row_blocks(context, builder, sig, args, 136, body)
-    return types.float32(row, xq, xd, types.int64), codegen
+    def body(builder, blk, b, acc, act):
+        sl = builder.load(_byte_ptr(builder, blk, 4, v4i8), align=1)
+        lo = builder.shuffle_vector(sl, ir.Constant(v4i8, ir.Undefined), ir.Constant(_V8I32, [j // 2 for j in range(8)]))
+        lo = builder.and_(builder.lshr(lo, ir.Constant(v8i8, [4 * (j % 2) for j in range(8)])), ir.Constant(v8i8, [15] * 8))
+        sh = splat(builder, builder.load(_byte_ptr(builder, blk, 2, i16), align=1), v8i16)
+        hi = builder.trunc(builder.and_(builder.lshr(sh, ir.Constant(v8i16, [2 * j for j in range(8)])),
+                                        ir.Constant(v8i16, [3] * 8)), v8i8)
+        ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v8i8, [4] * 8))), ir.Constant(v8i8, [32] * 8))
+        b8 = builder.mul(b, ir.Constant(i64, 8))
+        ls = builder.fmul(builder.sitofp(ls, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32))
+        scale = builder.fmul(ls, act.vec(act.xd, b8, 8))
+        acc.fma(builder.fmul(ls, ir.Constant(_V8F32, [-128.0] * 8)), act.vec(act.xs, b8, 8))
+        undef = ir.Constant(_V8F32, ir.Undefined)
+        for j in range(8):
+            q = _lookup16(builder, table, _nibbles32(builder, blk, 8 + 16 * j))
+            acc.fma(builder.sitofp(_u8s8_dot8(builder, q, _x256(act, b, j)), _V8F32),
+                    builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8)))
+    return _row_dot(row, xq, xd, xs, nb, 136, 256, body)

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dequant import decode_tile
-from .dot import block_sums, dot_row, dot_row_i8, quantize_act
+from .dot import act_sums_size, block_sums, dot_row, dot_row_i8, quantize_act
 
 ROWS_PER_TASK = 16
 
@@ -31,7 +31,7 @@ def gemv(fmt, w, x, y, int8, groups):
     n = x.shape[0] // groups
     cols = x.shape[1]
     per = rows // groups
-    xs = np.empty((x.shape[0], cols // 32), np.float32)
+    xs = np.empty((x.shape[0], act_sums_size(cols) if int8 else cols // 32), np.float32)
     xq = np.empty((x.shape[0], cols if int8 else 0), np.int8)
     xd = np.empty((x.shape[0], cols // 32 if int8 else 0), np.float32)
     for j in range(x.shape[0]):

@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from ..quant.ggml import Q8_0
 from .dequant import CHUNK, decode_tile
-from .dot import block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
+from .dot import act_sums_size, block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
 from .gemm import block_matmul, pack_chunk, padded_tokens
 
 # Experts with at most this many tokens in a call take the decode kernels, the others the tiled ones:
@@ -197,9 +197,10 @@ def down_decode(fmt, w2, act, active, starts, ends, slot_token, slot_weight, y, 
 @njit(nogil=True, cache=True)
 def activations(a, int8):
     """(N, C) fp32 rows -> (a, xs, xq, xd, int8): xs (N, C // 32) block sums of a; with int8 also a
-    quantized per 32 columns (xq (N, C) int8, scales xd (N, C // 32)), xs then of the quantized rows."""
+    quantized per 32 columns (xq (N, C) int8, scales xd (N, C // 32)), xs then the quantized rows' sums
+    (kernels.dot.act_sums: per 32, then per 16)."""
     n, c = a.shape
-    xs = np.empty((n, c // 32), np.float32)
+    xs = np.empty((n, act_sums_size(c) if int8 else c // 32), np.float32)
     xq = np.empty((n, c if int8 else 0), np.int8)
     xd = np.empty((n, c // 32 if int8 else 0), np.float32)
     for i in range(n):
