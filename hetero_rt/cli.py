@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(e.g. :Q4_K_M) or org/name:FILE.gguf (downloaded into the HF cache, or read from it "
                           "with HF_HUB_OFFLINE=1)")
     run.add_argument("--prompt", required=True)
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="end with the per-op breakdown of the prefill and of a decode step (profiled again "
+                          "after the run, with hooks around every op)")
     _generation_args(run)
     run.set_defaults(func=cmd_run)
 
@@ -279,7 +282,19 @@ def _generate(ns: argparse.Namespace, path: Path) -> int:
           f"stop: {res.stop_reason}", file=sys.stderr)
     print(f"[hetero-rt] time to first token {res.prefill_s * 1e3:.1f} ms; peak RSS {fmt_bytes(peak_rss_bytes())}",
           file=sys.stderr)
+    if getattr(ns, "verbose", False):
+        _print_breakdown(rt, res)
     return 0
+
+
+def _print_breakdown(rt, res) -> None:
+    # imported here, as in cmd_bench: run without -v never loads hetero_rt.bench
+    from .bench import profile
+    b = profile.replay(rt, res.prompt_ids, res.new_ids)
+    print("\n" + profile.describe(f"[hetero-rt] prefill of {len(res.prompt_ids)} tokens", b["prefill"]),
+          file=sys.stderr)
+    if b["decode"] is not None:
+        print("\n" + profile.describe("[hetero-rt] decode step", b["decode"]), file=sys.stderr)
 
 
 if __name__ == "__main__":

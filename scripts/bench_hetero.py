@@ -23,6 +23,8 @@ def main() -> None:
     p.add_argument("--cpu-gflops", type=float, default=100.0,
                    help="cost model: CPU expert throughput (docs/benchmarks.md measures ~60-120 here)")
     p.add_argument("--pcie-gbps", type=float, default=25.0, help="cost model: host->GPU bandwidth")
+    p.add_argument("--json", default=None, help="also write every row as JSON (hetero_rt.bench.document)")
+    p.add_argument("--probe-bytes", type=int, default=1 << 30, help="with --json: the read-bandwidth probe, in bytes")
     a = p.parse_args()
     model = a.model
     if model is None and a.tiny:
@@ -31,7 +33,7 @@ def main() -> None:
             hidden_size=256, moe_intermediate_size=128))
     cost = CostModel(pcie_gbps=a.pcie_gbps, cpu_gflops=a.cpu_gflops)
     print(bench(model or ensure_demo_checkpoint(), a.sizes, a.prompt_len, a.new_tokens, a.dtype, repeats=a.repeats,
-                cost=cost))
+                cost=cost, json_path=a.json, probe_bytes=a.probe_bytes))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-llama-extra-bufts", dest="llama_extra_bufts", action="store_false",
                    help="load llama.cpp without its extra CPU buffer types (AMX / repacked weights): a "
                         "workaround for builds that crash in them; slows llama.cpp, so say so when used")
+    p.add_argument("--json", default=None, help="also write both engines' rows as JSON (hetero_rt.bench.document)")
+    p.add_argument("--probe-bytes", type=int, default=1 << 30, help="the read-bandwidth probe, in bytes")
     return compare(Options(**vars(p.parse_args(argv))))
 
 

@@ -129,12 +129,12 @@ def decode_bytes(ck, args) -> int:
     return total
 
 
-def measured_bandwidth(threads: int) -> float:
-    from hetero_rt.bench.kernels import read_bandwidth
+def measured_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
+    from hetero_rt.bench.machine import read_bandwidth
     from hetero_rt.kernels.threads import use_threads
 
     use_threads(threads)
-    return read_bandwidth(np.ones(256 * 2 ** 20, np.float32))  # 1 GiB
+    return read_bandwidth(np.ones(max(nbytes // 4, 1024), np.float32))
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,8 @@ class Options:
     dtype: str = "float32"
     seed: int = 0
     llama_extra_bufts: bool = True
+    json: str | None = None      # also write the JSON document (hetero_rt.bench.document) here
+    probe_bytes: int = 1 << 30   # the read-bandwidth probe
 
 
 def compare(ns: Options) -> int:
@@ -157,7 +159,7 @@ def compare(ns: Options) -> int:
         args = ck.args()
         size = sum(f.stat().st_size for f in ck.files)
         token_bytes = decode_bytes(ck, args)
-    bandwidth = measured_bandwidth(ns.threads)
+    bandwidth = measured_bandwidth(ns.threads, ns.probe_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         ids = Path(tmp) / "ids.json"
         ids.write_text(json.dumps({"prompt": prompt_ids(ns.prompt_tokens, args.vocab_size, ns.seed, args.bos_token_id),
@@ -199,7 +201,32 @@ def compare(ns: Options) -> int:
         print("| " + " | ".join(r) + " |")
     print(f"agreement over a {ns.agree_tokens}-token prompt: top-1 {agree * 100:.1f}%, "
           f"max |logit diff| / max |logit| = {diff:.2e}")
+    if ns.json is not None:
+        write_json(ns, results, bandwidth, token_bytes, size, agree, diff)
     return 0
+
+
+def write_json(ns: Options, results: dict, bandwidth: float, token_bytes: int, size: int, agree: float,
+               diff: float) -> None:
+    """One row per engine (tokens/s, GB/s and its share of the read bandwidth, peak RSS, load time);
+    the run holds what they share (the file, the logit agreement)."""
+    from hetero_rt.bench import document, machine
+
+    rows = []
+    for engine, r in (("hetero_rt", results["hetero"]), ("llama.cpp", results["llama"])):
+        gbs = token_bytes * ns.gen / r["decode_s"] / 1e9
+        rows.append({"run": 0, "engine": engine, "threads": ns.threads,
+                     "prefill_tokens": ns.prompt_tokens, "prefill_tokens_per_s": ns.prompt_tokens / r["prefill_s"],
+                     "decode_tokens": ns.gen, "decode_tokens_per_s": ns.gen / r["decode_s"],
+                     "decode_gb_per_s": gbs, "bandwidth_share": gbs / bandwidth, "peak_rss_bytes": r["peak_rss"],
+                     "load_s": r["load_s"]})
+    run = {"file_bytes": size, "decode_bytes_per_token": token_bytes, "agree_tokens": ns.agree_tokens,
+           "top1_agreement": agree, "max_logit_diff_rel": diff, "llama_cpp_version": results["llama"]["version"],
+           "hetero_rt_warmup_s": results["hetero"]["warmup_s"], "rules": ns.rules, "dtype": ns.dtype}
+    config = {k: v for k, v in vars(ns).items() if k not in ("json", "model")}
+    document.write(document.document("compare_llama_cpp", ns.model, config,
+                                     machine.machine(ns.threads, ns.probe_bytes, measured=bandwidth), rows, [run]),
+                   ns.json)
 
 
 

@@ -20,11 +20,17 @@ from ..experts.hetero.cost_model import CostModel
 from ..experts.hetero.expert_cache import ExpertCache, belady_hits, simulate
 from ..experts.hetero.prefetch import Copier
 from ..placement.schema import HeteroSpec
+from . import document
+from . import machine as machine_info
 from .routing import RoutingRecorder, random_prompts, record_routing
 
 
 def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
-          profile_prompts: int = 4, seed: int = 0, repeats: int = 2, cost: CostModel = CostModel()) -> str:
+          profile_prompts: int = 4, seed: int = 0, repeats: int = 2, cost: CostModel = CostModel(),
+          json_path: str | Path | None = None, probe_bytes: int = machine_info.BANDWIDTH_PROBE_BYTES) -> str:
+    """Run it; returns the markdown report, and writes the JSON document (hetero_rt.bench.document: one
+    row per configuration, its counters flattened) to json_path if given, with a read bandwidth
+    measured over probe_bytes after the runs."""
     rules = Path(tempfile.mkdtemp()) / "numba.yaml"
     rules.write_text(f"defaults: {{device: cuda, dtype: {dtype}}}\nrules:\n  - match: {{kind: routed_experts}}\n"
                      "    place: {device: cpu, backend: numba}\n")
@@ -61,7 +67,16 @@ def bench(path: str | Path, sizes: list[int], prompt_len: int, new_tokens: int, 
         if spec.stream:
             profiles[name] = session.describe()
         session.close()
-    text = report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, cost)
+    rates = {name: hit_rates(rt, traces[name], slots, profile) for name, slots, *_ in rows[1:]}
+    text = report(rt, rows, rates, moe, path, prompt_len, new_tokens, dtype, cost)
+    if json_path is not None:
+        config = {"sizes": sizes, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": dtype,
+                  "profile_prompts": profile_prompts, "seed": seed, "repeats": repeats,
+                  "cost_model": {"pcie_gbps": cost.pcie_gbps, "cpu_gflops": cost.cpu_gflops},
+                  "moe_layers": moe, "cpu_fallback": True}
+        document.write(document.document("bench_hetero", path, config,
+                                         machine_info.machine(torch.get_num_threads(), probe_bytes),
+                                         json_rows(rows, rates)), json_path)
     for name, table in profiles.items():
         text += f"\n\nPer-layer profile, {name} (hetero_session(model).describe()):\n\n{table}"
     return text + "\n\n" + deferral_effect(rt, moe, prompt, new_tokens)
@@ -74,7 +89,7 @@ def deferral_effect(rt, moe, prompt, new_tokens, ds=(1, 2)) -> str:
            "| d | max abs diff / max abs logit | mean abs diff | top-1 agreement (prompt positions) | "
            "greedy tokens equal (of new) | decode tok/s |", "|---|---|---|---|---|---|"]
     ref = None
-    for d in (0, *ds):
+    for d in (0, *[d for d in ds if d < rt.args.num_experts_per_tok]):   # defer below top-k only
         session = install(rt.model, {i: HeteroSpec(cache_slots=0, prefetch=False, defer=d) for i in moe}, "cpu")
         logits = rt.logits(prompt)
         res = rt.generate(prompt, max_new_tokens=new_tokens)
@@ -121,7 +136,27 @@ def simulated_dynamic(rt, calls_by_layer, slots: int, profile: Path) -> float:
     return hits / requests if requests else 0.0
 
 
-def report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, cost) -> str:
+def hit_rates(rt, trace, slots: int, profile: Path) -> tuple[float | None, float | None]:
+    """(Belady, the dynamic policy replayed) on a configuration's trace; None without a cache."""
+    if not slots:
+        return None, None
+    return belady_rate(trace, slots), simulated_dynamic(rt, trace, slots, profile)
+
+
+def json_rows(rows, rates) -> list[dict]:
+    base_pre, base_dec = rows[0][2], rows[0][3]
+    out = []
+    for name, slots, pre, dec, c in rows:
+        belady, replay = rates.get(name, (None, None))
+        counters = {} if c is None else c.as_dict()
+        out.append({"configuration": name, "slots": slots, "prefill_tokens_per_s": pre,
+                    "decode_tokens_per_s": dec, "prefill_vs_cpu_only": pre / base_pre,
+                    "decode_vs_cpu_only": dec / base_dec, "belady_hit_rate": belady, "dynamic_replay_hit_rate": replay,
+                    **counters})
+    return out
+
+
+def report(rt, rows, rates, moe, path, prompt_len, new_tokens, dtype, cost) -> str:
     base_pre, base_dec = rows[0][2], rows[0][3]
     out = [f"model: {path} ({rt.args.num_hidden_layers} layers, {len(moe)} MoE, {rt.args.n_routed_experts} experts "
            f"top-{rt.args.num_experts_per_tok}, hidden {rt.args.hidden_size}, expert inter "
@@ -135,9 +170,9 @@ def report(rt, rows, traces, moe, profile, path, prompt_len, new_tokens, dtype, 
         if c is None:
             out.append(f"| {name} | {pre:.1f} | 1.00 | {dec:.2f} | 1.00 | - | - | - | - | - | - |")
             continue
-        trace = traces[name]
-        bel = f"{belady_rate(trace, slots):.3f}" if slots else "-"
-        dyn = f"{simulated_dynamic(rt, trace, slots, profile):.3f}" if slots else "-"
+        belady, replay = rates[name]
+        bel = f"{belady:.3f}" if slots else "-"
+        dyn = f"{replay:.3f}" if slots else "-"
         out.append(f"| {name} | {pre:.1f} | {pre / base_pre:.2f} | {dec:.2f} | {dec / base_dec:.2f} | "
                    f"{c.hit_rate:.3f} | {bel} | {dyn} | {c.overlap:.2f} | {c.prefetches_issued} / "
                    f"{c.prefetches_used} | {c.bytes_experts / 2 ** 20:.1f} MiB |")

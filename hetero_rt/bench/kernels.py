@@ -16,23 +16,28 @@ Legend: T tokens, K experts per token, E experts in memory, D hidden, I expert i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 from ..experts.numba_backend import NumbaExperts
 from ..experts.torch_backend import TorchExperts
-from ..kernels.dot import block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
+from ..kernels.dot import act_sums_size, block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
 from ..kernels.moe import moe_forward
 from ..kernels.threads import default_threads, use_threads
 from ..quant.ggml import FORMATS, quantize
-from . import llama_cpp_ref
+from . import document, llama_cpp_ref
+from . import machine as machine_info
+from .machine import read_bandwidth
 
-SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6)}   # D, I, K
-MODEL_EXPERTS = {"v3": 256, "v2-lite": 64}   # routed experts per layer of the real model
+# D, I, K; "tiny" is for tests of the harness (its figures say nothing about the kernels)
+SHAPES = {"v3": (7168, 2048, 8), "v2-lite": (2048, 1408, 6), "tiny": (256, 256, 2)}
+DEFAULT_SHAPES = ("v3", "v2-lite")
+MODEL_EXPERTS = {"v3": 256, "v2-lite": 64, "tiny": 8}   # routed experts per layer of the real model
 MIN_BYTES = 2 << 30      # experts in memory per format: at least this many bytes (L3 here: 480 MiB)
+PROBE_BYTES = 1 << 30    # the read-bandwidth probe
 
 
 @dataclass(frozen=True)
@@ -66,26 +71,12 @@ class Row:
     def gflops(self) -> float:
         return self.flops / self.seconds / 1e9
 
-
-@njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def _parallel_sum(a):
-    """Sum of a float32 array read once in parallel (vectorized): a memory read-bandwidth probe."""
-    chunks = 256
-    step = (a.shape[0] + chunks - 1) // chunks
-    part = np.zeros(chunks, np.float32)
-    for c in prange(chunks):
-        seg = a[c * step:min(a.shape[0], (c + 1) * step)]
-        s = np.float32(0.0)
-        for i in range(seg.shape[0]):
-            s += seg[i]
-        part[c] = s
-    return part.sum()
-
-
-def read_bandwidth(a: np.ndarray, repeats: int = 5) -> float:
-    """Best-of-repeats GB/s of a parallel read over the float32 array a (set the thread count before)."""
-    _parallel_sum(a[:1024])
-    return a.nbytes / min(_timed(lambda: _parallel_sum(a)) for _ in range(repeats)) / 1e9
+    def as_dict(self) -> dict:
+        """The JSON row: the fields, the derived figures, and what the baseline and ratio are."""
+        decode = self.tokens == 1
+        return {**asdict(self), "gb_per_s": self.gbps, "gflop_per_s": self.gflops, "ratio": self.ratio,
+                "baseline_unit": "GB/s" if decode else "GFLOP/s",
+                "ratio_of": "read bandwidth" if decode else "torch fp32 matmul", "vs_llama": self.vs_llama}
 
 
 def torch_matmul_gflops(tokens: int, dim: int, inter: int, repeats: int = 3) -> float:
@@ -142,16 +133,16 @@ def time_backend(call, tokens: int, k: int, dim: int, n_experts: int, repeats: i
     return best, best_ids
 
 
-def experts_in_memory(fmt: str, dim: int, inter: int, at_least: int) -> int:
-    """Experts to hold in memory so that their bytes exceed MIN_BYTES (and at least `at_least`)."""
+def experts_in_memory(fmt: str, dim: int, inter: int, at_least: int, min_bytes: int = MIN_BYTES) -> int:
+    """Experts to hold in memory so that their bytes exceed min_bytes (and at least `at_least`)."""
     f = FORMATS[fmt]
     down = FORMATS["q8_0"] if f.block == 256 and inter % 256 else f
     per_expert = 2 * inter * f.row_bytes(dim) + dim * down.row_bytes(inter)
-    return max(at_least, -(-MIN_BYTES // per_expert))
+    return max(at_least, -(-min_bytes // per_expert))
 
 
 def bench_shape(name: str, formats: list[str], token_counts: list[int], threads: int, log,
-                probe: np.ndarray, llama: bool, int8: bool, rounds: int = 3) -> list[Row]:
+                probe: np.ndarray, llama: bool, int8: bool, rounds: int = 3, min_bytes: int = MIN_BYTES) -> list[Row]:
     """Every row carries its own baseline, measured just before it: the machine may be shared.
     Decode rows: `rounds` rounds of (baseline, numba, numba int8, llama.cpp), medians reported."""
     dim, inter, k = SHAPES[name]
@@ -160,7 +151,7 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
     flops = lambda t: 6.0 * t * k * dim * inter
     baseline = lambda t: read_bandwidth(probe, 2) if t == 1 else torch_matmul_gflops(t, dim, inter, 2)
     for fmt in formats:
-        n_exp = experts_in_memory(fmt, dim, inter, 2 * k)
+        n_exp = experts_in_memory(fmt, dim, inter, 2 * k, min_bytes)
         ne = make_experts(fmt, n_exp, dim, inter, threads)
         compile_s = ne.warmup()
         per_expert = ne.weight_bytes()
@@ -188,7 +179,7 @@ def bench_shape(name: str, formats: list[str], token_counts: list[int], threads:
         if ref is not None:
             ref.close()
         del ne, ref
-    n_exp = experts_in_memory("fp32", dim, inter, 2 * k)
+    n_exp = experts_in_memory("fp32", dim, inter, 2 * k, min_bytes)
     te = make_torch(n_exp, dim, inter)
     per_expert = 3 * dim * inter * 4
     call = lambda x, ids, w: te(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w))
@@ -247,9 +238,12 @@ def _fmt_row(r: Row) -> str:
 
 
 def run(shapes: list[str], formats: list[str], token_counts: list[int], threads: int | None = None,
-        llama: bool = True, int8: bool = True, rounds: int = 3, log=print) -> str:
-    """Run the benchmark; returns a markdown report. llama: add llama.cpp rows when llama_cpp is
-    importable; int8: add decode rows with int8 activations for the block formats."""
+        llama: bool = True, int8: bool = True, rounds: int = 3, log=print, json_path=None,
+        min_bytes: int = MIN_BYTES, probe_bytes: int = PROBE_BYTES) -> str:
+    """Run the benchmark; returns a markdown report (and writes the JSON document to json_path, if
+    given: hetero_rt.bench.document). llama: add llama.cpp rows when llama_cpp is importable; int8: add
+    decode rows with int8 activations for the block formats; min_bytes, probe_bytes: the experts held
+    in memory per format and the bandwidth probe (smaller only to test the harness)."""
     threads = threads or default_threads()
     use_threads(threads)
     torch.set_num_threads(threads)
@@ -262,15 +256,23 @@ def run(shapes: list[str], formats: list[str], token_counts: list[int], threads:
         except ImportError:
             log("llama_cpp is not importable: no llama.cpp rows")
             llama = False
-    probe = np.ones(1 << 28, np.float32)  # 1 GiB
+    probe = np.ones(max(probe_bytes // 4, 1024), np.float32)
     bw = read_bandwidth(probe)
-    log(f"memory read bandwidth (numba parallel sum, 1 GiB, {threads} threads): {bw:.2f} GB/s")
+    log(f"memory read bandwidth (numba parallel sum, {probe.nbytes / 2**30:.3g} GiB, {threads} threads): "
+        f"{bw:.2f} GB/s")
     big_t = max(token_counts)
     mm = {s: torch_matmul_gflops(big_t, SHAPES[s][0], SHAPES[s][1]) for s in shapes}
     for s in shapes:
         log(f"torch fp32 matmul ({big_t} x {SHAPES[s][0]}) @ ({SHAPES[s][0]} x {SHAPES[s][1]}): {mm[s]:.1f} GFLOP/s")
     rows = [r for s in shapes for r in bench_shape(s, formats, token_counts, threads, log, probe, llama, int8,
-                                                   rounds)]
+                                                   rounds, min_bytes)]
+    if json_path is not None:
+        config = {"shapes": {s: dict(zip(("dim", "inter", "topk"), SHAPES[s])) for s in shapes}, "formats": formats,
+                  "tokens": token_counts, "threads": threads, "llama": llama, "int8": int8, "rounds": rounds,
+                  "min_bytes": min_bytes, "torch_matmul_gflops": mm, "torch_matmul_tokens": big_t}
+        document.write(document.document("bench_experts", None, config,
+                                         machine_info.machine(threads, probe.nbytes, measured=bw),
+                                         [r.as_dict() for r in rows]), json_path)
     return report(rows, bw, mm, big_t, threads, rounds)
 
 
@@ -306,7 +308,7 @@ def dot_rates(formats: list[str], dim: int = 7168, rows: int = 64, repeats: int 
     xs, xd = np.empty(dim // 32, np.float32), np.empty(dim // 32, np.float32)
     xq = np.empty(dim, np.int8)
     block_sums(x, xs)
-    xs8 = np.empty_like(xs)
+    xs8 = np.empty(act_sums_size(dim), np.float32)
     quantize_act(x, xq, xd, xs8)
     res = np.empty(rows, np.float32)
     for fmt in formats:

@@ -35,10 +35,11 @@ from ..checkpoint.source import open_source
 from ..errors import HeteroRTError
 from ..placement.memory import plan_memory
 from ..placement.sizes import fmt_bytes, peak_rss_bytes
+from . import cache_curve, document, plots, profile
 from . import machine as machine_info
-from . import plots, profile
+from .routing import RoutingRecorder
 
-SCHEMA = "hetero_rt.bench/1"
+SCHEMA = document.SCHEMA
 TG_PROMPT = 16            # cached positions before the timed decode steps
 PROFILE_DECODE_STEPS = 8  # decode steps averaged in the breakdown (at most N)
 CSV_FIELDS = ("run", "model", "rules", "threads", "test", "kind", "tokens", "repetitions", "mean_tokens_per_s",
@@ -54,10 +55,11 @@ def bench(model: str | Path, rules: Sequence[str | Path | None], prompt_tokens: 
     need = max(prompt_tokens, TG_PROMPT + gen_tokens)
     if context is not None and context < need:
         raise HeteroRTError(f"--context {context} is too small: the tests need {need} positions")
-    doc = {"schema": SCHEMA, "model": str(model),
-           "config": {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "tg_prompt_tokens": TG_PROMPT,
-                      "threads": list(threads), "repetitions": repetitions, "context": context or need, "seed": seed},
-           "machine": None, "runs": [], "rows": []}   # machine: filled after the runs
+    doc = document.document(
+        "hetero-rt bench", model, {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+                                   "tg_prompt_tokens": TG_PROMPT, "threads": list(threads), "repetitions": repetitions,
+                                   "context": context or need, "seed": seed},
+        None, [])                                     # machine: filled after the runs
     for i, r in enumerate(rules):
         run, rows = bench_rules(model, r, prompt_tokens, gen_tokens, threads, repetitions, peak_rss,
                                 dict(context=context or need, dtype=dtype, device=device, cpu_fallback=cpu_fallback,
@@ -98,11 +100,12 @@ def bench_rules(model, rules, p: int, n: int, threads: Sequence[int], repetition
     rows = [make_row(str(model), label, t, kind, tokens, seconds[t, kind])
             for t in threads for kind, tokens in tests]
     rt.set_threads(max(threads))
-    breakdown = {"threads": max(threads), "decode": profile_decode(rt, n, rng), "prefill": profile_prefill(rt, p, rng)}
+    decode, expert_cache = profile_decode(rt, n, rng)
+    breakdown = {"threads": max(threads), "decode": decode, "prefill": profile_prefill(rt, p, rng)}
     gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     run = {"rules": label, "rules_path": None if rules is None else str(rules), "placement": rt.plan.summary(),
            "dtype": dtype_name(rt.dtype), "device": str(rt.device), "load_s": load_s, "breakdown": breakdown,
-           "decode_bytes": decode_bytes(rt),
+           "decode_bytes": decode_bytes(rt), "expert_cache": expert_cache,
            "memory": {"peak_rss_bytes": peak_rss(), "peak_rss_since": rss_since, "gpu_max_allocated_bytes": gpu_peak}}
     del rt
     gc.collect()
@@ -140,17 +143,21 @@ def time_tg(rt, n: int, rng) -> float:
     return time.perf_counter() - t0
 
 
-def profile_decode(rt, n: int, rng) -> dict:
+def profile_decode(rt, n: int, rng) -> tuple[dict, dict | None]:
+    """(the decode breakdown, the expert-cache figures of those steps or None: bench.cache_curve)."""
     k = min(n, PROFILE_DECODE_STEPS)
     prompt, steps = _ids(rng, rt, TG_PROMPT), _ids(rng, rt, k)
     rt.step(prompt, 0, last_only=True)
-    with profile.op_timers(rt.model, rt.device) as times:
+    before = cache_curve.counters(rt.model)
+    with profile.op_timers(rt.model, rt.device) as times, RoutingRecorder(rt.model) as routing:
         t0 = time.perf_counter()
         for i in range(k):
             with times.span(f"decode step {i}"):
                 rt.step(steps[i:i + 1], TG_PROMPT + i, last_only=True)
         total = time.perf_counter() - t0
-    return {**profile.breakdown(times, total, k), "events": list(times.events)}
+    # op_timers has drained the copies in flight: the counters are final
+    return ({**profile.breakdown(times, total, k), "events": list(times.events)},
+            cache_curve.figures(rt.model, routing.calls, before))
 
 
 def profile_prefill(rt, p: int, rng) -> dict:
@@ -202,6 +209,7 @@ def report(doc: dict) -> str:
             f"{r['mean_tokens_per_s']:.2f} ± {r['std_tokens_per_s']:.2f} |" for r in doc["rows"]]
     for i, run in enumerate(doc["runs"]):
         out += ["", f"## {run['rules']}: {run['placement']}", "", _bytes_line(doc, i), _memory_line(run["memory"]),
+                *_cache_lines(run.get("expert_cache")),
                 "", profile.describe(f"decode step ({_threads(run['breakdown']['threads'])})",
                                      run["breakdown"]["decode"]),
                 "", profile.describe(f"prefill of {doc['config']['prompt_tokens']} tokens",
@@ -217,6 +225,18 @@ def _bytes_line(doc: dict, i: int) -> str:
             f"dense {b['dense'] / 1e9:.4g}); at {best['mean_tokens_per_s']:.2f} tok/s ({_threads(best['threads'])}) "
             f"that is {best['read_gb_per_s']:.3g} GB/s = {best['bandwidth_percent']:.1f}% of the measured read "
             f"bandwidth ({bw:.2f} GB/s)")
+
+
+def _cache_lines(c: dict | None) -> list[str]:
+    if c is None:
+        return []
+    curve = dict(zip(c["curve"]["slots"], c["curve"]["belady_hit_rate"]))
+    slots = sorted(set(c["slots_per_layer"].values()))
+    belady = ", ".join(f"{curve[s]:.3f} at {s} slots" for s in slots if s in curve)
+    m = c["measured"]
+    return [f"expert cache ({'/'.join(map(str, slots))} of {c['n_experts']} experts per layer, {len(c['layers'])} "
+            f"layers): hit rate {m['hit_rate']:.3f} over {c['calls']} profiled decode steps; Belady (same routing) "
+            f"{belady}"]
 
 
 def _memory_line(mem: dict) -> str:
@@ -259,7 +279,7 @@ def bench_command(ns) -> int:
     if ns.plot is not None:
         plots.plot(doc, ns.plot)
     if ns.json is not None:
-        Path(ns.json).write_text(json.dumps(doc, indent=1) + "\n")
+        document.write(doc, ns.json)
     if ns.csv is not None:
         write_csv(doc, ns.csv)
     return 0

@@ -1,6 +1,8 @@
 """PNG charts of a `hetero-rt bench` JSON document (matplotlib, an optional dependency: the `plot`
 extra): tokens/s per configuration (rules x threads, pp and tg side by side, the std as error bars)
-and the per-op time of a decode step and of the prefill, stacked, one bar per placement.
+and the per-op time of a decode step and of the prefill, stacked, one bar per placement; where a run
+placed a hetero expert cache, a third chart: Belady's hit rate against cache size on the routing of
+its profiled decode steps, with the hit rate the placed cache measured (bench.cache_curve).
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ def _pyplot():
 def plot(doc: dict, path: str | Path) -> None:
     """Write the charts of `doc` into one PNG at path."""
     plt = _pyplot()
-    fig, (speed, ops) = plt.subplots(1, 2, figsize=(13, 5))
-    tokens_per_s(speed, doc)
-    op_time(ops, doc)
+    cached = [run for run in doc["runs"] if run.get("expert_cache")]
+    fig, axes = plt.subplots(1, 3 if cached else 2, figsize=(19.5 if cached else 13, 5))
+    tokens_per_s(axes[0], doc)
+    op_time(axes[1], doc)
+    if cached:
+        hit_rate(axes[2], cached)
     fig.suptitle(f"{Path(doc['model']).name} on {doc['machine']['cpu']['name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -61,4 +66,20 @@ def op_time(ax, doc: dict) -> None:
     ax.set_xticks(range(len(bars)), [label for label, _ in bars])
     ax.set_ylabel("ms per step (profiled)")
     ax.set_title("where a step goes")
+    ax.legend(fontsize=7)
+
+
+def hit_rate(ax, runs: list[dict]) -> None:
+    """Per run with a cache: the Belady line over cache sizes and the measured point at its size."""
+    for run in runs:
+        c = run["expert_cache"]
+        line, = ax.plot(c["curve"]["slots"], c["curve"]["belady_hit_rate"], marker=".", label=f"{run['rules']}: Belady")
+        slots = sorted(set(c["slots_per_layer"].values()))
+        x = slots[0] if len(slots) == 1 else sum(slots) / len(slots)
+        ax.plot([x], [c["measured"]["hit_rate"]], marker="o", markersize=9, linestyle="none", color=line.get_color(),
+                label=f"{run['rules']}: measured ({x:g} slots)")
+    ax.set_xlabel("cache slots per layer")
+    ax.set_ylabel("hit rate (distinct experts per call)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("expert-cache hit rate, profiled decode steps")
     ax.legend(fontsize=7)

@@ -9,6 +9,11 @@ Ops (summed over layers; `layers` keeps them per layer):
   shared experts, dense MLP, final norm + lm_head; "everything else" = step total - their sum.
 The routed-experts module runs the shared experts it is handed (a backend may overlap them), so its
 time includes theirs: the shared experts are timed on their own and subtracted.
+
+On the hetero backend the trace also holds the other threads' spans, from the hook points of its
+worker and copier (set here, cleared on exit): the CPU worker's expert job per layer (WORKER_OP) and
+every expert copy into a cache slot (COPY_OP). They are trace events only: the main thread's
+"routed experts" already contains the time it waited for the worker, and copies overlap the step.
 """
 from __future__ import annotations
 
@@ -20,12 +25,15 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..experts.hetero import hetero_session
 from ..model import transformer as transformer_module
 from ..model.moe import MoE
 
 OPS = ("embedding", "block norms", "attention (MLA)", "gate", "routed experts", "shared experts", "dense MLP",
        "final norm + lm_head")
 OTHER = "everything else"
+WORKER_OP = "CPU experts (worker)"         # trace only: the hetero worker's job of one layer
+COPY_OP = "expert copy"                     # trace only: one expert copied into a cache slot
 _EXPERTS_WITH_SHARED = "routed + shared"   # the routed-experts module's own time, before subtraction
 
 
@@ -58,6 +66,10 @@ class OpTimes:
             self.add(op, None, time.perf_counter() - t0, t0)
             return out
         return timed
+
+    def event(self, op: str, layer: int | None, start: float, seconds: float) -> None:
+        """A trace event on the calling thread, not counted as an op (other threads' spans)."""
+        self.events.append((op, layer, start, seconds, threading.current_thread().name))
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
@@ -116,12 +128,21 @@ def op_timers(model: transformer_module.Transformer, device: torch.device) -> It
     originals = {"embedding": transformer_module.embedding, "linear": transformer_module.linear}
     transformer_module.embedding = times.wrap(originals["embedding"], "embedding")
     transformer_module.linear = times.wrap(originals["linear"], "final norm + lm_head")
+    session = hetero_session(model)
+    if session is not None:
+        session.worker.on_job = lambda job, t0, s: times.event(WORKER_OP, job.layer, t0, s)
+        session.copier.on_copy = lambda cache, expert, slot, t0, s: times.event(COPY_OP, cache.layer, t0, s)
     try:
         yield times
     finally:
         for h in handles:
             h.remove()
         transformer_module.embedding, transformer_module.linear = originals["embedding"], originals["linear"]
+        if session is not None:
+            try:
+                session.drain()          # copies issued inside are reported before the hook goes
+            finally:
+                session.worker.on_job = session.copier.on_copy = None
 
 
 def breakdown(times: OpTimes, total_s: float, steps: int) -> dict:
@@ -139,6 +160,26 @@ def breakdown(times: OpTimes, total_s: float, steps: int) -> dict:
     for o in ops:
         o["percent"] = 100 * o["ms"] / (step * 1e3) if step > 0 else 0.0
     return {"step_ms": step * 1e3, "steps": steps, "ops": ops}
+
+
+def replay(rt, prompt_ids: list[int], new_ids: list[int], decode_steps: int = 8) -> dict:
+    """A generation's per-op breakdown (`hetero-rt run -v`), profiled apart from the timed run: its
+    prompt's prefill again, then up to `decode_steps` of its decode steps (each generated token fed
+    back at its position; the last one never was). {"prefill": breakdown, "decode": breakdown or None}."""
+    with op_timers(rt.model, rt.device) as times:
+        t0 = time.perf_counter()
+        rt.step(torch.tensor(prompt_ids), 0, last_only=True)
+        total = time.perf_counter() - t0
+    out = {"prefill": breakdown(times, total, 1), "decode": None}
+    fed = list(new_ids[:-1][:decode_steps])
+    if fed:
+        with op_timers(rt.model, rt.device) as times:
+            t0 = time.perf_counter()
+            for i, tok in enumerate(fed):
+                rt.step(torch.tensor([tok]), len(prompt_ids) + i, last_only=True)
+            total = time.perf_counter() - t0
+        out["decode"] = breakdown(times, total, len(fed))
+    return out
 
 
 def describe(title: str, b: dict) -> str:

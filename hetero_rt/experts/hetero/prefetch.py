@@ -7,6 +7,10 @@ may still read the slot being overwritten); a CUDA event recorded after the copy
 completion. Without a GPU the same thread writes the slot directly and a threading.Event stands in
 for the CUDA event, so the logic "use an expert only once its ticket is done" is the same and tested.
 
+`on_copy`, when set (profilers: hetero_rt.bench.profile), is called on the thread that made a copy
+as on_copy(cache, expert, slot, start, seconds) (time.perf_counter clock; on CUDA the host side:
+dequantizing and issuing), before the ticket is marked done, so a drained copy has been reported.
+
 `threaded=False` copies inline (deterministic counters in tests); `delay_s` slows every copy down
 and `gate` (a threading.Event) holds copies until set: both exist to test that an expert is never
 used before its copy completes.
@@ -59,6 +63,7 @@ class Copier:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.threaded, self.delay_s, self.gate = threaded, delay_s, gate
+        self.on_copy = None
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.staging: dict[tuple, list] = {}          # shapes -> [tensors (pinned), last cuda event]
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -101,11 +106,15 @@ class Copier:
                 self.gate.wait()
             if self.delay_s:
                 time.sleep(self.delay_s)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 if self.cuda:
                     self._copy_cuda(cache, expert, slot, ticket, after)
                 else:
                     cache.write_slot(expert, slot)
+            hook = self.on_copy
+            if hook is not None:
+                hook(cache, expert, slot, t0, time.perf_counter() - t0)
         except BaseException as e:  # surfaces on the main thread through the ticket
             ticket.error = e
         ticket.event.set()

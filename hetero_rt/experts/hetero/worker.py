@@ -72,10 +72,15 @@ class Job:
 
 class CpuWorker:
     """A persistent thread running Jobs in submission order. A job's exception, or the thread's
-    death, is raised in the waiting caller as HeteroRTError; `timeout_s` bounds any wait."""
+    death, is raised in the waiting caller as HeteroRTError; `timeout_s` bounds any wait.
+
+    `on_job`, when set (profilers: hetero_rt.bench.profile), is called on the worker thread after each
+    job as on_job(job, start, seconds) (time.perf_counter clock), before the waiting caller is woken:
+    once wait() returns, the job's call has been made. It must not raise (an error is the job's)."""
 
     def __init__(self, timeout_s: float | None = None):
         self.timeout_s = timeout_s
+        self.on_job = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="hetero-rt-cpu-experts", daemon=True)
         self.thread.start()
@@ -118,4 +123,10 @@ class CpuWorker:
             except BaseException as e:  # handed to the caller by wait()
                 job.error = e
             job.seconds = time.perf_counter() - t0
+            hook = self.on_job
+            if hook is not None:
+                try:
+                    hook(job, t0, job.seconds)
+                except BaseException as e:  # handed to the caller by wait(), like the job's own
+                    job.error = job.error or e
             job.done.set()
