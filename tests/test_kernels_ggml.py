@@ -186,7 +186,7 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q4_k", "q6_k", "q2_k", "q3_k", "iq4_xs"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs"])
 def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
     """The whole-row int8 dots written as vector IR (levels unpacked in vectors, offsets and mins taken
     from the activations' block sums, the 16 sub-block scales of Q2_K/Q3_K/Q6_K applied per vector
@@ -211,7 +211,7 @@ def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
     rng = np.random.default_rng(11 + int(vnni))
     raw = ggml.quantize(weights(6, cols, seed=12) * 3, fmt)
     w = ggml.dequantize(raw, fmt).astype(np.float64)
-    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60, "q2_k": 3, "q3_k": 7, "q4_k": 40}.get(fmt, 15)
+    assert len(np.unique(np.round(w[0] / np.abs(w[0]).max() * 1e6))) > {"q6_k": 60, "q2_k": 3, "q3_k": 7, "q4_k": 40, "q5_k": 40}.get(fmt, 15)
     xq = rng.integers(-128, 128, cols, dtype=np.int8)
     xq[:16], xq[40:56] = -128, 127
     xd = (rng.random(cols // 32) + 0.5).astype(np.float32)

@@ -23,9 +23,8 @@ from ..quant.ggml import (BF16, FP8, FP16, FP32, IQ4_XS, KVALUES_IQ4, Q2_K, Q3_K
                           Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)
 
 from .intrinsics import (e4m3_to_f32, f16_to_f32, f32_from_bits, iq4_xs_dot_i8, mac_i32, opaque, prefetch,
-                         q2_k_dot_i8, q3_k_dot_i8, q3_to_f32, q3_to_i32, q4_0_dot_i8, q4_to_i32, q4_k_dot_i8,
-                         q5_0_dot_i8, q5_to_f32, q5_to_i32, q6_k_dot_i8, q6_to_f32, q8_0_dot_i8, u8_to_f32,
-                         u8_to_i32)
+                         q2_k_dot_i8, q3_k_dot_i8, q3_to_f32, q4_0_dot_i8, q4_to_i32, q4_k_dot_i8, q5_0_dot_i8,
+                         q5_k_dot_i8, q5_to_f32, q6_k_dot_i8, q6_to_f32, q8_0_dot_i8, u8_to_f32)
 
 U = np.uint64
 F0 = np.float32(0.0)
@@ -600,30 +599,8 @@ def _dot_q4_k_i8(row, xq, xd, xs):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def _dot_q5_k_i8(row, xq, xd, xs):
-    """Eight int32 sub-block sums per 256 block, then _k_combine on xd-scaled sums."""
-    n32 = opaque(32)   # see intrinsics.opaque
-    s = F0
-    for b in range(xq.shape[0] // 256):
-        o, xo = U(176 * b), U(256 * b)
-        _prefetch_ahead(row, o, 176)
-        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.int32(0)
-        hq, q = o + U(16), o + U(48)
-        for k in range(n32):
-            h = row[hq + U(k)]
-            a, c, e, g = row[q + U(k)], row[q + U(32 + k)], row[q + U(64 + k)], row[q + U(96 + k)]
-            t0 = mac_i32(t0, q5_to_i32(a, h, 0, 0), xq[xo + U(k)])
-            t1 = mac_i32(t1, q5_to_i32(a, h, 4, 1), xq[xo + U(32 + k)])
-            t2 = mac_i32(t2, q5_to_i32(c, h, 0, 2), xq[xo + U(64 + k)])
-            t3 = mac_i32(t3, q5_to_i32(c, h, 4, 3), xq[xo + U(96 + k)])
-            t4 = mac_i32(t4, q5_to_i32(e, h, 0, 4), xq[xo + U(128 + k)])
-            t5 = mac_i32(t5, q5_to_i32(e, h, 4, 5), xq[xo + U(160 + k)])
-            t6 = mac_i32(t6, q5_to_i32(g, h, 0, 6), xq[xo + U(192 + k)])
-            t7 = mac_i32(t7, q5_to_i32(g, h, 4, 7), xq[xo + U(224 + k)])
-        xb = 8 * b
-        s += _k_combine(row, o, xs, xb, xd[xb] * np.float32(t0), xd[xb + 1] * np.float32(t1),
-                        xd[xb + 2] * np.float32(t2), xd[xb + 3] * np.float32(t3), xd[xb + 4] * np.float32(t4),
-                        xd[xb + 5] * np.float32(t5), xd[xb + 6] * np.float32(t6), xd[xb + 7] * np.float32(t7))
-    return s
+    """The whole row in vector registers, scales, mins and high bits included: intrinsics.q5_k_dot_i8."""
+    return q5_k_dot_i8(row, xq, xd, xs, xq.shape[0] // 256)
 
 
 @njit(nogil=True, fastmath=True, cache=True)

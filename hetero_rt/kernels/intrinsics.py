@@ -13,7 +13,7 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   u8_to_i32(v, shift, mask)  ((v >> shift) & mask) as int32, computed on 8-bit integers
 and, written directly as vector IR, the int8-activation dots of whole rows (vpdpbusd with
 AVX512-VNNI or AVX-VNNI, else 32-bit multiplies LLVM lowers to pmaddwd): q8_0_dot_i8, q4_0_dot_i8,
-q5_0_dot_i8, q2_k_dot_i8, q3_k_dot_i8, q4_k_dot_i8, q6_k_dot_i8, iq4_xs_dot_i8.
+q5_0_dot_i8, q2_k_dot_i8, q3_k_dot_i8, q4_k_dot_i8, q5_k_dot_i8, q6_k_dot_i8, iq4_xs_dot_i8.
 """
 from __future__ import annotations
 
@@ -640,12 +640,10 @@ def _q4k_scales_mins(builder, blk):
     return sc, m
 
 
-@intrinsic
-def q4_k_dot_i8(typingctx, row, xq, xd, xs, nb):
-    """sum over the nb Q4_K blocks of row (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
-    mins, 128 nibble bytes) of sum_j (d sc_j xd_j sum_k q_jk xq_jk - dmin m_j xs_j), j over the eight
-    32-sub-blocks: scales and mins unpacked as vectors (_q4k_scales_mins), one vpdpbusd per sub-block
-    (nibbles 4h of bytes 16 + 32i .. : sub-block 2i + h)."""
+def _k_row_dot(row, xq, xd, xs, nb, block_bytes, levels):
+    """_row_dot of Q4_K / Q5_K: sum over blocks of sum_j (d sc_j xd_j sum_k q_jk xq_jk - dmin m_j xs_j),
+    j over the eight 32-sub-blocks, scales and mins unpacked as vectors (_q4k_scales_mins), one
+    vpdpbusd per sub-block; levels(builder, blk) -> the eight <32 x i8> level vectors."""
     def body(builder, blk, b, acc, act):
         i64 = ir.IntType(64)
         sc, m = _q4k_scales_mins(builder, blk)
@@ -655,14 +653,41 @@ def q4_k_dot_i8(typingctx, row, xq, xd, xs, nb):
         mins = builder.fmul(builder.uitofp(m, _V8F32), splat(builder, builder.fneg(_f16_at(builder, blk, 2)), _V8F32))
         acc.fma(mins, act.vec(act.xs, b8, 8))
         undef = ir.Constant(_V8F32, ir.Undefined)
+        for j, q in enumerate(levels(builder, blk)):
+            acc.fma(builder.sitofp(_u8s8_dot8(builder, q, _x256(act, b, j)), _V8F32),
+                    builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8)))
+    return _row_dot(row, xq, xd, xs, nb, block_bytes, 256, body)
+
+
+@intrinsic
+def q4_k_dot_i8(typingctx, row, xq, xd, xs, nb):
+    """sum over the nb Q4_K blocks of row (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
+    mins, 128 nibble bytes) of sum_j (d sc_j xd_j sum_k q_jk xq_jk - dmin m_j xs_j): sub-block j = 2i + h
+    is nibble 4h of bytes 16 + 32i .. 16 + 32i + 31 (_k_row_dot)."""
+    def levels(builder, blk):
+        out = []
         for i in range(4):
             qv = builder.load(_byte_ptr(builder, blk, 16 + 32 * i, _V32I8), align=1)
+            out += [builder.and_(builder.lshr(qv, _c32(4 * h)), _c32(15)) for h in range(2)]
+        return out
+    return _k_row_dot(row, xq, xd, xs, nb, 144, levels)
+
+
+@intrinsic
+def q5_k_dot_i8(typingctx, row, xq, xd, xs, nb):
+    """As q4_k_dot_i8 for Q5_K (176 bytes: fp16 d, fp16 dmin, 12 bytes of scales and mins, 32 bytes qh,
+    128 nibble bytes): the level of element k of sub-block j = 2i + h is nibble 4h of byte 48 + 32i + k
+    | bit j of qh[k] << 4 (0..31)."""
+    def levels(builder, blk):
+        qh = builder.load(_byte_ptr(builder, blk, 16, _V32I8), align=1)
+        out = []
+        for i in range(4):
+            qv = builder.load(_byte_ptr(builder, blk, 48 + 32 * i, _V32I8), align=1)
             for h in range(2):
-                j = 2 * i + h
-                q = builder.and_(builder.lshr(qv, _c32(4 * h)), _c32(15))
-                acc.fma(builder.sitofp(_u8s8_dot8(builder, q, _x256(act, b, j)), _V8F32),
-                        builder.shuffle_vector(scale, undef, ir.Constant(_V8I32, [j] * 8)))
-    return _row_dot(row, xq, xd, xs, nb, 144, 256, body)
+                high = builder.shl(builder.and_(builder.lshr(qh, _c32(2 * i + h)), _c32(1)), _c32(4))
+                out.append(builder.or_(builder.and_(builder.lshr(qv, _c32(4 * h)), _c32(15)), high))
+        return out
+    return _k_row_dot(row, xq, xd, xs, nb, 176, levels)
 
 
 def _lookup16(builder, table, idx):
