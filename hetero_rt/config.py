@@ -1,11 +1,15 @@
-"""ModelArgs: the frozen description of a DeepSeek-family model, built from the checkpoint's own
-metadata through one explicit key table.
+"""ModelArgs: the frozen description of a MoE model, built from the checkpoint's own metadata
+through one explicit key table per family.
 
 Contract: `ModelArgs.from_config_file(path)` accepts config.json of model_type deepseek_v2,
-deepseek_v3 and kimi_k2 and either returns a complete, self-consistent ModelArgs or raises
-ConfigError naming the file, the key and what was expected. Nothing is inferred from file names
-or magic dimensions. GGUF metadata (a later reader) produces the same dict shape and goes through
-`ModelArgs.from_dict`.
+deepseek_v3, kimi_k2 (MLA attention) and qwen3_moe, qwen2_moe, mixtral, glm4_moe (grouped-query
+attention) and either returns a complete, self-consistent ModelArgs or raises ConfigError naming
+the file, the key and what was expected. Nothing is inferred from file names or magic dimensions.
+GGUF metadata produces the same dict shape and goes through `ModelArgs.from_dict`.
+
+The grouped-query families fill the head fields with their plain meaning: qk_rope_head_dim is the
+rotary part of each query/key head (all of it, or partial_rotary_factor of it), qk_nope_head_dim
+the rest, v_head_dim the value head; there is no latent (kv_lora_rank 0, q_lora_rank None).
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+GQA_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
+MODEL_TYPES = MLA_TYPES + GQA_TYPES
 # Tokens per forward call at most: prompts are run in chunks of this size (bounding attention's working
 # memory); the memory planner and the hetero backend's host buffers are sized by it.
 PREFILL_CHUNK = 512
@@ -80,6 +86,16 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...]
     num_nextn_predict_layers: int
     fp8_block_size: tuple[int, int] | None
+    # ---- grouped-query attention and the Qwen/Mixtral/GLM routers (defaults: DeepSeek's) ----
+    attention: str = "mla"                   # "mla" | "gqa"
+    num_key_value_heads: int = 0             # GQA: K/V heads, each shared by H / Hkv query heads
+    qk_norm: bool = False                    # GQA: per-head RMSNorm of q and k before RoPE (Qwen3, GLM)
+    qkv_bias: bool = False                   # GQA: biases on the q, k, v projections (Qwen2, GLM)
+    o_bias: bool = False                     # GQA: bias on the output projection (Qwen3 attention_bias)
+    shared_expert_intermediate_size: int | None = None   # None: n_shared_experts x moe_intermediate_size
+    shared_expert_gate: bool = False         # shared expert scaled by sigmoid(x . w_g) (Qwen2-MoE)
+    mlp_only_layers: tuple[int, ...] = ()    # dense layers listed by index (Qwen)
+    decoder_sparse_step: int = 1             # MoE where (layer + 1) % step == 0 (Qwen)
 
     # ---- derived quantities used by the model math ----
     @property
@@ -90,9 +106,23 @@ class ModelArgs:
     def has_correction_bias(self) -> bool:
         return self.topk_method == "noaux_tc"
 
+    @property
+    def head_dim(self) -> int:
+        return self.qk_head_dim
+
+    @property
+    def shared_inter_dim(self) -> int:
+        """Intermediate size of the (fused) shared experts; 0 without them."""
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.moe_intermediate_size * self.n_shared_experts
+
     def is_moe_layer(self, layer: int) -> bool:
-        """DeepSeek's rule: dense for the first k layers, then MoE every moe_layer_freq layers."""
-        return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+        """DeepSeek's and GLM's rule (dense for the first k layers, then MoE every moe_layer_freq layers)
+        and Qwen's (not in mlp_only_layers, (layer + 1) % decoder_sparse_step == 0); each family leaves
+        the other's fields neutral."""
+        return (layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+                and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property
     def softmax_scale(self) -> float:
@@ -108,6 +138,13 @@ class ModelArgs:
     def latent_cache_width(self) -> int:
         """Values per token per layer in the latent KV cache: c_kv plus the shared rope key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_width(self) -> int:
+        """Values per token per layer in the KV cache: MLA's latent, or GQA's K and V of every K/V head."""
+        if self.attention == "gqa":
+            return 2 * self.num_key_value_heads * self.head_dim
+        return self.latent_cache_width
 
     # ---- construction ----
     @classmethod
@@ -163,6 +200,89 @@ KEY_TABLE: dict[str, tuple[str, type, Any]] = {
     "num_nextn_predict_layers": ("num_nextn_predict_layers", int, 0),
 }
 
+# The grouped-query families' key tables: ModelArgs field -> (config.json key, type, default), or
+# Fixed(value) where the family's modeling code hard-codes it. A key given as a tuple has several
+# spellings (transformers 5 writes num_local_experts for Qwen's num_experts); two that disagree are
+# an error. The MLA fields are derived from head_dim and the rotary fraction (_Parser.gqa_heads).
+@dataclass(frozen=True)
+class Fixed:
+    value: Any
+
+
+IntList = tuple   # a JSON list of ints -> tuple[int, ...]
+
+_GQA_COMMON: dict[str, Any] = {
+    "vocab_size": ("vocab_size", int, _REQUIRED),
+    "hidden_size": ("hidden_size", int, _REQUIRED),
+    "intermediate_size": ("intermediate_size", int, _REQUIRED),
+    "num_hidden_layers": ("num_hidden_layers", int, _REQUIRED),
+    "num_attention_heads": ("num_attention_heads", int, _REQUIRED),
+    "num_key_value_heads": ("num_key_value_heads", int, _REQUIRED),
+    "num_experts_per_tok": ("num_experts_per_tok", int, _REQUIRED),
+    "tie_word_embeddings": ("tie_word_embeddings", bool, False),
+    "max_position_embeddings": ("max_position_embeddings", int, _REQUIRED),
+    # HF checkpoints rotate halves; a llama GGUF (Mixtral) holds q/k rows permuted for adjacent pairs
+    "rope_interleave": ("rope_interleave", bool, False),
+    "n_shared_experts": Fixed(0), "first_k_dense_replace": Fixed(0), "moe_layer_freq": Fixed(1),
+    "scoring_func": Fixed("softmax"), "topk_method": Fixed("greedy"), "n_group": Fixed(1), "topk_group": Fixed(1),
+    "routed_scaling_factor": Fixed(1.0), "num_nextn_predict_layers": Fixed(0),
+    "qk_norm": Fixed(False), "qkv_bias": Fixed(False), "o_bias": Fixed(False), "shared_expert_gate": Fixed(False),
+    "mlp_only_layers": Fixed(()), "decoder_sparse_step": Fixed(1),
+}
+GQA_KEY_TABLES: dict[str, dict[str, Any]] = {
+    "mixtral": {
+        **_GQA_COMMON,
+        "moe_intermediate_size": ("intermediate_size", int, _REQUIRED),   # every layer is MoE
+        "n_routed_experts": ("num_local_experts", int, _REQUIRED),
+        "norm_topk_prob": Fixed(True),                                    # softmax, top-k, renormalise
+        "rms_norm_eps": ("rms_norm_eps", float, 1e-5),
+    },
+    "qwen2_moe": {
+        **_GQA_COMMON,
+        "moe_intermediate_size": ("moe_intermediate_size", int, _REQUIRED),
+        "n_routed_experts": (("num_experts", "num_local_experts"), int, _REQUIRED),
+        "norm_topk_prob": ("norm_topk_prob", bool, False),
+        "n_shared_experts": Fixed(1), "shared_expert_gate": Fixed(True),
+        "shared_expert_intermediate_size": ("shared_expert_intermediate_size", int, _REQUIRED),
+        "qkv_bias": ("qkv_bias", bool, True),
+        "mlp_only_layers": ("mlp_only_layers", IntList, ()),
+        "decoder_sparse_step": ("decoder_sparse_step", int, 1),
+        "rms_norm_eps": ("rms_norm_eps", float, 1e-6),
+    },
+    "qwen3_moe": {
+        **_GQA_COMMON,
+        "moe_intermediate_size": ("moe_intermediate_size", int, _REQUIRED),
+        "n_routed_experts": (("num_experts", "num_local_experts"), int, _REQUIRED),
+        "norm_topk_prob": ("norm_topk_prob", bool, False),
+        "qk_norm": Fixed(True),
+        "qkv_bias": ("attention_bias", bool, False), "o_bias": ("attention_bias", bool, False),
+        "mlp_only_layers": ("mlp_only_layers", IntList, ()),
+        "decoder_sparse_step": ("decoder_sparse_step", int, 1),
+        "rms_norm_eps": ("rms_norm_eps", float, 1e-6),
+    },
+    "glm4_moe": {
+        **_GQA_COMMON,
+        "moe_intermediate_size": ("moe_intermediate_size", int, _REQUIRED),
+        "n_routed_experts": (("n_routed_experts", "num_local_experts"), int, _REQUIRED),
+        "n_shared_experts": ("n_shared_experts", int, 1),
+        "first_k_dense_replace": ("first_k_dense_replace", int, 1),
+        "scoring_func": Fixed("sigmoid"), "topk_method": Fixed("noaux_tc"),   # as DeepSeek-V3
+        "n_group": ("n_group", int, 1), "topk_group": ("topk_group", int, 1),
+        "norm_topk_prob": ("norm_topk_prob", bool, True),
+        "routed_scaling_factor": ("routed_scaling_factor", float, 1.0),
+        "qk_norm": ("use_qk_norm", bool, False),
+        "qkv_bias": ("attention_bias", bool, False),
+        "num_nextn_predict_layers": ("num_nextn_predict_layers", int, 0),
+        "rms_norm_eps": ("rms_norm_eps", float, 1e-5),
+    },
+}
+# rope_theta and partial_rotary_factor when config.json states none: each family's configuration-code
+# default (others: 10000 and 1.0).
+_ROPE_THETA_DEFAULTS = {"mixtral": 1e6}
+_PARTIAL_ROTARY_DEFAULTS = {"glm4_moe": 0.5}
+_FAMILY_NAMES = {"deepseek_v2": "DeepSeek", "deepseek_v3": "DeepSeek", "kimi_k2": "DeepSeek", "mixtral": "Mixtral",
+                 "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "glm4_moe": "GLM-4.5"}
+
 # Routing defaults per model type. DeepSeek-V2's own configuration code defaults to softmax/greedy;
 # V3 and Kimi-K2 checkpoints always state their routing, so a missing key there is an error.
 _ROUTING_DEFAULTS = {
@@ -201,6 +321,8 @@ class _Parser:
         elif typ is str:
             if isinstance(value, str):
                 return value
+        elif typ is IntList:
+            return self.get_int_list(key, value)
         raise self.fail(key, f"expected {typ.__name__}, found {value!r}")
 
     def choice(self, key: str, allowed: tuple[str, ...], default: Any = _REQUIRED) -> str:
@@ -211,6 +333,9 @@ class _Parser:
 
     def parse(self) -> ModelArgs:
         model_type = self.choice("model_type", MODEL_TYPES)
+        self.model_type = model_type
+        if model_type in GQA_TYPES:
+            return self.parse_gqa(model_type)
         values: dict[str, Any] = {"model_type": model_type}
         for field, (key, typ, default) in KEY_TABLE.items():
             values[field] = self.get(key, typ, default)
@@ -226,6 +351,97 @@ class _Parser:
         self.check_consistency(args)
         return args
 
+    def parse_gqa(self, model_type: str) -> ModelArgs:
+        values: dict[str, Any] = {"model_type": model_type, "attention": "gqa"}
+        for field, spec in GQA_KEY_TABLES[model_type].items():
+            values[field] = spec.value if isinstance(spec, Fixed) else self.keyed(*spec)
+        values.update(self.gqa_heads(values["hidden_size"], values["num_attention_heads"]))
+        values["q_lora_rank"], values["kv_lora_rank"] = None, 0
+        values["rope_theta"], values["rope_scaling"] = self.rope(_ROPE_THETA_DEFAULTS.get(model_type, 10000.0))
+        values["bos_token_id"] = self.get("bos_token_id", int, None)
+        values["eos_token_ids"] = self.eos_ids()
+        values["fp8_block_size"] = self.fp8()
+        self.check_activation()
+        self.check_full_attention()
+        args = ModelArgs(**values)
+        self.check_consistency(args)
+        self.check_gqa(args)
+        return args
+
+    def keyed(self, key: str | tuple[str, ...], typ: type, default: Any) -> Any:
+        """One key, or the first of several spellings present (all present ones must agree)."""
+        keys = (key,) if isinstance(key, str) else key
+        found = [(k, self.get(k, typ, None)) for k in keys if self.raw.get(k) is not None]
+        for k, v in found[1:]:
+            if v != found[0][1]:
+                raise self.fail(k, f"{v!r} contradicts {found[0][0]}={found[0][1]!r}")
+        if found:
+            return found[0][1]
+        return self.get(keys[0], typ, default)
+
+    def get_int_list(self, key: str, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list of layer indices, found {value!r}")
+        return tuple(self.coerce(key, v, int) for v in value)
+
+    def gqa_heads(self, hidden: int, heads: int) -> dict[str, int]:
+        """head_dim (stated, or hidden_size / num_attention_heads as the modeling code defaults) split
+        into its rotary part (partial_rotary_factor of it, transformers: int(head_dim * factor)) and the rest."""
+        head_dim = self.get("head_dim", int, None)
+        if head_dim is None:
+            if heads <= 0 or hidden % heads:
+                raise self.fail("head_dim", f"missing, and hidden_size={hidden} is not a multiple of "
+                                            f"num_attention_heads={heads}")
+            head_dim = hidden // heads
+        factor = self.partial_rotary_factor()
+        rotary = int(head_dim * factor)
+        if head_dim <= 0 or rotary <= 0:
+            raise self.fail("partial_rotary_factor", f"{factor} of head_dim={head_dim} leaves no rotary dims")
+        return {"qk_rope_head_dim": rotary, "qk_nope_head_dim": head_dim - rotary, "v_head_dim": head_dim}
+
+    def partial_rotary_factor(self) -> float:
+        """Top level (GLM's config.json) or inside rope_parameters (transformers 5); both must agree;
+        neither: the family's default (GLM 0.5)."""
+        top = self.get("partial_rotary_factor", float, None)
+        params = self.raw.get("rope_parameters")
+        inner = None
+        if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
+            inner = self.coerce("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"], float)
+        if top is not None and inner is not None and top != inner:
+            raise self.fail("partial_rotary_factor", f"{top} contradicts rope_parameters.partial_rotary_factor={inner}")
+        factor = top if top is not None else inner if inner is not None else \
+            _PARTIAL_ROTARY_DEFAULTS.get(self.model_type, 1.0)
+        if not (math.isfinite(factor) and 0 < factor <= 1):
+            raise self.fail("partial_rotary_factor", f"must be in (0, 1], found {factor}")
+        return factor
+
+    def check_full_attention(self) -> None:
+        """Sliding-window attention (Mixtral's sliding_window, Qwen's use_sliding_window and layer_types)
+        changes the math and is not implemented: refused rather than run with full attention."""
+        if self.model_type == "mixtral" and self.raw.get("sliding_window") is not None:
+            raise self.fail("sliding_window", f"sliding-window attention is not supported, found "
+                                              f"{self.raw['sliding_window']!r}; expected null")
+        if self.raw.get("use_sliding_window"):
+            raise self.fail("use_sliding_window", "sliding-window attention is not supported; expected false")
+        types = self.raw.get("layer_types")
+        if types is not None and any(t != "full_attention" for t in types if isinstance(types, list)):
+            raise self.fail("layer_types", f"only 'full_attention' layers are supported, found {types!r}")
+
+    def check_gqa(self, a: ModelArgs) -> None:
+        if a.num_key_value_heads <= 0 or a.num_attention_heads % a.num_key_value_heads:
+            raise self.fail("num_key_value_heads", f"{a.num_key_value_heads} must be > 0 and divide "
+                                                   f"num_attention_heads={a.num_attention_heads}")
+        if a.num_key_value_heads > SIZE_LIMITS["num_attention_heads"]:
+            raise self.fail("num_key_value_heads", f"{a.num_key_value_heads} is not a plausible size")
+        bad = [i for i in a.mlp_only_layers if not 0 <= i < a.num_hidden_layers]
+        if bad:
+            raise self.fail("mlp_only_layers", f"layer {bad[0]} is outside 0..{a.num_hidden_layers - 1}")
+        if a.decoder_sparse_step <= 0:
+            raise self.fail("decoder_sparse_step", f"must be > 0, found {a.decoder_sparse_step}")
+        if a.shared_expert_intermediate_size is not None and not 0 < a.shared_expert_intermediate_size <= DIM_LIMIT:
+            raise self.fail("shared_expert_intermediate_size", f"must be in 1..{DIM_LIMIT}, found "
+                                                               f"{a.shared_expert_intermediate_size}")
+
     def routing(self, model_type: str) -> dict[str, Any]:
         defaults = _ROUTING_DEFAULTS[model_type]
         scoring = self.choice("scoring_func", SCORING_FUNCS, defaults.get("scoring_func", _REQUIRED))
@@ -240,7 +456,7 @@ class _Parser:
             raise self.fail("q_lora_rank", f"expected null or a positive integer, found {value}")
         return value or None  # GGUF writes 0 for "no query compression"
 
-    def rope(self) -> tuple[float, YarnScaling | None]:
+    def rope(self, default_theta: float = 10000.0) -> tuple[float, YarnScaling | None]:
         """Accepts the classic `rope_theta` + `rope_scaling` spelling and transformers 5's `rope_parameters`."""
         legacy = self.raw.get("rope_scaling")
         params = self.raw.get("rope_parameters")
@@ -255,7 +471,7 @@ class _Parser:
             raise self.fail("rope_theta", f"{theta_top} contradicts rope_parameters.rope_theta={theta_params}")
         theta = theta_top if theta_top is not None else theta_params
         if theta is None:
-            theta = 10000.0  # the value of DeepSeek-V2/V3's configuration code when absent
+            theta = default_theta  # the family's configuration code's value when absent (DeepSeek: 10000)
         a = self.yarn("rope_scaling", legacy)
         b = self.yarn("rope_parameters", params)
         if legacy is not None and params is not None and a != b:
@@ -272,6 +488,9 @@ class _Parser:
             return None
         if kind != "yarn":
             raise self.fail(f"{key}.type", f"only 'yarn' rope scaling is supported (DeepSeek's), found {kind!r}")
+        if spec.get("attention_factor") is not None or spec.get("truncate", True) is not True:
+            raise self.fail(key, "yarn with attention_factor or truncate: false is not supported; expected "
+                                 "DeepSeek's and Qwen's yarn (factor, original_max_position_embeddings, beta_*, mscale*)")
         for req in ("factor", "original_max_position_embeddings"):
             if spec.get(req) is None:
                 raise self.fail(f"{key}.{req}", "missing; yarn scaling needs it")
@@ -310,12 +529,15 @@ class _Parser:
     def check_activation(self) -> None:
         act = self.raw.get("hidden_act", "silu")
         if act != "silu":
-            raise self.fail("hidden_act", f"DeepSeek models use 'silu', found {act!r}")
+            raise self.fail("hidden_act", f"{_FAMILY_NAMES[self.model_type]} models use 'silu', found {act!r}")
 
     def check_consistency(self, a: ModelArgs) -> None:
         counts = [field for field, (_, typ, _) in KEY_TABLE.items() if typ is int] + ["n_group", "topk_group"]
+        may_be_zero = ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers")
+        if a.attention == "gqa":   # no latent; the whole head may be rotary
+            may_be_zero += ("kv_lora_rank", "qk_nope_head_dim")
         for name in counts:
-            if name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
+            if name in may_be_zero:
                 if getattr(a, name) < 0:
                     raise self.fail(name, f"must be >= 0, found {getattr(a, name)}")
             elif getattr(a, name) <= 0:
@@ -324,7 +546,7 @@ class _Parser:
             value, limit = getattr(a, name), SIZE_LIMITS.get(name, DIM_LIMIT)
             if value is not None and value > limit:
                 raise self.fail(name, f"{value} is not a plausible size (at most {limit}); the file is corrupt or "
-                                      f"not a DeepSeek-family model")
+                                      f"not a {_FAMILY_NAMES[a.model_type]} model")
         for name, value in (("rms_norm_eps", a.rms_norm_eps), ("routed_scaling_factor", a.routed_scaling_factor),
                             ("rope_theta", a.rope_theta)):
             if not (math.isfinite(value) and value > 0):

@@ -1,13 +1,13 @@
 """Read a GGUF checkpoint of architecture `deepseek2` (llama.cpp's name for DeepSeek-V2/V3, R1 and
-Kimi-K2), one file or split into `NAME-00001-of-0000N.gguf` parts, through the `gguf` package's
-memory-mapped reader.
+Kimi-K2), `qwen3moe`, `qwen2moe`, `glm4moe` or `llama` with experts (Mixtral), one file or split into
+`NAME-00001-of-0000N.gguf` parts, through the `gguf` package's memory-mapped reader.
 
 Contract:
 - Opening validates what can be validated from the headers, before the `gguf` package parses them
   (it trusts every count and offset): each count and length fits the file, the tensor table is what
   llama.cpp accepts (known ggml types, whole blocks per row, data back to back in table order at
   general.alignment, inside the file: a truncated download is named as such), every split present
-  and of the same model, architecture `deepseek2`, no tensor name twice. Tensor data are not read.
+  and of the same model, one of the architectures above, no tensor name twice. Tensor data are not read.
   Each error names the file and the key or tensor.
 - Metadata is read typed: a key holding the wrong type (2.5 or "7" for a count) or an impossible
   value (a NaN epsilon, top-k above the expert count) is a ConfigError naming the GGUF key.
@@ -36,6 +36,11 @@ from ..errors import CheckpointError, ConfigError
 from .gguf_header import read_header
 
 ARCH = "deepseek2"
+# The grouped-query architectures -> the config.json model_type their metadata becomes (gqa_config).
+GQA_ARCHS = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "llama": "mixtral", "glm4moe": "glm4_moe"}
+ARCHS = (ARCH, *GQA_ARCHS)
+FAMILIES = {"deepseek2": "DeepSeek", "qwen3moe": "Qwen3-MoE", "qwen2moe": "Qwen2-MoE", "llama": "Mixtral",
+            "glm4moe": "GLM-4.5"}
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # llama.cpp's expert gating function enum (LLAMA_EXPERT_GATING_FUNC_TYPE_*).
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
@@ -69,9 +74,14 @@ class GGUFCheckpoint:
         for reader in self._readers:   # parsed fields hold numpy views per array element (about 200 MB for a
             reader.fields = {}         # 100k-token vocabulary); their values are in self.meta now
         arch = self.meta.get("general.architecture")
-        if arch != ARCH:
+        if arch not in ARCHS:
             raise CheckpointError(f"{self.files[0]}: general.architecture is {arch!r}; hetero_rt runs "
-                                  f"'{ARCH}' GGUFs (DeepSeek-V2/V3/R1, Kimi-K2)")
+                                  f"'{ARCH}' GGUFs (DeepSeek-V2/V3/R1, Kimi-K2) and "
+                                  f"{', '.join(repr(a) for a in GQA_ARCHS)} (Qwen3/Qwen2-MoE, Mixtral, GLM-4.5)")
+        if arch == "llama" and "llama.expert_count" not in self.meta:
+            raise CheckpointError(f"{self.files[0]}: general.architecture is 'llama' without llama.expert_count, a "
+                                  f"dense model; hetero_rt runs llama GGUFs with experts (Mixtral) only")
+        self.arch = arch
 
     # -- lookup ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -220,8 +230,11 @@ def _split_count(file: Path, reader, key: str) -> int | None:
 
 
 def metadata_config(meta: dict[str, Any], tensor_names, source: str, embd_rows: int | None = None) -> dict[str, Any]:
-    """GGUF deepseek2 metadata -> the config.json keys ModelArgs reads. A missing required key, a key of
-    the wrong type or an impossible value raises ConfigError naming the GGUF key (see _Keys)."""
+    """GGUF metadata -> the config.json keys ModelArgs reads. A missing required key, a key of the wrong
+    type or an impossible value raises ConfigError naming the GGUF key (see _Keys)."""
+    arch = meta.get("general.architecture", ARCH)
+    if arch in GQA_ARCHS:
+        return gqa_config(_Keys(meta, source, arch), meta, set(tensor_names), embd_rows)
     k = _Keys(meta, source)
     names = set(tensor_names)
     nextn = k.integer("nextn_predict_layers", 0)
@@ -261,6 +274,71 @@ def metadata_config(meta: dict[str, Any], tensor_names, source: str, embd_rows: 
     if scaling is not None:
         cfg["rope_scaling"] = scaling
     return cfg
+
+
+def gqa_config(k: _Keys, meta: dict[str, Any], names: set[str], embd_rows: int | None) -> dict[str, Any]:
+    """qwen3moe / qwen2moe / llama (+ experts) / glm4moe metadata -> the family's config.json keys, as
+    llama.cpp runs these architectures: what its code hard-codes (Qwen3 and Mixtral renormalise the
+    top-k weights, Qwen2 does not; llama's converter permutes q/k rows for adjacent-pair RoPE) is
+    written here, what a layer has (biases, q/k norms, a router) is read from its tensors."""
+    arch, model_type = k.arch, GQA_ARCHS[k.arch]
+    nextn = k.integer("nextn_predict_layers", 0)
+    layers = k.integer("block_count", lo=nextn + 1, why=f" (nextn_predict_layers is {nextn})") - nextn
+    heads, hidden = k.integer("attention.head_count", lo=1), k.integer("embedding_length", lo=1)
+    head_dim = k.integer("attention.key_length", hidden // heads, lo=1)
+    if k.integer("attention.value_length", head_dim) != head_dim:
+        raise k.wrong("attention.value_length", k.stored("attention.value_length"), f"{head_dim} (key_length)")
+    rotary = k.integer("rope.dimension_count", head_dim, lo=2, hi=head_dim, why=" (the head size)")
+    experts = k.integer("expert_count", lo=1)
+    has = lambda suffix: any(n.endswith(suffix) for n in names)  # noqa: E731
+    cfg: dict[str, Any] = {
+        "model_type": model_type,
+        "vocab_size": _vocab_size(k, meta, embd_rows),
+        "hidden_size": hidden, "intermediate_size": k.integer("feed_forward_length", lo=1),
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": k.integer("attention.head_count_kv", heads, lo=1), "head_dim": head_dim,
+        "partial_rotary_factor": rotary / head_dim,
+        "num_experts_per_tok": k.integer("expert_used_count", lo=1, hi=experts, why=" (expert_count)"),
+        "rms_norm_eps": k.real("attention.layer_norm_rms_epsilon"),
+        "rope_theta": k.real("rope.freq_base", 10000.0),
+        "rope_interleave": arch == "llama",   # converted with q/k rows permuted: llama.cpp's ROPE_TYPE_NORM
+        "tie_word_embeddings": "output.weight" not in names,
+        "max_position_embeddings": k.integer("context_length", lo=1),
+        "bos_token_id": _token_id(meta, "tokenizer.ggml.bos_token_id", k.source),
+        "eos_token_id": _token_id(meta, "tokenizer.ggml.eos_token_id", k.source),
+        "hidden_act": "silu",
+        **_GQA_FAMILY_CONFIG[arch](k, experts, has),
+    }
+    if int(head_dim * cfg["partial_rotary_factor"]) != rotary:   # ModelArgs takes int(head_dim * factor)
+        raise k.wrong("rope.dimension_count", rotary, f"a rotary size that is a float fraction of {head_dim}")
+    if arch in ("qwen3moe", "qwen2moe"):   # a Qwen layer without a router is one of mlp_only_layers
+        cfg["mlp_only_layers"] = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names]
+    scaling = _rope_scaling(k)
+    if scaling is not None:   # Qwen's YaRN has no magnitude keys: the config's defaults, not DeepSeek's mscale
+        keep = k.has("rope.scaling.yarn_log_multiplier")
+        cfg["rope_scaling"] = {key: v for key, v in scaling.items() if keep or not key.startswith("mscale")}
+    return cfg
+
+
+_GQA_FAMILY_CONFIG = {
+    "qwen3moe": lambda k, experts, has: {
+        "num_experts": experts, "moe_intermediate_size": k.integer("expert_feed_forward_length", lo=1),
+        "norm_topk_prob": k.flag("expert_weights_norm", True), "attention_bias": has("attn_q.bias")},
+    "qwen2moe": lambda k, experts, has: {
+        "num_experts": experts, "moe_intermediate_size": k.integer("expert_feed_forward_length", lo=1),
+        "shared_expert_intermediate_size": k.integer("expert_shared_feed_forward_length", lo=1),
+        "norm_topk_prob": k.flag("expert_weights_norm", False), "qkv_bias": has("attn_q.bias")},
+    "llama": lambda k, experts, has: {"num_local_experts": experts},
+    "glm4moe": lambda k, experts, has: {
+        "n_routed_experts": experts, "moe_intermediate_size": k.integer("expert_feed_forward_length", lo=1),
+        "n_shared_experts": k.integer("expert_shared_count", 0),
+        "first_k_dense_replace": k.integer("leading_dense_block_count", 0),
+        "n_group": k.integer("expert_group_count", 1) or 1, "topk_group": k.integer("expert_group_used_count", 1) or 1,
+        "norm_topk_prob": k.flag("expert_weights_norm", True),
+        "routed_scaling_factor": k.real("expert_weights_scale", 1.0),
+        "num_nextn_predict_layers": k.integer("nextn_predict_layers", 0),
+        "use_qk_norm": has("attn_q_norm.weight"), "attention_bias": has("attn_q.bias")},
+}
 
 
 def _attention_dims(k: _Keys) -> dict[str, int]:
@@ -317,7 +395,8 @@ def _rope_scaling(k: _Keys) -> dict[str, Any] | None:
         }
     if scaling == "none" or (scaling == "linear" and k.real("rope.scaling.factor", 1.0) == 1.0):
         return None
-    raise ConfigError(f"{k.source}: {ARCH}.rope.scaling.type is {scaling!r}; DeepSeek models use 'yarn' or none")
+    raise ConfigError(f"{k.source}: {k.arch}.rope.scaling.type is {scaling!r}; {FAMILIES[k.arch]} models use "
+                      f"'yarn' or none")
 
 
 class _Keys:
@@ -325,11 +404,11 @@ class _Keys:
     GGUF key, what it holds and what was expected, never a conversion (2.5 is not an integer, "7" not
     a number, true not 1); so is a value outside the range the key can have."""
 
-    def __init__(self, meta: dict[str, Any], source: str):
-        self.meta, self.source = meta, source
+    def __init__(self, meta: dict[str, Any], source: str, arch: str = ARCH):
+        self.meta, self.source, self.arch = meta, source, arch
 
     def has(self, key: str) -> bool:
-        return f"{ARCH}.{key}" in self.meta
+        return f"{self.arch}.{key}" in self.meta
 
     def integer(self, key: str, default: Any = ..., lo: int = 0, hi: int | None = None, why: str = "") -> Any:
         if not self.has(key):
@@ -371,18 +450,18 @@ class _Keys:
 
     def default(self, key: str, default: Any) -> Any:
         if default is ...:
-            raise ConfigError(f"{self.source}: GGUF metadata key '{ARCH}.{key}' is missing; the file is not a "
-                              f"complete {ARCH} GGUF (convert it again with llama.cpp's convert_hf_to_gguf.py)")
+            raise ConfigError(f"{self.source}: GGUF metadata key '{self.arch}.{key}' is missing; the file is not a "
+                              f"complete {self.arch} GGUF (convert it again with llama.cpp's convert_hf_to_gguf.py)")
         return default
 
     def stored(self, key: str) -> Any:
-        value = self.meta[f"{ARCH}.{key}"]
+        value = self.meta[f"{self.arch}.{key}"]
         if isinstance(value, Exception):  # undecodable in the file (see _metadata)
             raise ConfigError(f"{self.source}: {value}")
         return value
 
     def wrong(self, key: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(f"{self.source}: GGUF metadata key '{ARCH}.{key}' holds {describe_value(value)}; "
+        return ConfigError(f"{self.source}: GGUF metadata key '{self.arch}.{key}' holds {describe_value(value)}; "
                            f"expected {expected}. The metadata is corrupt: download the file again (or convert it "
                            f"again with llama.cpp's convert_hf_to_gguf.py)")
 

@@ -1,4 +1,5 @@
-"""Fill a Transformer built on the meta device from a deepseek2 GGUF.
+"""Fill a Transformer built on the meta device from a GGUF (deepseek2, or a grouped-query family's:
+names.gguf_layer_names).
 
 Contract (as loader.py for safetensors): every parameter comes from one GGUF tensor (wkv_b: from
 attn_k_b + attn_v_b, or attn_kv_b) with its shape checked; every GGUF tensor is used or deliberately
@@ -49,7 +50,7 @@ class GGUFLoader:
     def expert_weights(self, layer: int, backend, dtype: torch.dtype) -> ExpertWeights:
         """backend: the layer's experts.registry.Backend; dtype: the experts' placement dtype."""
         ckpt, shapes = self.ckpt, stacked_shapes(self.args)
-        names = {w: gguf_name(f"layers.{layer}.ffn.experts.{w}") for w in shapes}
+        names = {w: gguf_name(f"layers.{layer}.ffn.experts.{w}", self.args) for w in shapes}
         for w, src in names.items():
             _require(ckpt, src, f"layers.{layer}.ffn.experts.{w}")
             info = ckpt.info(src)
@@ -87,7 +88,7 @@ class GGUFLoader:
                     continue
                 w = _kv_b(ckpt, name, shape, used)
             elif fmt == "stored" and len(shape) == 2:
-                src = gguf_name(name)
+                src = gguf_name(name, self.args)
                 param = _stored(ckpt, src, shape, name, self.log, self.scratch, want)
                 used.add(src)
                 if param is not None:
@@ -95,7 +96,7 @@ class GGUFLoader:
                     continue
                 w = torch.from_numpy(ckpt.dequantize(src))
             else:
-                src = gguf_name(name)
+                src = gguf_name(name, self.args)
                 w = _dequant(ckpt, src, shape, name)
                 used.add(src)
             scale = None

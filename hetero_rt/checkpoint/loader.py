@@ -32,7 +32,7 @@ from ..kernels.stored import Scratch, stored_parameter
 from ..model.transformer import ExpertsFactory, Transformer
 from ..quant import fp8
 from ..quant.ggml import stored_bytes, stored_format
-from .names import EXPERT_NAMES, expert_hf_name, hf_name, is_ignored
+from .names import EXPERT_NAMES, HFNames, is_ignored, names_for
 from .safetensors import DTYPES, SCALE_DTYPES, SCALE_SUFFIX, WEIGHT_DTYPES, SafetensorsCheckpoint
 
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.ffn\.experts\.")   # built by experts.build, not loaded here
@@ -61,7 +61,7 @@ class SafetensorsLoader:
     MoE layer's routed experts (expert_weights), then everything else (load)."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, args: ModelArgs, log: Callable[[str], None] | None = None):
-        self.ckpt, self.args = ckpt, args
+        self.ckpt, self.args, self.names = ckpt, args, names_for(args)
         self.used: set[str] = set()
         self.log = log or (lambda msg: print(f"hetero_rt: {msg}", file=sys.stderr))
         self.scratch = Scratch()   # shared by this model's stored-format weights
@@ -79,12 +79,11 @@ class SafetensorsLoader:
         for which, shape in stacked_shapes(self.args).items():
             fmt = self._expert_format(layer, which, shape, backend)
             if fmt is None:
-                w[which], fmts[which] = _load_stacked(self.ckpt, layer, which, shape, dtype, self.used), None
+                w[which], fmts[which] = self._stacked(layer, which, shape, dtype), None
             elif fmt == "float8_e4m3":
-                w[which], fmts[which] = _load_stacked_fp8(self.ckpt, layer, which, shape, self.used), fmt
+                w[which], fmts[which] = _load_stacked_fp8(self.ckpt, self.names, layer, which, shape, self.used), fmt
             else:
-                stored = _TORCH_OF_FORMAT[fmt]
-                w[which], fmts[which] = _load_stacked(self.ckpt, layer, which, shape, stored, self.used), fmt
+                w[which], fmts[which] = self._stacked(layer, which, shape, _TORCH_OF_FORMAT[fmt]), fmt
         if all(f is None for f in fmts.values()):
             return ExpertWeights.dense(layer, w["w1"], w["w3"], w["w2"])
         if fmts["w1"] != fmts["w3"]:
@@ -94,11 +93,14 @@ class SafetensorsLoader:
         fmt2 = fmts["w2"] or _FORMAT_OF_TORCH[dtype]
         return ExpertWeights(layer, w["w1"], w["w3"], w["w2"], fmt13, fmt2, stacked_shapes(self.args)["w1"])
 
+    def _stacked(self, layer: int, which: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return _load_stacked(self.ckpt, self.names, layer, which, shape, dtype, self.used)
+
     def _expert_format(self, layer: int, which: str, shape: tuple[int, ...], backend) -> str | None:
         """The format the layer's `which` experts stay in, or None (converted to the placement dtype)."""
         if not backend.stored_formats:
             return None
-        src = expert_hf_name(layer, 0, which)
+        src = self.names.expert_hf_name(layer, 0, which)
         _require(self.ckpt, src, f"layers.{layer}.ffn.experts.{which}[0]")
         info = self.ckpt.info(src)
         fmt = stored_format(info.dtype, shape[1:])
@@ -116,7 +118,7 @@ class SafetensorsLoader:
         them (see the module docstring)."""
         ckpt, used = self.ckpt, self.used
         for name, param, device, want, fmt in dense_params(model, where):
-            src = hf_name(name)
+            src = self.names.hf_name(name)
             _require(ckpt, src, name)
             used.add(src)
             if fmt == "stored" and param.dim() == 2:
@@ -186,22 +188,24 @@ def _packed_fp8(ckpt: SafetensorsCheckpoint, src: str, shape: tuple[int, ...], o
         raise CheckpointError(f"{info.file}: tensor '{src}': {e}") from None
 
 
-def _load_stacked(ckpt, layer: int, which: str, shape: tuple[int, ...], dtype, used: set[str]) -> torch.Tensor:
+def _load_stacked(ckpt, names: HFNames, layer: int, which: str, shape: tuple[int, ...], dtype,
+                  used: set[str]) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)                                # (E, I, D) or (E, D, I)
     for e in range(shape[0]):
-        src = expert_hf_name(layer, e, which)
+        src = names.expert_hf_name(layer, e, which)
         _require(ckpt, src, f"layers.{layer}.ffn.experts.{which}[{e}]")
         _fill(out[e], ckpt, src)
         used.add(src)
     return out
 
 
-def _load_stacked_fp8(ckpt, layer: int, which: str, shape: tuple[int, ...], used: set[str]) -> np.ndarray:
+def _load_stacked_fp8(ckpt, names: HFNames, layer: int, which: str, shape: tuple[int, ...],
+                      used: set[str]) -> np.ndarray:
     """The layer's F8_E4M3 experts as one uint8 (E, rows, row_bytes) block of quant.fp8.pack rows."""
     e_count, rows, cols = shape
     out = np.empty((e_count, rows, stored_bytes("float8_e4m3", (cols,))), np.uint8)
     for e in range(e_count):
-        src = expert_hf_name(layer, e, which)
+        src = names.expert_hf_name(layer, e, which)
         _require(ckpt, src, f"layers.{layer}.ffn.experts.{which}[{e}]")
         if ckpt.info(src).dtype != "F8_E4M3" or src + SCALE_SUFFIX not in ckpt:
             raise CheckpointError(f"{ckpt.info(src).file}: tensor '{src}' is {ckpt.info(src).dtype}"

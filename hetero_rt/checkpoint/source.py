@@ -119,12 +119,13 @@ class GGUFSource:
         """The GGUF's tensors under the HF names the placement rules match: fused experts become one
         entry per expert, attn_k_b + attn_v_b the kv_b projection; dtype is the GGML type name."""
         out: TensorMeta = {}
+        args = args or self.args()
         for name in self.ckpt.names():
             info = self.ckpt.info(name)
-            hf = gguf_to_hf(name)
+            hf = gguf_to_hf(name, args)
             if not hf:
                 continue
-            per_expert = gguf_expert_hf_names(name, info.shape[0])
+            per_expert = gguf_expert_hf_names(name, info.shape[0], args)
             if per_expert is not None:
                 out.update({n: (info.type, info.shape[1:]) for n in per_expert})
             elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):

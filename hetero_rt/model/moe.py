@@ -1,5 +1,5 @@
-"""The DeepSeek MoE layer: a Gate choosing top-k routed experts per token, the routed experts
-(behind the seam in hetero_rt.experts, whichever backend runs them), and always-on shared experts.
+"""The MoE layer: a Gate choosing top-k routed experts per token, the routed experts (behind the
+seam in hetero_rt.experts, whichever backend runs them), and always-on shared experts.
 
 Legend: T tokens, D hidden size, E routed experts, K experts per token, G expert groups.
 
@@ -11,6 +11,10 @@ Gate variants (config scoring_func x topk_method):
                         their top-2 biased scores (V3, Kimi-K2); the weights use the unbiased scores.
 Then optionally renormalise the k weights to sum to 1 (norm_topk_prob), and multiply by
 routed_scaling_factor.
+
+The families map onto these: Mixtral softmax | greedy, renormalised; Qwen2/3-MoE softmax | greedy,
+renormalised when norm_topk_prob; GLM-4.5 sigmoid | noaux_tc as DeepSeek-V3. Shared experts: DeepSeek
+and GLM add them; Qwen2-MoE adds one scaled per token by sigmoid(x w_g) (SigmoidGatedMLP).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelArgs
-from .layers import MLP
+from .layers import MLP, linear
 
 
 class Gate(nn.Module):
@@ -58,6 +62,25 @@ class Gate(nn.Module):
         return grouped.masked_fill(~mask[..., None], float("-inf")).flatten(1)
 
 
+class SigmoidGatedMLP(MLP):
+    """Qwen2-MoE's shared expert: sigmoid(x w_g) * MLP(x), one gate value per token."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__(dim, inter_dim)
+        self.gate = nn.Parameter(torch.empty(1, dim))  # shared_expert_gate (1, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
+        return torch.sigmoid(linear(x, self.gate)) * super().forward(x)
+
+
+def shared_experts(args: ModelArgs) -> nn.Module | None:
+    """The always-on experts fused into one SwiGLU of shared_inter_dim (None without them)."""
+    if not args.n_shared_experts:
+        return None
+    cls = SigmoidGatedMLP if args.shared_expert_gate else MLP
+    return cls(args.hidden_size, args.shared_inter_dim)
+
+
 class MoE(nn.Module):
     """routed(x) + shared(x). The routed experts come from `make_experts(layer, gate)`, any backend
     behind the seam of hetero_rt.experts; they are handed the shared experts and return the sum
@@ -67,8 +90,7 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(args)
         self.experts = make_experts(layer, self.gate)
-        n_shared = args.n_shared_experts
-        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * n_shared) if n_shared else None
+        self.shared_experts = shared_experts(args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, D) -> (T, D)
         weights, ids = self.gate(x)

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.loader import Where, build_model
-from ..checkpoint.names import hf_name
+from ..checkpoint.names import names_for
 from ..config import ModelArgs
 from ..experts import ExpertsBuilder, registry
 from ..model.transformer import Transformer
@@ -35,16 +35,16 @@ def load_model(loader, args: ModelArgs, plan: Plan, main_dtype: torch.dtype) -> 
             bar.update()
         model = build_model(args, builder.experts_for)
         bar.set_postfix_str("attention, shared experts, embeddings", refresh=False)
-        loader.load(model, param_placement(plan, main_dtype))
+        loader.load(model, param_placement(plan, main_dtype, args))
         bar.update()
     for name, param in model.named_parameters():        # format: stored weights take their activations
         stored = getattr(param, "stored", None)
         if stored is not None:
-            stored.act = plan.owner(hf_name(name)).activations or "fp32"
+            stored.act = plan.owner(names_for(args).hf_name(name)).activations or "fp32"
     return model.eval()
 
 
-def param_placement(plan: Plan, main_dtype: torch.dtype) -> Where:
+def param_placement(plan: Plan, main_dtype: torch.dtype, args: ModelArgs) -> Where:
     """where(our parameter name, routed experts excepted) -> (device, dtype, weight format or None)."""
-    main = torch.device(plan.main.device)
+    main, hf_name = torch.device(plan.main.device), names_for(args).hf_name
     return lambda name: (main, main_dtype, plan.owner(hf_name(name)).format)

@@ -169,7 +169,8 @@ def _has_gpu_cache(p) -> bool:
 
 
 def kv_cache_bytes(args: ModelArgs, context: int, dtype: str) -> int:
-    return args.num_hidden_layers * context * args.latent_cache_width * DTYPE_BYTES[dtype]
+    """One slot's cache: MLA's latent or GQA's K and V (ModelArgs.kv_cache_width) for every layer."""
+    return args.num_hidden_layers * context * args.kv_cache_width * DTYPE_BYTES[dtype]
 
 
 def working_bytes(args: ModelArgs, context: int, dtype: str) -> int:

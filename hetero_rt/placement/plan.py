@@ -2,7 +2,7 @@
 from the config and the rule file alone (no weights), so it can be printed and tested before loading.
 
 Modules are named by their Hugging Face paths (`model.layers.12.mlp.experts`) and have a kind:
-embedding, attention (MLA with its norms), gate, shared_experts, routed_experts, dense_mlp, norm,
+embedding, attention (MLA or GQA with its norms), gate, shared_experts, routed_experts, dense_mlp, norm,
 lm_head. Precedence: `defaults`, then every matching rule in file order, field by field; the last
 rule that sets a field wins.
 
@@ -17,6 +17,7 @@ from functools import cached_property
 
 import torch
 
+from ..checkpoint.names import names_for
 from ..config import ModelArgs
 from ..experts import registry
 from .schema import FORMAT_KINDS, HeteroSpec, PlacementError, Place, RuleSet
@@ -113,15 +114,16 @@ def _hetero_text(h: HeteroSpec | None) -> str | None:
 
 
 def model_modules(args: ModelArgs) -> list[Module]:
+    names = names_for(args)        # the family's module paths (Mixtral: block_sparse_moe; Qwen2: shared_expert)
     mods = [Module("model.embed_tokens", "embedding")]
     for i in range(args.num_hidden_layers):
-        pre = f"model.layers.{i}"
+        pre, moe = f"model.layers.{i}", f"model.layers.{i}.{names.moe}"
         mods += [Module(f"{pre}.input_layernorm", "norm", i), Module(f"{pre}.self_attn", "attention", i),
                  Module(f"{pre}.post_attention_layernorm", "norm", i)]
         if args.is_moe_layer(i):
-            mods += [Module(f"{pre}.mlp.gate", "gate", i), Module(f"{pre}.mlp.experts", "routed_experts", i)]
+            mods += [Module(f"{moe}.gate", "gate", i), Module(f"{moe}.experts", "routed_experts", i)]
             if args.n_shared_experts:
-                mods.append(Module(f"{pre}.mlp.shared_experts", "shared_experts", i))
+                mods += [Module(f"{pre}.{path}", "shared_experts", i) for path in names.shared]
         else:
             mods.append(Module(f"{pre}.mlp", "dense_mlp", i))
     mods.append(Module("model.norm", "norm"))

@@ -6,11 +6,12 @@ and dense-MLP weights stay FP8 (format: float8_e4m3) and the CPU's routed expert
 kernels' rows, so the model is counted, and runs, at about its stored size."""
 from __future__ import annotations
 
+from ..checkpoint.names import names_for
 from ..config import ModelArgs
 from ..errors import HeteroRTError
 from ..experts import registry
 from .memory import plan_memory
-from .plan import resolve
+from .plan import model_modules, resolve
 from .schema import FP8_KINDS, parse_rules
 from .sizes import fmt_bytes
 
@@ -71,10 +72,12 @@ def _yaml(args: ModelArgs, dtype: str, backend: str, gpu: str, threads: int | No
     lines = ["defaults:", f"  device: {gpu}", f"  dtype: {dtype}", "rules:",
              "  - match: {kind: routed_experts}", f"    place: {place}"]
     if fp8:
-        for kind in FP8_KINDS:
+        present = {m.kind for m in model_modules(args)}   # Mixtral has no shared experts nor dense MLPs
+        for kind in (k for k in FP8_KINDS if k in present):
             lines += [f"  - match: {{kind: {kind}}}", "    place: {format: float8_e4m3}"]
     if gpu_layers:
         alternatives = "|".join(str(i) for i in gpu_layers)
-        lines += [f"  - match: {{name: 'model\\.layers\\.({alternatives})\\.mlp\\.experts'}}",
+        moe = names_for(args).moe      # the MoE block's module in a layer (Mixtral: block_sparse_moe)
+        lines += [f"  - match: {{name: 'model\\.layers\\.({alternatives})\\.{moe}\\.experts'}}",
                   f"    place: {{device: {gpu}, backend: {registry.DEFAULT}}}"]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Runtime: a loaded model with its latent cache, tokenizer and batcher, and the public calls on it.
+"""Runtime: a loaded model with its KV cache (latent for MLA, K/V for GQA), tokenizer and batcher,
+and the public calls on it.
 
 Contract: `logits(ids)` is one full forward of the ids from position 0 (independent of earlier
 calls); `generate(...)` is the single-request case of the batcher (runtime.batcher), on the
@@ -20,7 +21,7 @@ from ..checkpoint.tokenizer import Tokenizer
 from ..config import PREFILL_CHUNK, ModelArgs
 from ..errors import InputError
 from ..experts import NumbaExperts
-from ..kv_cache import LatentCache
+from ..kv_cache import make_cache
 from ..model.mla import Rope
 from ..model.batch import Segment
 from ..model.transformer import Transformer
@@ -38,7 +39,7 @@ class Runtime:
         self.model, self.args, self.tokenizer, self.plan = model, args, tokenizer, plan
         self.context, self.dtype, self.device, self.source = context, dtype, torch.device(device), source
         self.parallel = arguments.count(parallel, "parallel (sequences decoded at once)", minimum=1)
-        self.cache = LatentCache(args, context, dtype, self.device, slots=self.parallel)
+        self.cache = make_cache(args, context, dtype, self.device, slots=self.parallel)
         self.rope = Rope(args, context, self.device)
         self.batcher = Batcher(self.forward, self.parallel, PREFILL_CHUNK)
 
