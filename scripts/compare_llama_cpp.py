@@ -4,7 +4,7 @@ prefill and decode tokens/s, decode GB/s against the read bandwidth measured in 
 load time, and logit agreement. Logic: hetero_rt.bench.compare_llama.
 
     python scripts/compare_llama_cpp.py MODEL.gguf [--threads N] [--prompt-tokens 512] [--gen 32]
-        [--rules RULES.yaml] [--dtype float32]
+        [--rounds 3] [--rules RULES.yaml] [--dtype float32]
 """
 import argparse
 import sys
@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen", type=int, default=32)
     p.add_argument("--agree-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of prefill + decode per engine, the engines taking turns (medians reported)")
     p.add_argument("--rules", default=None,
                    help="hetero_rt placement (default: none, the default placement: on the CPU every weight in "
                         "its stored ggml type, like llama.cpp)")

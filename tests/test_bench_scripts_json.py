@@ -95,13 +95,18 @@ def test_compare_llama_cpp_json(tmp_path, monkeypatch):
     _, path, _ = make_gguf("v3", tmp_path, "F32", tokenizer=True, vocab_size=512)   # llama.cpp needs a vocab
     out = tmp_path / "c.json"
     rc = run_script("compare_llama_cpp.py", [path, "--threads", "1", "--prompt-tokens", "8", "--gen", "2",
-                                             "--agree-tokens", "4", "--probe-bytes", PROBE, "--json", out],
+                                             "--rounds", "2", "--agree-tokens", "4", "--probe-bytes", PROBE,
+                                             "--json", out],
                     monkeypatch)
     assert rc == 0
     doc = check_shape(out, "compare_llama_cpp", {"engine", "prefill_tokens_per_s", "decode_tokens_per_s",
                                                  "peak_rss_bytes", "bandwidth_share"})
     assert [r["engine"] for r in doc["rows"]] == ["hetero_rt", "llama.cpp"]
     assert 0 <= doc["runs"][0]["top1_agreement"] <= 1 and doc["config"]["threads"] == 1
+    rounds = doc["runs"][0]["rounds"]   # interleaved rounds, both engines, each timed
+    assert [len(rounds[e]) for e in ("hetero_rt", "llama.cpp")] == [2, 2]
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for e in rounds.values() for r in e)
+    assert doc["runs"][0]["decode_ratio"] > 0
 
 
 def test_bench_tables_renders_files_and_refuses_bad_ones(tmp_path, monkeypatch, capsys):
