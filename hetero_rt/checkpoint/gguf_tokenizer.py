@@ -1,8 +1,8 @@
 """The tokenizer a GGUF carries in its metadata (`tokenizer.ggml.*`), rebuilt as a `tokenizers`
 byte-level BPE: tokens, merges, control tokens as special tokens, and the pre-tokenizer llama.cpp
-names in `tokenizer.ggml.pre`, with the same split expressions DeepSeek's and Kimi's own
-tokenizer.json use (llama.cpp keeps an equal table). BOS/EOS ids, add_bos and the chat template
-come from the same metadata.
+names in `tokenizer.ggml.pre`, with the same split expressions DeepSeek's own tokenizer.json and
+Kimi-K2's tokenization_kimi.py use (llama.cpp keeps an equal table). BOS/EOS ids, add_bos and the
+chat template come from the same metadata.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from ..errors import CheckpointError
 from .gguf import describe_value, is_integer
+from .tiktoken_tokenizer import KIMI_PAT_STR
 
 # tokenizer.ggml.pre -> the regex splits (each 'Isolated') that precede the byte-level mapping.
 # "gpt-2" is the plain byte-level pre-tokenizer with its built-in expression.
@@ -32,6 +33,9 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
         "[一-龥ࠀ-一가-\ud7ff]+",
         "\\p{N}+",
     ),
+    # Kimi-K2 (llama.cpp writes its tiktoken ranks as byte-level tokens + merges): tokenization_kimi.py's
+    # pat_str, whose class intersections Oniguruma reads as fancy-regex does
+    "kimi-k2": (KIMI_PAT_STR,),
 }
 _CONTROL, _USER_DEFINED = 3, 4
 

@@ -17,7 +17,7 @@ from .gguf_loader import GGUFLoader
 from .loader import SafetensorsLoader
 from .names import gguf_expert_hf_names, gguf_to_hf, hf_tensor_shapes
 from .safetensors import SafetensorsCheckpoint
-from .tokenizer import Tokenizer
+from .tokenizer import TIKTOKEN_FILE, Tokenizer
 
 SHAPES_FILE = "tensor_shapes.json.gz"
 EMBEDDING = "model.embed_tokens.weight"
@@ -95,7 +95,8 @@ class DirectorySource:
         return SafetensorsLoader(self.ckpt, args)
 
     def tokenizer(self) -> Tokenizer | None:
-        return Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").exists() else None
+        has = (self.path / "tokenizer.json").exists() or (self.path / TIKTOKEN_FILE).exists()
+        return Tokenizer.from_dir(self.path) if has else None
 
     def close(self) -> None:
         if self._ckpt is not None:

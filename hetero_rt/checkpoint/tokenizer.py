@@ -1,4 +1,5 @@
-"""Text in and out: the checkpoint's tokenizer.json (via the `tokenizers` library), BOS/EOS and the
+"""Text in and out: the checkpoint's tokenizer.json (via the `tokenizers` library) or, without one, its
+tiktoken.model (Kimi-K2's, via the `tiktoken` package: checkpoint/tiktoken_tokenizer.py), BOS/EOS and the
 chat template from tokenizer_config.json (rendered by checkpoint/chat_template.py in jinja2's sandbox
 under TemplateLimits, as transformers renders it), and a streaming decoder that emits only text that
 can no longer change.
@@ -14,6 +15,9 @@ from tokenizers import Tokenizer as Backend
 from ..errors import CheckpointError, InputError
 from .chat_template import Overrun, TemplateLimitError, TemplateLimits, compile_template, render
 from .gguf_tokenizer import gguf_tokenizer
+from .tiktoken_tokenizer import tiktoken_backend
+
+TIKTOKEN_FILE = "tiktoken.model"
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
 
@@ -35,13 +39,19 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{path}: not found; the checkpoint directory must contain tokenizer.json")
-        backend = _read_backend(path)
+        path, tiktoken_path = directory / "tokenizer.json", directory / TIKTOKEN_FILE
         cfg_path, gen_path = directory / "tokenizer_config.json", directory / "generation_config.json"
-        cfg, gen = _read_json(cfg_path), _read_json(gen_path)
-        add_bos = cfg.get("add_bos_token", True)
+        if path.is_file():
+            cfg, gen = _read_json(cfg_path), _read_json(gen_path)
+            backend = _read_backend(path)
+            add_bos = cfg.get("add_bos_token", True)
+        elif tiktoken_path.is_file():   # Kimi-K2: tiktoken.model + tokenizer_config.json's added tokens
+            cfg, gen = _read_json(cfg_path), _read_json(gen_path)
+            backend = tiktoken_backend(tiktoken_path, cfg, cfg_path)
+            add_bos = cfg.get("add_bos_token", False)   # Kimi's TikTokenTokenizer adds no BOS
+        else:
+            raise CheckpointError(f"{path}: not found; the checkpoint directory must contain tokenizer.json "
+                                  f"(or, for a tiktoken vocabulary as Kimi-K2 ships, {TIKTOKEN_FILE})")
         add_bos = False if add_bos is None else add_bos   # null: off, as transformers reads it
         if not isinstance(add_bos, bool):
             raise CheckpointError(f"{cfg_path}: 'add_bos_token' must be true or false, found {_show(add_bos)}")

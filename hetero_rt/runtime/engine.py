@@ -157,9 +157,9 @@ class Runtime:
                 raise InputError("chat=True needs a text prompt or messages, not token ids")
             return arguments.token_ids(prompt, "prompt (token ids)")
         if self.tokenizer is None:
-            raise InputError(f"{self.source} has no tokenizer (no tokenizer.json in a checkpoint directory, no "
-                             f"tokenizer.ggml.* metadata in a GGUF), so text prompts cannot be encoded; pass token "
-                             f"ids instead")
+            raise InputError(f"{self.source} has no tokenizer (no tokenizer.json or tiktoken.model in a checkpoint "
+                             f"directory, no tokenizer.ggml.* metadata in a GGUF), so text prompts cannot be "
+                             f"encoded; pass token ids instead")
         if messages is not None or chat:
             text = self.tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt}])
             return self.tokenizer.encode(text)
