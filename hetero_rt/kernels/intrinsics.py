@@ -9,8 +9,7 @@ promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead o
   q6_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 15) | (((hi >> hs) & 3) << 4)) - 32 as fp32 (Q6_K weight)
   q3_to_f32(lo, hi, ls, hs)  (((lo >> ls) & 3) | (((hi >> hs) & 1) << 2)) - 4 as fp32 (Q3_K weight)
   e4m3_to_f32(v)             the float8 e4m3 value of byte v / 256 (exact; through fp16: vcvtph2ps)
-  q4_to_i32 / q5_to_i32 / q3_to_i32: the same values as int32 (the int8-activation dots)
-  u8_to_i32(v, shift, mask)  ((v >> shift) & mask) as int32, computed on 8-bit integers
+  q4_to_i32(v, shift)        ((v >> shift) & 15) as int32 (the Q4_1/Q5_1 int8-activation loops)
 and, written directly as vector IR, the int8-activation dots of whole rows (vpdpbusd with
 AVX512-VNNI or AVX-VNNI, else 32-bit multiplies LLVM lowers to pmaddwd): q8_0_dot_i8, q4_0_dot_i8,
 q5_0_dot_i8, q2_k_dot_i8, q3_k_dot_i8, q4_k_dot_i8, q5_k_dot_i8, q6_k_dot_i8, iq4_xs_dot_i8.
@@ -120,22 +119,6 @@ def q3_to_f32(typingctx, lo, hi, ls, hs):
 
 
 @intrinsic
-def q3_to_i32(typingctx, lo, hi, ls, hs):
-    def codegen(context, builder, sig, args):
-        return builder.sext(_q3(builder, *args), ir.IntType(32))
-    return types.int32(types.uint8, types.uint8, types.int64, types.int64), codegen
-
-
-@intrinsic
-def u8_to_i32(typingctx, v, shift, mask):
-    def codegen(context, builder, sig, args):
-        v8, shift, mask = args
-        q = builder.and_(builder.lshr(v8, builder.trunc(shift, _I8)), builder.trunc(mask, _I8))
-        return builder.zext(q, ir.IntType(32))
-    return types.int32(types.uint8, types.int64, types.int64), codegen
-
-
-@intrinsic
 def e4m3_to_f32(typingctx, v):
     """e4m3 (sign, 4-bit exponent of bias 7, 3-bit mantissa) moved into fp16's fields is the same
     value times 2**-8 (fp16's bias is 15), subnormals included; the caller folds the 256 into its
@@ -154,13 +137,6 @@ def q4_to_i32(typingctx, v, shift):
     def codegen(context, builder, sig, args):
         return builder.zext(_nibble(builder, args[0], args[1]), ir.IntType(32))
     return types.int32(types.uint8, types.int64), codegen
-
-
-@intrinsic
-def q5_to_i32(typingctx, lo, hi, ls, hs):
-    def codegen(context, builder, sig, args):
-        return builder.zext(_q5(builder, *args), ir.IntType(32))
-    return types.int32(types.uint8, types.uint8, types.int64, types.int64), codegen
 
 
 @intrinsic
