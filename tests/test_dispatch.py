@@ -15,13 +15,14 @@ pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), r
 
 _BASE = "+64bit,+cmov,+cx8,+fxsr,+mmx,+sse,+sse2"
 _AVX2 = _BASE + ",+avx,+avx2,+bmi,+bmi2,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"
-# name -> (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, host flag it needs, VNNI, F16C, AVX2 and SSSE3 as the kernels
-# must see them; SSSE3 and AVX2 choose IQ4_XS's table lookup: pshufb per 16 bytes, vpshufb, or compare-selects)
+# name -> (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, host flag it needs, VNNI, F16C, AVX2, SSSE3 and AVX512 as the
+# kernels must see them; SSSE3 and AVX2 choose IQ4_XS's table lookup: pshufb per 16 bytes, vpshufb, or
+# compare-selects; AVX512 the 512-bit K-quant row dots, which the host run of the tests covers where it has them)
 TARGETS = {
-    "portable-sse2": ("x86-64", _BASE, None, (False, False, False, False)),
-    "ssse3": ("core2", _BASE + ",+cx16,+sse3,+ssse3", "ssse3", (False, False, False, True)),
-    "avx2": ("haswell", _AVX2, "avx2", (False, True, True, True)),
-    "avx-vnni": ("alderlake", _AVX2 + ",+avxvnni", "avx_vnni", (True, True, True, True)),
+    "portable-sse2": ("x86-64", _BASE, None, (False, False, False, False, False)),
+    "ssse3": ("core2", _BASE + ",+cx16,+sse3,+ssse3", "ssse3", (False, False, False, True, False)),
+    "avx2": ("haswell", _AVX2, "avx2", (False, True, True, True, False)),
+    "avx-vnni": ("alderlake", _AVX2 + ",+avxvnni", "avx_vnni", (True, True, True, True, False)),
 }
 TESTS = Path(__file__).parent
 
@@ -42,7 +43,7 @@ def test_kernels_on_a_lower_target(target, tmp_path):
     if needs and needs not in _host_flags():
         pytest.skip(f"this CPU cannot run {target} code (no {needs})")
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path))
-    probe = subprocess.run([sys.executable, "-c", "from hetero_rt.kernels import intrinsics as i; print(i.VNNI, i.F16C, i.AVX2, i.SSSE3)"],
+    probe = subprocess.run([sys.executable, "-c", "from hetero_rt.kernels import intrinsics as i; print(i.VNNI, i.F16C, i.AVX2, i.SSSE3, i.AVX512)"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert probe.stdout.split() == [str(f) for f in flags], probe.stderr
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "test_kernels_ggml.py"),

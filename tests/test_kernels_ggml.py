@@ -159,6 +159,14 @@ def test_act_sums_against_numpy():
     np.testing.assert_allclose(xs[16:], np.repeat(xd, 2) * q.reshape(32, 16).sum(1), rtol=1e-6)
 
 
+def _fresh(intrinsic_fn):
+    """A new numba intrinsic of the same definition: numba keeps the (signature, codegen) an intrinsic
+    chose at its first typing for the process, so a code path chosen by a monkeypatched flag needs an
+    intrinsic object that has not been typed yet."""
+    from numba.extending import intrinsic
+    return intrinsic(intrinsic_fn._defn)
+
+
 @pytest.mark.parametrize("vnni", [False, True])
 def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
     """The int8 Q8_0 row dot (signed weights offset by 128 for vpdpbusd, then corrected), with and
@@ -169,9 +177,11 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
         pytest.skip("this CPU has no AVX512-VNNI")
     monkeypatch.setattr(intrinsics, "VNNI", vnni)
 
+    fn = _fresh(intrinsics.q8_0_dot_i8)
+
     @njit
     def call(row, xq, xd, xs, nb):
-        return intrinsics.q8_0_dot_i8(row, xq, xd, xs, nb)
+        return fn(row, xq, xd, xs, nb)
 
     rng = np.random.default_rng(5 + int(vnni))
     raw = ggml.quantize(weights(1, 96, seed=4), "q8_0")[0].copy()
@@ -185,22 +195,25 @@ def test_q8_0_dot_i8_both_code_paths(vnni, monkeypatch):
     np.testing.assert_allclose(call(raw, xq, xd, _sums(xq, xd), 3), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("path", ["portable", "vnni", "avx512"])
 @pytest.mark.parametrize("fmt", ["q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q2_k", "q3_k", "iq4_xs"])
-def test_vector_row_dots_i8_both_code_paths(fmt, vnni, monkeypatch):
+def test_vector_row_dots_i8_every_code_path(fmt, path, monkeypatch):
     """The whole-row int8 dots written as vector IR (levels unpacked in vectors, offsets and mins taken
     from the activations' block sums, the 16 sub-block scales of Q2_K/Q3_K/Q6_K applied per vector
     lane, Q4_K's 6-bit scales and mins unpacked as vectors, IQ4_XS's levels by table lookup), with
-    and without VNNI, against float64 numpy on gguf's dequantized weights and the dequantized int8
-    activations (an exact reference: the only difference is fp32 summation order); activations at
-    the int8 extremes -128 / 127 and every level of the format; rows of 4 and 5 blocks (the unrolled
-    loop and its remainder)."""
+    on each code path this CPU can run (256-bit without VNNI, 256-bit vpdpbusd, 512-bit vpdpbusd with
+    AVX-512BW's word shifts for the 256-blocks), against float64 numpy on gguf's dequantized weights
+    and the dequantized int8 activations (an exact reference: the only difference is fp32 summation
+    order); activations at the int8 extremes -128 / 127 and every level of the format; rows of 4 and
+    5 blocks (the unrolled loop and its remainder)."""
     from numba import njit
     from hetero_rt.kernels import intrinsics
-    if vnni and not intrinsics.VNNI:
-        pytest.skip("this CPU has no AVX512-VNNI")
+    vnni, avx512 = path != "portable", path == "avx512"
+    if (vnni and not intrinsics.VNNI) or (avx512 and not intrinsics.AVX512):
+        pytest.skip(f"this CPU cannot run the {path} path")
     monkeypatch.setattr(intrinsics, "VNNI", vnni)
-    fn = getattr(intrinsics, f"{fmt}_dot_i8")
+    monkeypatch.setattr(intrinsics, "AVX512", avx512)
+    fn = _fresh(getattr(intrinsics, f"{fmt}_dot_i8"))
 
     @njit
     def call(row, xq, xd, xs, nb):

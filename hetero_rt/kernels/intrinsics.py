@@ -202,6 +202,10 @@ def cpu_has(*features: str) -> bool:
 # emits either from the same intrinsic, by the target's features.
 VNNI = cpu_has("avx512vnni", "avx512vl") or cpu_has("avxvnni")
 F16C = cpu_has("f16c")
+# vpdpbusd on 512-bit vectors with AVX-512BW's per-word shifts: the K-quant and IQ4_XS row dots take 64
+# elements per instruction (_row_dot512). Their 256-bit loops were bound by port 5 (a lane shuffle per
+# 32 weights); on 64 the same shuffle serves twice the weights: 1.35-1.5x per core on Q2_K.
+AVX512 = cpu_has("avx512f", "avx512bw", "avx512vl", "avx512vnni")
 # table lookups (IQ4_XS levels): vpshufb on 32 bytes with AVX2, pshufb on 16 with SSSE3
 AVX2 = cpu_has("avx2")
 SSSE3 = cpu_has("ssse3")
@@ -480,6 +484,119 @@ def q5_0_dot_i8(typingctx, row, xq, xd, xs, nb):
     return _blocks32_row(row, xq, xd, xs, nb, 22, levels, 16)
 
 
+
+# --- 512-bit row dots (AVX512 above) ----------------------------------------------------------------
+# The same sums as the 256-bit dots, 64 elements per vector: vector u of a 256-block holds elements
+# 64u .. 64u + 63, and vpdpbusd's lane k (elements 64u + 4k .. + 3) belongs to sub-block
+# (64u + 4k) // 16 (16-element sub-blocks: 4u + k // 4) or // 32 (2u + k // 8).
+
+_V64I8 = ir.VectorType(_I8, 64)
+_V16I32 = ir.VectorType(ir.IntType(32), 16)
+_V16F = ir.VectorType(ir.FloatType(), 16)
+_V32I16 = ir.VectorType(ir.IntType(16), 32)
+
+
+def _c64(v):
+    return ir.Constant(_V64I8, [v] * 64)
+
+
+def _u8s8_dot16(builder, q, x):
+    """<16 x i32>: lane m = sum of q[4m + j] * x[4m + j], j < 4 (q unsigned, x signed bytes; vpdpbusd zmm)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [ir.Constant(_V16I32, [0] * 16), builder.bitcast(q, _V16I32), builder.bitcast(x, _V16I32)])
+
+
+def _bcast32(builder, blk, offset):
+    """<64 x i8>: the 32 bytes at blk + offset, in both halves (one vbroadcasti64x4 from memory)."""
+    v = builder.load(_byte_ptr(builder, blk, offset, _V32I8), align=1)
+    return builder.shuffle_vector(v, ir.Constant(_V32I8, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 64),
+                                                                                   list(range(32)) * 2))
+
+
+def _shr_words(builder, v, shifts):
+    """v (<64 x i8>) as 32 16-bit words, word w shifted right by shifts[w] (vpsrlvw): after a mask of
+    the low bits, byte k holds bits shifts[k // 2] .. of byte k (for masks that stay within a byte)."""
+    w = builder.lshr(builder.bitcast(v, _V32I16), ir.Constant(_V32I16, shifts))
+    return builder.bitcast(w, _V64I8)
+
+
+def _halves_shr(builder, v, lo, hi):
+    """_shr_words with the low 32 bytes shifted by lo and the high 32 by hi."""
+    return _shr_words(builder, v, [lo] * 16 + [hi] * 16)
+
+
+class _Accs512:
+    """NACC <16 x float> accumulators taken in turn by fma, two <8 x float> by fma8, two scalars by
+    fma1 (as _Accs)."""
+
+    def __init__(self, builder, vectors, vectors8, scalars):
+        self.builder, self.vectors, self.vectors8, self.scalars = builder, list(vectors), list(vectors8), list(scalars)
+        self.turn = self.turn8 = 0
+
+    def fma(self, a, b):
+        fn = cgutils.get_or_insert_function(self.builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+        k = self.turn % len(self.vectors)
+        self.turn += 1
+        self.vectors[k] = self.builder.call(fn, [a, b, self.vectors[k]])
+
+    def fma8(self, a, b):
+        k = self.turn8 % len(self.vectors8)
+        self.turn8 += 1
+        self.vectors8[k] = self.builder.call(fma8(self.builder), [a, b, self.vectors8[k]])
+
+
+def _x64(act, b, u):
+    """<64 x i8>: the activations of elements 64u .. 64u + 63 of 256-block b."""
+    i64 = ir.IntType(64)
+    off = act.builder.add(act.builder.mul(b, ir.Constant(i64, 256)), ir.Constant(i64, 64 * u))
+    return act.builder.load(_byte_ptr(act.builder, act.xq, off, _V64I8), align=1)
+
+
+def _dot64(builder, acc, act, b, u, q, scale, per):
+    """acc += (levels q . x of vector u, per lane) times the scale of each lane's sub-block: scale holds
+    one value per sub-block of `per` elements (16: <16 x float>; 32: <8 x float>)."""
+    lanes = [(64 * u + 4 * k) // per for k in range(16)]
+    sv = builder.shuffle_vector(scale, ir.Constant(scale.type, ir.Undefined), ir.Constant(_V16I32, lanes))
+    acc.fma(builder.sitofp(_u8s8_dot16(builder, q, _x64(act, b, u)), _V16F), sv)
+
+
+def _row_dot512(row, xq, xd, xs, nb, block_bytes, body):
+    """The (signature, codegen) of a whole-row int8 dot on 512-bit vectors: for each of the nb 256-blocks
+    b, body(builder, blk, b, acc (_Accs512), act (_Act)); the row prefetched 2 KiB ahead."""
+    if not _is_row_args(row, xq, xd, xs):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ra, xa, da, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(4))
+        i8p, i64, f32 = _I8.as_pointer(), ir.IntType(64), ir.FloatType()
+        rbase = builder.bitcast(ra.data, i8p)
+        act = _Act(builder, builder.bitcast(xa.data, i8p), da.data, sa.data, args[4], 256)
+        kinds = [(_V16F, NACC), (_V8F32, 2)]
+        slots = [[cgutils.alloca_once(builder, ty) for _ in range(n)] for ty, n in kinds]
+        for (ty, _), group in zip(kinds, slots):
+            for slot in group:
+                builder.store(ir.Constant(ty, [0.0] * ty.count), slot)
+        with cgutils.for_range(builder, args[4]) as loop:
+            blk = _byte_ptr(builder, rbase, builder.mul(loop.index, ir.Constant(i64, block_bytes)))
+            _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))
+            if block_bytes > 64:
+                _prefetch_ir(builder, _byte_ptr(builder, blk, 2048 + 64))
+            acc = _Accs512(builder, [builder.load(s) for s in slots[0]], [builder.load(s) for s in slots[1]], [])
+            body(builder, blk, loop.index, acc, act)
+            for slot, v in zip(slots[0] + slots[1], acc.vectors + acc.vectors8):
+                builder.store(v, slot)
+        total = builder.load(slots[0][0])
+        for slot in slots[0][1:]:
+            total = builder.fadd(total, builder.load(slot))
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, _V16F]),
+                                             "llvm.vector.reduce.fadd.v16f32")
+        out = builder.call(red, [ir.Constant(f32, 0.0), total])
+        out.fastmath.add("reassoc")
+        return builder.fadd(out, _hsum8(builder, builder.fadd(builder.load(slots[1][0]), builder.load(slots[1][1]))))
+    return types.float32(row, xq, xd, xs, types.int64), codegen
+
+
 def _xd16(act, b):
     """<16 x float>: xd[8b + j // 2] for j < 16 (the activation scale of each 16-sub-block of block b)."""
     builder = act.builder
@@ -533,6 +650,22 @@ def q6_k_dot_i8(typingctx, row, xq, xd, xs, nb):
                        builder.or_(builder.lshr(cc, _c32(4)), builder.lshr(builder.and_(hb, _c32(192)), _c32(2)))]
         _dot16_terms(builder, acc, act, b, levels, builder.fmul(sc, _xd16(act, b)))
         _fma16(builder, acc, builder.fmul(sc, ir.Constant(v16f, [-32.0] * 16)), act.xs16(b))
+
+    def body512(builder, blk, b, acc, act):
+        # vector u: elements 128h + 64o .. + 63 (h = u // 2, o = u % 2): ql bytes [A | C] (64 at 64h),
+        # their low nibbles (o = 0) or high (o = 1), high bits H >> 4o (low half), >> 4o + 2 (high)
+        d = splat(builder, _f16_at(builder, blk, 208), v16f)
+        sc = builder.fmul(builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f), d)
+        scale = builder.fmul(sc, _xd16(act, b))
+        for u in range(4):
+            h, o = u // 2, u % 2
+            ac = builder.load(_byte_ptr(builder, blk, 64 * h, _V64I8), align=1)
+            low = builder.and_(_halves_shr(builder, ac, 4, 4) if o else ac, _c64(15))
+            hb = _halves_shr(builder, _bcast32(builder, blk, 128 + 32 * h), 4 * o, 4 * o + 2)
+            _dot64(builder, acc, act, b, u, builder.or_(low, builder.shl(builder.and_(hb, _c64(3)), _c64(4))), scale, 16)
+        acc.fma(builder.fmul(sc, ir.Constant(v16f, [-32.0] * 16)), act.xs16(b))
+    if AVX512:
+        return _row_dot512(row, xq, xd, xs, nb, 210, body512)
     return _row_dot(row, xq, xd, xs, nb, 210, 256, body)
 
 
@@ -544,12 +677,29 @@ def q2_k_dot_i8(typingctx, row, xq, xd, xs, nb):
     sub-block 2(4h + i), 4-7: the next)."""
     v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
 
-    def body(builder, blk, b, acc, act):
+    def scales(builder, blk, b, act):
+        """<16 x float> d sc_j xd[j // 2] and -dmin m_j."""
         sc = builder.load(_byte_ptr(builder, blk, 0, v16i8), align=1)
         scale = builder.fmul(builder.fmul(builder.uitofp(builder.and_(sc, ir.Constant(v16i8, [15] * 16)), v16f),
                                           _xd16(act, b)), splat(builder, _f16_at(builder, blk, 80), v16f))
         mins = builder.fmul(builder.uitofp(builder.lshr(sc, ir.Constant(v16i8, [4] * 16)), v16f),
                             splat(builder, builder.fneg(_f16_at(builder, blk, 82)), v16f))
+        return scale, mins
+
+    def body512(builder, blk, b, acc, act):
+        # vector u: elements 128h + 64o .. + 63 (h = u // 2, o = u % 2): bits 4o of qs[32h:32h+32]
+        # (low half), bits 4o + 2 (high half)
+        scale, mins = scales(builder, blk, b, act)
+        acc.fma(mins, act.xs16(b))
+        for u in range(4):
+            h, o = u // 2, u % 2
+            q = builder.and_(_halves_shr(builder, _bcast32(builder, blk, 16 + 32 * h), 4 * o, 4 * o + 2), _c64(3))
+            _dot64(builder, acc, act, b, u, q, scale, 16)
+    if AVX512:
+        return _row_dot512(row, xq, xd, xs, nb, 84, body512)
+
+    def body(builder, blk, b, acc, act):
+        scale, mins = scales(builder, blk, b, act)
         levels = []
         for h in range(2):
             qs = builder.load(_byte_ptr(builder, blk, 16 + 32 * h, _V32I8), align=1)
@@ -569,7 +719,7 @@ def q3_k_dot_i8(typingctx, row, xq, xd, xs, nb):
     i32 = ir.IntType(32)
     v16i8, v16f, v12i8 = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I8, 12)
 
-    def body(builder, blk, b, acc, act):
+    def scales(builder, blk):
         raw = builder.load(_byte_ptr(builder, blk, 96, v12i8), align=1)
         undef = ir.Constant(v12i8, ir.Undefined)
         lo = builder.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 16), [j % 8 for j in range(16)]))
@@ -579,7 +729,24 @@ def q3_k_dot_i8(typingctx, row, xq, xd, xs, nb):
         hi = builder.and_(builder.lshr(hi, ir.Constant(v16i8, [2 * (j // 4) for j in range(16)])),
                           ir.Constant(v16i8, [3] * 16))
         sc = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v16i8, [4] * 16))), ir.Constant(v16i8, [32] * 16))
-        sc = builder.fmul(builder.sitofp(sc, v16f), splat(builder, _f16_at(builder, blk, 108), v16f))
+        return builder.fmul(builder.sitofp(sc, v16f), splat(builder, _f16_at(builder, blk, 108), v16f))
+
+    def body512(builder, blk, b, acc, act):
+        # vector u: elements 128h + 64o .. + 63 (h = u // 2, o = u % 2): low bits as Q2_K's, high bit
+        # 4h + 2o of hmask (low half), 4h + 2o + 1 (high half)
+        sc = scales(builder, blk)
+        hm = _bcast32(builder, blk, 0)
+        for u in range(4):
+            h, o = u // 2, u % 2
+            low = builder.and_(_halves_shr(builder, _bcast32(builder, blk, 32 + 32 * h), 4 * o, 4 * o + 2), _c64(3))
+            high = builder.and_(_halves_shr(builder, hm, 4 * h + 2 * o, 4 * h + 2 * o + 1), _c64(1))
+            _dot64(builder, acc, act, b, u, builder.or_(low, builder.shl(high, _c64(2))), builder.fmul(sc, _xd16(act, b)), 16)
+        acc.fma(builder.fmul(sc, ir.Constant(v16f, [-4.0] * 16)), act.xs16(b))
+    if AVX512:
+        return _row_dot512(row, xq, xd, xs, nb, 110, body512)
+
+    def body(builder, blk, b, acc, act):
+        sc = scales(builder, blk)
         hm = builder.load(_byte_ptr(builder, blk, 0, _V32I8), align=1)
         levels = []
         for h in range(2):
@@ -616,10 +783,24 @@ def _q4k_scales_mins(builder, blk):
     return sc, m
 
 
-def _k_row_dot(row, xq, xd, xs, nb, block_bytes, levels):
+def _k_row_dot(row, xq, xd, xs, nb, block_bytes, levels, levels512):
     """_row_dot of Q4_K / Q5_K: sum over blocks of sum_j (d sc_j xd_j sum_k q_jk xq_jk - dmin m_j xs_j),
     j over the eight 32-sub-blocks, scales and mins unpacked as vectors (_q4k_scales_mins), one
-    vpdpbusd per sub-block; levels(builder, blk) -> the eight <32 x i8> level vectors."""
+    vpdpbusd per sub-block; levels(builder, blk) -> the eight <32 x i8> level vectors; with AVX512,
+    levels512(builder, blk) -> the four <64 x i8> (sub-blocks 2u, 2u + 1 in vector u)."""
+    def body512(builder, blk, b, acc, act):
+        i64 = ir.IntType(64)
+        sc, m = _q4k_scales_mins(builder, blk)
+        b8 = builder.mul(b, ir.Constant(i64, 8))
+        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32)),
+                             act.vec(act.xd, b8, 8))
+        mins = builder.fmul(builder.uitofp(m, _V8F32), splat(builder, builder.fneg(_f16_at(builder, blk, 2)), _V8F32))
+        acc.fma8(mins, act.vec(act.xs, b8, 8))
+        for u, q in enumerate(levels512(builder, blk)):
+            _dot64(builder, acc, act, b, u, q, scale, 32)
+    if AVX512:
+        return _row_dot512(row, xq, xd, xs, nb, block_bytes, body512)
+
     def body(builder, blk, b, acc, act):
         i64 = ir.IntType(64)
         sc, m = _q4k_scales_mins(builder, blk)
@@ -646,7 +827,10 @@ def q4_k_dot_i8(typingctx, row, xq, xd, xs, nb):
             qv = builder.load(_byte_ptr(builder, blk, 16 + 32 * i, _V32I8), align=1)
             out += [builder.and_(builder.lshr(qv, _c32(4 * h)), _c32(15)) for h in range(2)]
         return out
-    return _k_row_dot(row, xq, xd, xs, nb, 144, levels)
+
+    def levels512(builder, blk):
+        return [builder.and_(_halves_shr(builder, _bcast32(builder, blk, 16 + 32 * u), 0, 4), _c64(15)) for u in range(4)]
+    return _k_row_dot(row, xq, xd, xs, nb, 144, levels, levels512)
 
 
 @intrinsic
@@ -663,7 +847,16 @@ def q5_k_dot_i8(typingctx, row, xq, xd, xs, nb):
                 high = builder.shl(builder.and_(builder.lshr(qh, _c32(2 * i + h)), _c32(1)), _c32(4))
                 out.append(builder.or_(builder.and_(builder.lshr(qv, _c32(4 * h)), _c32(15)), high))
         return out
-    return _k_row_dot(row, xq, xd, xs, nb, 176, levels)
+
+    def levels512(builder, blk):
+        qh = _bcast32(builder, blk, 16)
+        out = []
+        for u in range(4):
+            low = builder.and_(_halves_shr(builder, _bcast32(builder, blk, 48 + 32 * u), 0, 4), _c64(15))
+            high = builder.shl(builder.and_(_halves_shr(builder, qh, 2 * u, 2 * u + 1), _c64(1)), _c64(4))
+            out.append(builder.or_(low, high))
+        return out
+    return _k_row_dot(row, xq, xd, xs, nb, 176, levels, levels512)
 
 
 def _lookup16(builder, table, idx):
@@ -699,7 +892,8 @@ def iq4_xs_dot_i8(typingctx, row, xq, xd, xs, nb):
     i16, i64 = ir.IntType(16), ir.IntType(64)
     v8i8, v8i16, v4i8 = ir.VectorType(_I8, 8), ir.VectorType(i16, 8), ir.VectorType(_I8, 4)
 
-    def body(builder, blk, b, acc, act):
+    def scales(builder, blk):
+        """<8 x float>: d (ls_j - 32) for the 8 sub-blocks."""
         sl = builder.load(_byte_ptr(builder, blk, 4, v4i8), align=1)
         lo = builder.shuffle_vector(sl, ir.Constant(v4i8, ir.Undefined), ir.Constant(_V8I32, [j // 2 for j in range(8)]))
         lo = builder.and_(builder.lshr(lo, ir.Constant(v8i8, [4 * (j % 2) for j in range(8)])), ir.Constant(v8i8, [15] * 8))
@@ -707,8 +901,29 @@ def iq4_xs_dot_i8(typingctx, row, xq, xd, xs, nb):
         hi = builder.trunc(builder.and_(builder.lshr(sh, ir.Constant(v8i16, [2 * j for j in range(8)])),
                                         ir.Constant(v8i16, [3] * 8)), v8i8)
         ls = builder.sub(builder.or_(lo, builder.shl(hi, ir.Constant(v8i8, [4] * 8))), ir.Constant(v8i8, [32] * 8))
+        return builder.fmul(builder.sitofp(ls, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32))
+
+    def body512(builder, blk, b, acc, act):
+        # vector u: sub-blocks 2u, 2u + 1 = the 32 bytes at 8 + 32u, each 16 as [low nibbles, high]
+        ls = scales(builder, blk)
         b8 = builder.mul(b, ir.Constant(i64, 8))
-        ls = builder.fmul(builder.sitofp(ls, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32))
+        acc.fma8(builder.fmul(ls, ir.Constant(_V8F32, [-128.0] * 8)), act.vec(act.xs, b8, 8))
+        scale = builder.fmul(ls, act.vec(act.xd, b8, 8))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V64I8, [_V64I8, _V64I8]),
+                                            "llvm.x86.avx512.pshuf.b.512")
+        tab = ir.Constant(_V64I8, [t & 255 for t in table] * 4)
+        spread = ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(16)) * 2 + list(range(16, 32)) * 2)
+        for u in range(4):
+            v = builder.load(_byte_ptr(builder, blk, 8 + 32 * u, _V32I8), align=1)
+            idx = builder.shuffle_vector(v, ir.Constant(_V32I8, ir.Undefined), spread)
+            idx = builder.and_(_shr_words(builder, idx, ([0] * 8 + [4] * 8) * 2), _c64(15))
+            _dot64(builder, acc, act, b, u, builder.call(fn, [tab, idx]), scale, 32)
+    if AVX512:
+        return _row_dot512(row, xq, xd, xs, nb, 136, body512)
+
+    def body(builder, blk, b, acc, act):
+        ls = scales(builder, blk)
+        b8 = builder.mul(b, ir.Constant(i64, 8))
         scale = builder.fmul(ls, act.vec(act.xd, b8, 8))
         acc.fma(builder.fmul(ls, ir.Constant(_V8F32, [-128.0] * 8)), act.vec(act.xs, b8, 8))
         undef = ir.Constant(_V8F32, ir.Undefined)
