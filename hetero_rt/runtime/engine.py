@@ -21,6 +21,8 @@ from ..checkpoint.tokenizer import Tokenizer
 from ..config import PREFILL_CHUNK, ModelArgs
 from ..errors import InputError
 from ..experts import NumbaExperts
+from ..kernels.stored import GEMV_MAX_TOKENS
+from ..kernels.threads import torch_threads
 from ..kv_cache import make_cache
 from ..model.mla import Rope
 from ..model.batch import Segment
@@ -105,10 +107,13 @@ class Runtime:
     def forward(self, tokens: torch.Tensor, segments: list[Segment], absorbed: bool | None = None,
                 last_only: bool = True) -> torch.Tensor:
         """One forward of a packed batch (model.batch.Segment) against the cache: fp32 logits on
-        the CPU of each segment's last token (len(segments), vocab), or of every token without last_only."""
+        the CPU of each segment's last token (len(segments), vocab), or of every token without last_only.
+        Torch runs on one thread for a few tokens (its ops are tiny there; kernels.threads.torch_threads)."""
         for s in segments:
             self.cache.reserve(s.start, s.length)
-        logits = self.model(tokens.to(self.device), segments, self.rope, self.cache.data, absorbed, last_only=last_only)
+        with torch_threads(1 if tokens.shape[0] <= GEMV_MAX_TOKENS else torch.get_num_threads()):
+            logits = self.model(tokens.to(self.device), segments, self.rope, self.cache.data, absorbed,
+                                last_only=last_only)
         return logits.cpu()
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
