@@ -438,12 +438,15 @@ def _blocks32_group(levels, offset):
 
 def _nibbles32(builder, blk, offset):
     """The 32 4-bit levels of a Q4_0/Q5_0-style block: low nibbles of the 16 bytes at blk + offset
-    (elements 0-15), then their high nibbles (16-31)."""
+    (elements 0-15), then their high nibbles (16-31). The 16 bytes are loaded into both halves
+    (vbroadcasti128 from memory) and the high half shifted by 4 as 32-bit lanes (vpsrlvd) before one
+    mask: no cross-lane insert, which would take port 5 as the scale shuffles do."""
     v16 = ir.VectorType(_I8, 16)
     qs = builder.load(_byte_ptr(builder, blk, offset, v16), align=1)
-    lo = builder.and_(qs, ir.Constant(v16, [15] * 16))
-    hi = builder.lshr(qs, ir.Constant(v16, [4] * 16))
-    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+    both = builder.shuffle_vector(qs, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                                                                                 list(range(16)) * 2))
+    shifted = builder.lshr(builder.bitcast(both, _V8I32), ir.Constant(_V8I32, [0] * 4 + [4] * 4))
+    return builder.and_(builder.bitcast(shifted, _V32I8), _c32(15))
 
 
 def _blocks32_row(row, xq, xd, xs, nb, block_bytes, levels, offset):
