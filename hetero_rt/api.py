@@ -23,8 +23,9 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def load(path: str | Path, rules: str | Path | None = None, *, context: int | None = None,
          dtype: str | torch.dtype | None = None, device: str | None = None, cpu_fallback: bool = False,
          check_memory: bool = True, parallel: int = 1) -> Runtime:
-    """Load a Hugging Face DeepSeek-V2/V3/Kimi-K2 checkpoint directory or a deepseek2 GGUF file
-    (`model.gguf`, or any part of a split `model-0000K-of-0000N.gguf`).
+    """Load a Hugging Face checkpoint directory (DeepSeek-V2/V3/R1, Kimi-K2, Qwen3-MoE, Qwen2-MoE,
+    Mixtral, GLM-4.5) or a llama.cpp GGUF file of architecture deepseek2, qwen3moe, qwen2moe, glm4moe
+    or llama with experts (`model.gguf`, or any part of a split `model-0000K-of-0000N.gguf`).
 
     rules:        a placement YAML (see docs/placement_rules.md); None: the default placement
                   (placement.defaults: for a GGUF on the CPU, every weight kept as stored, like

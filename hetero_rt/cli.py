@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate text from a checkpoint")
     run.add_argument("--model", required=True,
-                     help="checkpoint directory (config.json + *.safetensors) or a deepseek2 .gguf file "
+                     help="checkpoint directory (config.json + *.safetensors) or a .gguf file (deepseek2, qwen3moe, "
+                          "qwen2moe, glm4moe, llama with experts) "
                           "(for split files, any part), or a Hugging Face model id: org/name, org/name:QUANT "
                           "(e.g. :Q4_K_M) or org/name:FILE.gguf (downloaded into the HF cache, or read from it "
                           "with HF_HUB_OFFLINE=1)")
