@@ -85,3 +85,17 @@ def test_fixture_configs_are_the_releases():
     assert (cfg["mixtral_8x7b"]["intermediate_size"], cfg["mixtral_8x7b"]["num_local_experts"]) == (14336, 8)
     assert (cfg["glm_4_5_air"]["moe_intermediate_size"], cfg["glm_4_5_air"]["first_k_dense_replace"]) == (1408, 1)
     assert all(c["torch_dtype"] == "bfloat16" for c in cfg.values())
+
+
+def test_working_buffers_of_grouped_query_attention_by_hand():
+    """Qwen3-30B-A3B (32 q / 4 kv heads of 128, vocab 151936, intermediate 6144), bf16, 4096 positions, a
+    512-token chunk: scores and probabilities 2 x 32 x 512 x 4096 x 4, K and V as cached 2 x 4096 x 4 x
+    128 x 2 (MLA's per-head expansion would be 4096 x 32 x 128 x 2, four times more), logits
+    512 x 151936 x 4, hidden 512 x 6144 x 4 x 4."""
+    from hetero_rt.placement.memory import attention_kv_bytes, working_bytes
+    args = ModelArgs.from_config_file(FIXTURES / "qwen3_30b_a3b" / "config.json")
+    assert (args.num_attention_heads, args.num_key_value_heads, args.head_dim) == (32, 4, 128)
+    assert attention_kv_bytes(args, 4096, "bfloat16") == 8_388_608
+    assert working_bytes(args, 4096, "bfloat16") == 536_870_912 + 8_388_608 + 311_164_928 + 50_331_648
+    v3 = ModelArgs.from_config_file(FIXTURES / "deepseek_v3" / "config.json")   # MLA: 128 heads x (128 + 128)
+    assert attention_kv_bytes(v3, 4096, "bfloat16") == 4096 * 128 * (128 + 128) * 2

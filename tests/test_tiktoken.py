@@ -130,6 +130,14 @@ def test_chat_template(tok):
     assert ids[-len(tail):] == tail
 
 
+def test_chat_template_from_chat_template_jinja(tmp_path, tok):
+    """Kimi-K2's newer revisions ship the template as chat_template.jinja, not in tokenizer_config.json."""
+    d = _write(tmp_path / "kimi", chat_template=None)
+    (d / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
+    messages = [{"role": "user", "content": "hello"}]
+    assert Tokenizer.from_dir(d).apply_chat_template(messages) == tok.apply_chat_template(messages)
+
+
 def test_streaming_splits_utf8_characters(tok):
     ids = tok.encode("café 中🙂 hello<|im_end|>")
     assert 263 in ids and 266 in ids                               # tokens that end inside a character

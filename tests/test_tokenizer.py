@@ -121,6 +121,40 @@ def test_named_template_list(tmp_path):
     assert HrtTokenizer.from_dir(d).apply_chat_template(MESSAGES[1]) == want
 
 
+def test_chat_template_jinja_file_takes_priority_as_in_transformers(tmp_path):
+    """Newer HF releases (and Kimi) ship the template as chat_template.jinja beside tokenizer_config.json;
+    transformers prefers that file to tokenizer_config.json's chat_template, and so do we."""
+    from transformers import AutoTokenizer
+    d = write_dir(tmp_path, {"bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
+                             "chat_template": "CONFIG'S {{ messages[0]['content'] }}"})
+    (d / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
+    want = AutoTokenizer.from_pretrained(d).apply_chat_template(MESSAGES[1], tokenize=False,
+                                                                add_generation_prompt=True)
+    t = HrtTokenizer.from_dir(d)
+    assert t.apply_chat_template(MESSAGES[1]) == want and want.startswith(BOS + "Be brief.")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]                              # the file alone
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert HrtTokenizer.from_dir(d).apply_chat_template(MESSAGES[1]) == want
+
+
+def test_bad_chat_template_jinja_names_the_file(tmp_path):
+    from hetero_rt.errors import HeteroRTError
+    d = write_dir(tmp_path, {"bos_token": BOS, "eos_token": EOS, "chat_template": TEMPLATE})
+    path = d / "chat_template.jinja"
+    path.write_bytes(b"{{ bos_token }}\xff\xfe")          # not UTF-8
+    with pytest.raises(CheckpointError, match=f"{path}: not UTF-8 text \\(byte 15"):
+        HrtTokenizer.from_dir(d)
+    path.write_text("{% for m in messages %}{{ m['content'] }")   # a template that does not parse
+    with pytest.raises(InputError, match=f"^{path}: failed to render"):
+        HrtTokenizer.from_dir(d).apply_chat_template(MESSAGES[0])
+    path.unlink()
+    path.mkdir()                                              # there, but not a readable file
+    with pytest.raises(CheckpointError, match=f"^{path}: cannot be read") as e:
+        HrtTokenizer.from_dir(d)
+    assert isinstance(e.value, HeteroRTError)
+
+
 def test_stream_decoder_never_emits_broken_characters(tok_dir):
     t = HrtTokenizer.from_dir(tok_dir)
     unseen = "Ωmega ünï ∑ 字 🎉🐉 ok"  # not in the training text: its characters stay split into byte tokens

@@ -42,6 +42,8 @@ ARCHS = (ARCH, *GQA_ARCHS)
 FAMILIES = {"deepseek2": "DeepSeek", "qwen3moe": "Qwen3-MoE", "qwen2moe": "Qwen2-MoE", "llama": "Mixtral",
             "glm4moe": "GLM-4.5"}
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+_DENSE_GATE = re.compile(r"^blk\.(\d+)\.ffn_gate\.weight$")
 # llama.cpp's expert gating function enum (LLAMA_EXPERT_GATING_FUNC_TYPE_*).
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 
@@ -53,6 +55,27 @@ class GGUFTensorInfo:
     shape: tuple[int, ...]      # numpy order, in elements
     offset: int                 # absolute byte offset of the data in the file
     nbytes: int
+
+
+def _check_mixtral_experts(file: Path, names) -> None:
+    """Two Mixtral layouts llama.cpp's converters have written that hetero_rt does not run, refused by name
+    before anything is read: one tensor per expert (blk.N.ffn_gate.E.weight, conversions of early 2024),
+    and the router stored as blk.N.ffn_gate.weight (gguf-py's tensor map of mid-2025, whose SmallThinker
+    entry also maps block_sparse_moe.gate to ffn_gate; llama.cpp refuses these files too)."""
+    for name in names:
+        if m := _PER_EXPERT.match(name):
+            raise CheckpointError(
+                f"{file}: tensor '{name}' is one expert's weight (the Mixtral layout of early conversions, one tensor "
+                f"per expert); hetero_rt reads each layer's experts stacked in blk.{m.group(1)}.ffn_{m.group(2)}_exps."
+                f"weight, as llama.cpp's convert_hf_to_gguf.py writes them: convert the HF checkpoint again with a "
+                f"current convert_hf_to_gguf.py, or use a newer conversion")
+        if (m := _DENSE_GATE.match(name)) and f"blk.{m.group(1)}.ffn_gate_exps.weight" in names \
+                and f"blk.{m.group(1)}.ffn_gate_inp.weight" not in names:
+            raise CheckpointError(
+                f"{file}: layer {m.group(1)} has routed experts and '{name}' but no router "
+                f"'blk.{m.group(1)}.ffn_gate_inp.weight': the router was written under the dense gate's name, as "
+                f"llama.cpp's gguf-py of mid-2025 converted Mixtral (its map sends block_sparse_moe.gate to ffn_gate); "
+                f"llama.cpp refuses such files too: convert the HF checkpoint again with a newer convert_hf_to_gguf.py")
 
 
 class GGUFCheckpoint:
@@ -81,6 +104,8 @@ class GGUFCheckpoint:
         if arch == "llama" and "llama.expert_count" not in self.meta:
             raise CheckpointError(f"{self.files[0]}: general.architecture is 'llama' without llama.expert_count, a "
                                   f"dense model; hetero_rt runs llama GGUFs with experts (Mixtral) only")
+        if arch == "llama":
+            _check_mixtral_experts(self.files[0], self._tensors)
         self.arch = arch
 
     # -- lookup ---------------------------------------------------------------------------------

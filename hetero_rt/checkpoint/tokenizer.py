@@ -1,8 +1,12 @@
 """Text in and out: the checkpoint's tokenizer.json (via the `tokenizers` library) or, without one, its
 tiktoken.model (Kimi-K2's, via the `tiktoken` package: checkpoint/tiktoken_tokenizer.py), BOS/EOS and the
-chat template from tokenizer_config.json (rendered by checkpoint/chat_template.py in jinja2's sandbox
-under TemplateLimits, as transformers renders it), and a streaming decoder that emits only text that
-can no longer change.
+chat template (rendered by checkpoint/chat_template.py in jinja2's sandbox under TemplateLimits, as
+transformers renders it), and a streaming decoder that emits only text that can no longer change.
+
+The chat template is chat_template.jinja beside tokenizer_config.json when there is one (newer HF
+releases and Kimi ship it so; transformers gives that file priority over tokenizer_config.json's
+chat_template, and so does this), else tokenizer_config.json's chat_template (a string, or the
+"default" of a list of {"name", "template"}).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .gguf_tokenizer import gguf_tokenizer
 from .tiktoken_tokenizer import tiktoken_backend
 
 TIKTOKEN_FILE = "tiktoken.model"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"   # transformers' name (utils/hub.py: CHAT_TEMPLATE_FILE)
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
 
@@ -55,9 +60,12 @@ class Tokenizer:
         add_bos = False if add_bos is None else add_bos   # null: off, as transformers reads it
         if not isinstance(add_bos, bool):
             raise CheckpointError(f"{cfg_path}: 'add_bos_token' must be true or false, found {_show(add_bos)}")
+        template, template_source = _template(cfg.get("chat_template"), cfg_path), f"{cfg_path}: chat_template"
+        jinja = directory / CHAT_TEMPLATE_FILE
+        if jinja.exists():   # transformers: the file takes priority over tokenizer_config.json's
+            template, template_source = _template_file(jinja), str(jinja)
         return cls(backend, _token_text(cfg, "bos_token", cfg_path), _token_list(cfg, "eos_token", cfg_path),
-                   add_bos, _template(cfg.get("chat_template"), cfg_path), _id_list(gen, "eos_token_id", gen_path),
-                   str(directory), f"{cfg_path}: chat_template")
+                   add_bos, template, _id_list(gen, "eos_token_id", gen_path), str(directory), template_source)
 
     @classmethod
     def from_gguf(cls, meta: dict, source: str) -> "Tokenizer":
@@ -84,8 +92,8 @@ class Tokenizer:
                             limits: TemplateLimits = TemplateLimits()) -> str:
         """The prompt text of `messages`, rendered within `limits` (TemplateLimitError past them)."""
         if not self.chat_template:
-            raise InputError(f"{self.source}: the checkpoint has no chat_template in tokenizer_config.json; "
-                             f"run without --chat")
+            raise InputError(f"{self.source}: the checkpoint has no chat_template (in {CHAT_TEMPLATE_FILE}, "
+                             f"tokenizer_config.json or a GGUF's tokenizer.chat_template); run without --chat")
         try:
             if len(self.chat_template) > limits.source_chars:
                 raise Overrun(f"is {len(self.chat_template)} characters long (at most {limits.source_chars})")
@@ -196,6 +204,20 @@ def _id_list(cfg: dict[str, Any], key: str, path: Path) -> tuple[int, ...]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise CheckpointError(f"{path}: {key!r} must be a token id or a list of them, found {_show(value)}")
     return tuple(ids)
+
+
+def _template_file(path: Path) -> str:
+    """chat_template.jinja's text: UTF-8, as transformers opens it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:   # a directory of that name, no permission, an I/O error
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); the chat "
+                              f"template file is damaged: download it again") from None
+    return text
 
 
 def _template(value: Any, path: Path) -> str | None:

@@ -12,11 +12,13 @@ Accounting (documented in docs/placement_rules.md):
 - the GPU expert cache of layers on a backend that keeps one (hetero; kind expert_cache): slots x 3 x I x D x dtype
   bytes per layer (+ 2 streaming slots with hetero.stream), on the main device, and two fp32
   (512, hidden) accumulators of the scheduler among the working buffers;
-- KV cache: slots x layers x context x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, on the main
-  device (one slot per sequence decoded at once: the server's --parallel);
+- KV cache: slots x layers x context x (kv_lora_rank + qk_rope_head_dim; GQA: 2 x Hkv x head_dim) x
+  dtype bytes, on the main device (one slot per sequence decoded at once: the server's --parallel);
 - working buffers on the main device, for a prefill chunk of C tokens against S = context positions:
-  fp32 attention scores and probabilities 2 x heads x C x S x 4, the naive path's expanded K/V
-  S x heads x (qk_nope + v) x dtype bytes, the logits C x vocab x 4, and hidden states
+  fp32 attention scores and probabilities 2 x heads x C x S x 4, the keys and values attention reads
+  besides the cache (MLA's naive path expands the latent per head: S x heads x (qk_nope + v) x dtype
+  bytes; GQA reads its cache's Hkv heads, at most a contiguous copy of each: 2 x S x Hkv x head_dim x
+  dtype bytes), the logits C x vocab x 4, and hidden states
   C x max(intermediate, heads x qk_head_dim) x 4 x 4; with FP8-stored weights, the largest one's
   dense copy plus the fp32 temporaries of dequantizing 1024 rows at a time.
 """
@@ -176,7 +178,15 @@ def kv_cache_bytes(args: ModelArgs, context: int, dtype: str) -> int:
 def working_bytes(args: ModelArgs, context: int, dtype: str) -> int:
     c, s, h = min(PREFILL_CHUNK, context), context, args.num_attention_heads
     scores = 2 * h * c * s * 4
-    kv = s * h * (args.qk_nope_head_dim + args.v_head_dim) * DTYPE_BYTES[dtype]
     logits = c * args.vocab_size * 4
     hidden = c * max(args.intermediate_size, h * args.qk_head_dim) * 4 * 4
-    return scores + kv + logits + hidden
+    return scores + attention_kv_bytes(args, s, dtype) + logits + hidden
+
+
+def attention_kv_bytes(args: ModelArgs, positions: int, dtype: str) -> int:
+    """Keys and values one attention call over `positions` holds besides the cache: MLA's naive path
+    expands the latent into every head's K (nope part) and V; GQA attends over its cache's K/V heads as
+    they are (einsum's contiguous copy of K and of V at most), with no per-query-head expansion."""
+    if args.attention == "gqa":
+        return 2 * positions * args.num_key_value_heads * args.head_dim * DTYPE_BYTES[dtype]
+    return positions * args.num_attention_heads * (args.qk_nope_head_dim + args.v_head_dim) * DTYPE_BYTES[dtype]
