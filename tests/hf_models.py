@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -33,6 +34,9 @@ VARIANTS = {
                            routed_scaling_factor=2.5, tie_word_embeddings=True),
                 {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}),
 }
+
+# the prompt the parity tests feed both implementations
+IDS = [3, 17, 42, 5, 88, 61, 0, 23, 9, 77, 31, 12, 50, 4, 66, 8]
 
 
 def build_hf_model(variant: str, seed: int = 0, **extra):
@@ -71,3 +75,9 @@ def save_hf_model(model, variant: str, directory: Path) -> Path:
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def rel_err(ours: np.ndarray, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref|."""
+    ref = ref.numpy()
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())

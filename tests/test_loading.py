@@ -1,5 +1,6 @@
 """Loading HF checkpoints: sharding, dtypes, FP8 block scales, MTP layers, and every bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,8 +108,40 @@ def test_config_that_does_not_match_weights(v3, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["num_hidden_layers"] = 2                    # weights have 3 layers; the 3rd is not MTP
     cfg["num_nextn_predict_layers"] = 0
-    with pytest.raises(CheckpointError, match=r"does not account for: model\.layers\.2\."):
-        hetero_rt.load(copy_ckpt(src, tmp_path, None, cfg))
+    dst = copy_ckpt(src, tmp_path, None, cfg)
+    with pytest.raises(CheckpointError, match=re.escape(f"{dst / 'model.safetensors'}: checkpoint has tensors the "
+                                                        "config does not account for: model.layers.2.")
+                       + r".* \(in model\.safetensors\)"):
+        hetero_rt.load(dst)
+
+
+def test_unaccounted_tensors_name_their_shards(v3, tmp_path):
+    """The tensors the config does not account for are named with the shard holding each: the shard's path
+    when they are all in one, the directory and every shard's name when they are spread over several."""
+    _, src = v3
+    tensors = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"] = 2, 0
+    extra = sorted(n for n in tensors if n.startswith("model.layers.2."))
+    for spread, (a, b) in {False: ([], extra), True: (extra[:1], extra[1:])}.items():
+        d = tmp_path / f"spread_{spread}"
+        d.mkdir()
+        rest = [n for n in tensors if n not in extra]
+        parts = {"model-00001-of-00002.safetensors": rest + a, "model-00002-of-00002.safetensors": b}
+        for fname, names in parts.items():
+            save_file({n: tensors[n] for n in names}, d / fname)
+        weight_map = {n: fname for fname, names in parts.items() for n in names}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError) as e:
+            hetero_rt.load(d)
+        msg = str(e.value)
+        where = (f"{d} (model-00001-of-00002.safetensors, model-00002-of-00002.safetensors)" if spread
+                 else str(d / "model-00002-of-00002.safetensors"))
+        assert msg.startswith(f"{where}: checkpoint has tensors the config does not account for: "), msg
+        assert f"{extra[0]} (in {'model-00001' if spread else 'model-00002'}-of-00002.safetensors)" in msg, msg
+        assert f"{extra[1]} (in model-00002-of-00002.safetensors)" in msg, msg
+        assert f"(+{len(extra) - 5} more)" in msg and str(d / "config.json") in msg, msg
 
 
 def test_truncated_file(v3, tmp_path):

@@ -114,8 +114,7 @@ def test_rope_equals_the_float64_rotation(interleave):
 def test_rotate_half_layout_matches_transformers(tmp_path):
     """rope_interleave=false (a DeepSeek-V3 config key) against transformers, which the parity models,
     all interleaved, never reach."""
-    from hf_models import build_hf_model, hf_logits, save_hf_model
-    from test_parity_transformers import IDS, rel_err
+    from hf_models import IDS, build_hf_model, hf_logits, rel_err, save_hf_model
 
     import hetero_rt
     hf = build_hf_model("v3", rope_interleave=False)
@@ -176,8 +175,7 @@ def test_yarn_frequencies_equal_deepseeks_formula(name):
 def test_two_token_chunks_are_causally_masked(chunk, tmp_path):
     """Prefill in chunks of 2 (and 4) tokens against transformers: a segment of two new tokens needs
     the causal mask as much as a long one (the parity tests' segments have 16, 5, 3 or 1 tokens)."""
-    from hf_models import build_hf_model, hf_logits, save_hf_model
-    from test_parity_transformers import IDS, rel_err
+    from hf_models import IDS, build_hf_model, hf_logits, rel_err, save_hf_model
 
     import hetero_rt
     hf = build_hf_model("v2_lite")

@@ -6,14 +6,7 @@ import pytest
 import torch
 
 import hetero_rt
-from hf_models import VARIANTS, build_hf_model, hf_logits, save_hf_model
-
-IDS = [3, 17, 42, 5, 88, 61, 0, 23, 9, 77, 31, 12, 50, 4, 66, 8]
-
-
-def rel_err(ours: np.ndarray, ref: torch.Tensor) -> float:
-    ref = ref.numpy()
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+from hf_models import IDS, VARIANTS, build_hf_model, hf_logits, rel_err, save_hf_model
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -276,9 +276,12 @@ def assign(model: nn.Module, name: str, tensor: torch.Tensor, scale_inv: torch.T
 def _check_unused(ckpt: SafetensorsCheckpoint, used: set[str], n_layers: int, n_mtp: int) -> None:
     extra = sorted(n for n in ckpt.names() if n not in used and not is_ignored(n, n_layers, n_mtp))
     if extra:
-        shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
-        raise CheckpointError(f"checkpoint has tensors the config does not account for: {shown}; "
-                              f"check that config.json belongs to these weights")
+        files = sorted({ckpt.info(n).file for n in extra})
+        where = files[0] if len(files) == 1 else f"{ckpt.directory} ({', '.join(f.name for f in files)})"
+        shown = ", ".join(f"{n} (in {ckpt.info(n).file.name})" for n in extra[:5])
+        shown += f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise CheckpointError(f"{where}: checkpoint has tensors the config does not account for: {shown}; "
+                              f"check that {ckpt.directory / 'config.json'} belongs to these weights")
 
 
 __all__ = ["build_model", "SafetensorsLoader", "EXPERT_NAMES"]
