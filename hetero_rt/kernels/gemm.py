@@ -25,7 +25,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .intrinsics import cpu_has, fma8, prefetch, splat
+from .intrinsics import cpu_has, f32_bits, fma8, prefetch, splat
 
 LANES = 8  # fp32 lanes per vector: 256-bit, which every AVX2 machine has
 
@@ -168,4 +168,137 @@ def block_matmul(buf, rows, xp, k0, xt, kc, acc, at, n_pad, w, w_r0, w_lo, w_hi)
                 _mk_r1(buf, r, xp, k0, xt + t, kc, acc, at + t)
             else:
                 _mk1x1(buf, r, xp, k0, xt + t, kc, acc, at + t)
+        r += step
+
+
+# --- bfloat16 tiles (quantized-activation mode, CPUs with AVX512-BF16) ------------------------------
+# The same product on bf16 pairs: vdpbf16ps adds w[r, 2p] x[t, 2p] + w[r, 2p+1] x[t, 2p+1] into an fp32
+# lane, so one instruction does the work of two fp32 FMAs. Weights and activations are rounded to
+# bfloat16 (8 significant bits, relative error <= 2^-9 each), accumulation stays fp32. The tiled
+# experts use it only with `activations: int8` (kernels.moe.moe_forward), whose decode dots round
+# the activations coarser still (int8 per 32); `fp32` keeps the exact path above.
+# Layouts: buf16 (rows, 2P) uint16 holds rows of bf16 weights (a pair is one 32-bit word); xp16
+# (P, 2 * n_pad) uint16: xp16[p, 2t + i] = bf16(x[t, 2p + i]), eight tokens' pairs = one 256-bit vector.
+
+BF16 = cpu_has("avx512bf16", "avx512vl")
+_V8I32 = ir.VectorType(ir.IntType(32), LANES)
+
+
+def _micro_kernel16(rb: int, nv: int):
+    """An intrinsic mk(buf16, r, xp16, p0, xt, pc, acc, at):
+        acc[r:r+rb, at:at+8*nv] += sum over p < pc of the bf16 pairs buf16[r:r+rb, 2p:2p+2] and
+        xp16[p0 + p, 2*xt : 2*(xt + 8*nv)]
+    (buf16, xp16 C-contiguous uint16; acc fp32). No bounds checks: block_matmul16 checks them."""
+
+    @intrinsic
+    def mk(typingctx, buf, r, xp, p0, xt, pc, acc, at):
+        def codegen(context, builder, sig, args):
+            bufa = context.make_array(sig.args[0])(context, builder, args[0])
+            xpa = context.make_array(sig.args[2])(context, builder, args[2])
+            acca = context.make_array(sig.args[6])(context, builder, args[6])
+            r, p0, xt, pc, at = args[1], args[3], args[4], args[5], args[7]
+            i64, i32 = r.type, ir.IntType(32)
+            ldb = cgutils.unpack_tuple(builder, bufa.shape)[1]
+            ldx = cgutils.unpack_tuple(builder, xpa.shape)[1]
+            lda = cgutils.unpack_tuple(builder, acca.shape)[1]
+            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _V8I32, _V8I32]),
+                                                "llvm.x86.avx512bf16.dpbf16ps.256")
+            accs = [cgutils.alloca_once(builder, _VEC) for _ in range(rb * nv)]
+            for a in accs:
+                builder.store(ir.Constant(_VEC, [0.0] * LANES), a)
+            row_base = [builder.mul(builder.add(r, ir.Constant(i64, i)), ldb) for i in range(rb)]
+            two = ir.Constant(i64, 2)
+            with cgutils.for_range(builder, pc) as loop:
+                p = loop.index
+                xrow = builder.add(builder.mul(builder.add(p, p0), ldx), builder.mul(xt, two))
+                xv = []
+                for j in range(nv):
+                    q = builder.gep(xpa.data, [builder.add(xrow, ir.Constant(i64, 2 * LANES * j))])
+                    xv.append(builder.load(builder.bitcast(q, _V8I32.as_pointer()), align=4))
+                for i in range(rb):
+                    q = builder.gep(bufa.data, [builder.add(row_base[i], builder.mul(p, two))])
+                    ws = splat(builder, builder.load(builder.bitcast(q, i32.as_pointer()), align=4), _V8I32)
+                    for j in range(nv):
+                        a = accs[i * nv + j]
+                        builder.store(builder.call(dp, [builder.load(a), ws, xv[j]]), a)
+            for i in range(rb):
+                arow = builder.add(builder.mul(builder.add(r, ir.Constant(i64, i)), lda), at)
+                for j in range(nv):
+                    q = builder.bitcast(builder.gep(acca.data, [builder.add(arow, ir.Constant(i64, LANES * j))]),
+                                        _VEC.as_pointer())
+                    builder.store(builder.fadd(builder.load(q, align=4), builder.load(accs[i * nv + j])), q, align=4)
+            return context.get_dummy_value()
+
+        if not (all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in (buf, xp, acc))
+                and buf.dtype == types.uint16 and xp.dtype == types.uint16 and acc.dtype == types.float32):
+            return None
+        i64 = types.int64
+        return types.void(buf, i64, xp, i64, i64, i64, acc, i64), codegen
+
+    return mk
+
+
+_mk16_r3, _mk16_r2, _mk16_r1 = _micro_kernel16(ROWS, 3), _micro_kernel16(ROWS, 2), _micro_kernel16(ROWS, 1)
+_mk16_1x3, _mk16_1x2, _mk16_1x1 = _micro_kernel16(1, 3), _micro_kernel16(1, 2), _micro_kernel16(1, 1)
+
+
+@njit(inline="always", cache=True)
+def bf16_bits(v):
+    """The bfloat16 nearest to the fp32 v (ties to even), as uint16 bits (v finite)."""
+    u = np.uint32(f32_bits(v))
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(nogil=True, cache=True)
+def to_bf16(buf, rows, nc, buf16):
+    """buf16[r, k] = bf16(buf[r, k]) for r < rows, k < nc."""
+    for r in range(rows):
+        src = buf[r]
+        dst = buf16[r]
+        for k in range(nc):
+            dst[k] = bf16_bits(src[k])
+
+
+@njit(nogil=True, cache=True)
+def pack_chunk16(x, x_rows, c0, nc, xp16):
+    """xp16[p, 2j + i] = bf16(x[x_rows[j], c0 + 2p + i]) for 2p + i < nc (nc even), j < len(x_rows);
+    other columns untouched (allocate xp16 zeroed: padding tokens stay 0)."""
+    for j in range(x_rows.shape[0]):
+        src = x[x_rows[j], c0:c0 + nc]
+        for k in range(nc):
+            xp16[k // 2, 2 * j + k % 2] = bf16_bits(src[k])
+
+
+@njit(nogil=True, cache=True)
+def block_matmul16(buf16, rows, xp16, p0, xt, pc, acc, at, n_pad, w, w_r0, w_lo, w_hi):
+    """block_matmul on bf16 pairs: acc[:rows, at:at+n_pad] += buf16[:rows, :2pc] . xp16[p0:p0+pc, 2xt:2(xt+n_pad)]
+    (layouts above); prefetching as block_matmul."""
+    if (n_pad % LANES or xt < 0 or at < 0 or p0 < 0 or pc < 0 or 2 * (xt + n_pad) > xp16.shape[1]
+            or at + n_pad > acc.shape[1] or rows > buf16.shape[0] or rows > acc.shape[0]
+            or 2 * pc > buf16.shape[1] or p0 + pc > xp16.shape[0]):
+        raise ValueError("block_matmul16: shapes do not match")
+    r = 0
+    while r < rows:
+        full = r + ROWS <= rows
+        step = ROWS if full else 1
+        if w_hi > w_lo:
+            _prefetch_rows(w, w_r0 + r, step, w_lo, w_hi)
+        t = 0
+        while t + 24 <= n_pad:
+            if full:
+                _mk16_r3(buf16, r, xp16, p0, xt + t, pc, acc, at + t)
+            else:
+                _mk16_1x3(buf16, r, xp16, p0, xt + t, pc, acc, at + t)
+            t += 24
+        if t + 16 <= n_pad:
+            if full:
+                _mk16_r2(buf16, r, xp16, p0, xt + t, pc, acc, at + t)
+            else:
+                _mk16_1x2(buf16, r, xp16, p0, xt + t, pc, acc, at + t)
+            t += 16
+        if t < n_pad:
+            if full:
+                _mk16_r1(buf16, r, xp16, p0, xt + t, pc, acc, at + t)
+            else:
+                _mk16_1x1(buf16, r, xp16, p0, xt + t, pc, acc, at + t)
         r += step
