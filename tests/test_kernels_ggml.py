@@ -121,43 +121,6 @@ def test_block_matmul_against_numpy(rows, n_pad, kc):
         block_matmul(buf, rows, xp, k0, xt, kc, acc, at + 16, n_pad, np.zeros((1, 64), np.uint8), 0, 0, 0)
 
 
-@pytest.mark.parametrize("rows,n_pad,pc", [(1, 8, 1), (7, 16, 33), (8, 24, 128), (19, 40, 50)])
-def test_block_matmul16_against_numpy(rows, n_pad, pc):
-    """The bf16-pair kernel (int8 mode's tiled experts on AVX512-BF16 CPUs): weights and activations
-    rounded to bfloat16 ties-to-even exactly as torch rounds them (to_bf16, pack_chunk16), products
-    against a float64 matmul of those values, with offsets; cells outside the target stay."""
-    from hetero_rt.kernels.gemm import BF16, block_matmul16, pack_chunk16, to_bf16
-    import torch
-    if not BF16:
-        pytest.skip("this CPU has no AVX512-BF16")
-    rng = np.random.default_rng(rows + 100)
-    kc, n = 2 * pc, n_pad - 3
-    buf = rng.standard_normal((rows + 3, kc + 6)).astype(np.float32)
-    buf16 = np.zeros(buf.shape, np.uint16)
-    to_bf16(buf, rows, kc, buf16)
-    assert np.array_equal(buf16[:rows, :kc], torch.from_numpy(buf[:rows, :kc]).bfloat16().view(torch.int16).numpy()
-                          .view(np.uint16))
-    x = rng.standard_normal((n + 5, kc + 10)).astype(np.float32)
-    toks = np.sort(rng.choice(n + 5, n, replace=False)).astype(np.int64)
-    xt, p0, at = 8, 3, 16
-    xp16 = np.zeros((pc + 5, 2 * (xt + n_pad)), np.uint16)
-    part = np.zeros((pc, 2 * n_pad), np.uint16)
-    pack_chunk16(x, toks, 4, kc, part)
-    xp16[p0:p0 + pc, 2 * xt:] = part
-    acc = rng.standard_normal((rows + 2, n_pad + 24)).astype(np.float32)
-    before = acc.copy()
-    block_matmul16(buf16, rows, xp16, p0, xt, pc, acc, at, n_pad, np.zeros((1, 64), np.uint8), 0, 0, 0)
-    as64 = lambda t: torch.from_numpy(t).bfloat16().double().numpy()
-    want = before[:rows, at:at + n] + as64(buf[:rows, :kc]) @ as64(x[toks, 4:4 + kc]).T
-    np.testing.assert_allclose(acc[:rows, at:at + n], want, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(acc[:rows, at + n:at + n_pad], before[:rows, at + n:at + n_pad], rtol=1e-6)  # padding: x 0
-    untouched = np.ones(acc.shape, bool)
-    untouched[:rows, at:at + n_pad] = False
-    np.testing.assert_array_equal(acc[untouched], before[untouched])
-    with pytest.raises(ValueError, match="shapes do not match"):
-        block_matmul16(buf16, rows, xp16, p0, xt, pc + 3, acc, at, n_pad, np.zeros((1, 64), np.uint8), 0, 0, 0)
-
-
 @pytest.mark.parametrize("rb", [1, 4, 8])
 @pytest.mark.parametrize("nv", [1, 2, 3])
 def test_micro_kernels_of_every_block_shape(rb, nv):

@@ -3,7 +3,6 @@ LLVM instructions on narrow integers, so loops over them vectorize (a numba `x &
 promoted to int64 first, which makes LLVM convert 8-lane int64 vectors instead of 16-lane int32).
 
   f32_from_bits(u32)         bitcast: the fp32 whose bits are u32 (bf16 weight = bits << 16)
-  f32_bits(f32)              bitcast: the bits of an fp32 as uint32
   f16_to_f32(u16)            IEEE half bits -> fp32 (vcvtph2ps)
   u8_to_f32(v, shift, mask)  ((v >> shift) & mask) as fp32, computed on 8-bit integers
   q5_to_f32(lo, hi, ls, hs)  ((lo >> ls) & 15) | (((hi >> hs) & 1) << 4) as fp32 (Q5_K weight)
@@ -43,14 +42,6 @@ def f32_from_bits(typingctx, bits):
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def f32_bits(typingctx, v):
-    """The bits of the fp32 v as uint32 (f32_from_bits' inverse)."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
 
 
 def _half_to_float(builder, h16):

@@ -31,7 +31,7 @@ from numba import njit, prange
 from ..quant.ggml import Q8_0
 from .dequant import CHUNK, decode_tile
 from .dot import act_sums_size, block_sums, dot_row, dot_row_i8, has_int8_dot, quantize_act
-from .gemm import BF16, bf16_bits, block_matmul, block_matmul16, pack_chunk, pack_chunk16, padded_tokens, to_bf16
+from .gemm import block_matmul, pack_chunk, padded_tokens
 
 # Experts with at most this many tokens in a call take the decode kernels, the others the tiled ones:
 # the break-even measured per format family (one V3-shaped expert, 2 threads, Zen 4): fp32/bf16/fp16
@@ -89,12 +89,10 @@ def next_chunk_bytes(w, c0, nc, cols):
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, col, ht, rt, ht16):
+def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, col, ht, rt):
     """ht[i, col[u] + j] = silu(W1_e x[t]) * W3_e x[t] at row i for the j-th slot (t, e) of active
     expert u: the experts' h, transposed, one band of padded_tokens(n_u) columns each (the packed
-    layout the down kernel multiplies by, so it packs nothing). x (T, D), ht (I, sum of bands).
-    With ht16 non-empty (I // 2, 2 * sum of bands), the products run on bf16 pairs (gemm.block_matmul16;
-    D, I and rt even) and h is written there as bf16 pairs instead (ht16[i // 2, 2 (col[u] + j) + i % 2])."""
+    layout the down kernel multiplies by, so it packs nothing). x (T, D), ht (I, sum of bands)."""
     inter = w1.shape[1]
     dim = x.shape[1]
     tiles = (inter + rt - 1) // rt
@@ -106,49 +104,31 @@ def gate_up(fmt, w1, w3, x, active, starts, ends, slot_token, col, ht, rt, ht16)
         toks = slot_token[starts[u]:ends[u]]
         n = toks.shape[0]
         n_pad = padded_tokens(n)
-        bf16 = ht16.shape[0] > 0
         buf = np.empty((rt, CHUNK), np.float32)
-        buf16 = np.empty((rt if bf16 else 0, CHUNK), np.uint16)
-        xp = np.zeros((0 if bf16 else CHUNK, n_pad), np.float32)
-        xp16 = np.zeros((CHUNK // 2 if bf16 else 0, 2 * n_pad), np.uint16)
+        xp = np.zeros((CHUNK, n_pad), np.float32)
         g = np.zeros((rt, n_pad), np.float32)
         up = np.zeros((rt, n_pad), np.float32)
         for c0 in range(0, dim, CHUNK):       # x packed once per chunk for both W1 and W3
             nc = min(CHUNK, dim - c0)
             lo, hi = next_chunk_bytes(w1[e], c0, nc, dim)
-            if bf16:
-                pack_chunk16(x, toks, c0, nc, xp16)
-                decode_tile(fmt, w1[e], r0, rows, c0, nc, buf)
-                to_bf16(buf, rows, nc, buf16)
-                block_matmul16(buf16, rows, xp16, 0, 0, nc // 2, g, 0, n_pad, w1[e], r0, lo, hi)
-                decode_tile(fmt, w3[e], r0, rows, c0, nc, buf)
-                to_bf16(buf, rows, nc, buf16)
-                block_matmul16(buf16, rows, xp16, 0, 0, nc // 2, up, 0, n_pad, w3[e], r0, lo, hi)
-            else:
-                pack_chunk(x, toks, c0, nc, xp)
-                decode_tile(fmt, w1[e], r0, rows, c0, nc, buf)
-                block_matmul(buf, rows, xp, 0, 0, nc, g, 0, n_pad, w1[e], r0, lo, hi)
-                decode_tile(fmt, w3[e], r0, rows, c0, nc, buf)
-                block_matmul(buf, rows, xp, 0, 0, nc, up, 0, n_pad, w3[e], r0, lo, hi)
+            pack_chunk(x, toks, c0, nc, xp)
+            decode_tile(fmt, w1[e], r0, rows, c0, nc, buf)
+            block_matmul(buf, rows, xp, 0, 0, nc, g, 0, n_pad, w1[e], r0, lo, hi)
+            decode_tile(fmt, w3[e], r0, rows, c0, nc, buf)
+            block_matmul(buf, rows, xp, 0, 0, nc, up, 0, n_pad, w3[e], r0, lo, hi)
         for r in range(rows):
-            i = r0 + r
+            out = ht[r0 + r, col[u]:col[u] + n]
             for j in range(n):
                 gv = g[r, j]
-                hv = gv / (np.float32(1.0) + np.exp(-gv)) * up[r, j]
-                if bf16:
-                    ht16[i // 2, 2 * (col[u] + j) + i % 2] = bf16_bits(hv)
-                else:
-                    ht[i, col[u] + j] = hv
+                out[j] = gv / (np.float32(1.0) + np.exp(-gv)) * up[r, j]
 
 
 @njit(nogil=True, parallel=True, fastmath=True, cache=True)
-def down(fmt, w2, ht, active, starts, ends, col, slot_token, slot_weight, y, rt, ht16):
+def down(fmt, w2, ht, active, starts, ends, col, slot_token, slot_weight, y, rt):
     """y[t] += w * W2_e h[s] for every slot s = (t, e) with weight w; ht as gate_up leaves it
-    (I, sum of bands), y (T, D) zeroed; with ht16 non-empty, h is there as bf16 pairs and the products
-    run on them (gate_up)."""
+    (I, sum of bands), y (T, D) zeroed."""
     dim = w2.shape[1]
-    bf16 = ht16.shape[0] > 0
-    inter = 2 * ht16.shape[0] if bf16 else ht.shape[0]
+    inter = ht.shape[0]
     tiles = (dim + rt - 1) // rt
     max_n = 0
     for u in range(active.shape[0]):
@@ -157,7 +137,6 @@ def down(fmt, w2, ht, active, starts, ends, col, slot_token, slot_weight, y, rt,
         r0 = tile * rt
         rows = min(rt, dim - r0)
         buf = np.empty((rt, CHUNK), np.float32)
-        buf16 = np.empty((rt if bf16 else 0, CHUNK), np.uint16)
         acc = np.empty((rt, padded_tokens(max_n)), np.float32)
         for u in range(active.shape[0]):
             e = active[u]
@@ -168,11 +147,7 @@ def down(fmt, w2, ht, active, starts, ends, col, slot_token, slot_weight, y, rt,
                 nc = min(CHUNK, inter - c0)
                 lo, hi = next_chunk_bytes(w2[e], c0, nc, inter)
                 decode_tile(fmt, w2[e], r0, rows, c0, nc, buf)
-                if bf16:
-                    to_bf16(buf, rows, nc, buf16)
-                    block_matmul16(buf16, rows, ht16, c0 // 2, col[u], nc // 2, acc, 0, n_pad, w2[e], r0, lo, hi)
-                else:
-                    block_matmul(buf, rows, ht, c0, col[u], nc, acc, 0, n_pad, w2[e], r0, lo, hi)
+                block_matmul(buf, rows, ht, c0, col[u], nc, acc, 0, n_pad, w2[e], r0, lo, hi)
             for j in range(n):
                 s = starts[u] + j
                 t = slot_token[s]
@@ -243,9 +218,7 @@ def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, int8):
     Experts with <= DECODE_MAX_TOKENS (block formats: DECODE_MAX_TOKENS_BLOCK) tokens take the decode
     kernels, the others the tiled ones.
     rt_up, rt_down: row-tile heights of the tiled kernels. int8: the decode kernels quantize the
-    activations of block-format weights to int8 per 32 columns (integer dots), and where the CPU has
-    AVX512-BF16 and both formats have int8 dots, the tiled ones multiply bf16 pairs (gemm.block_matmul16: weights, x and h rounded to
-    bfloat16, fp32 sums); without int8 everything stays fp32."""
+    activations of block-format weights to int8 per 32 columns (integer dots); the tiled stay fp32."""
     active, offsets, slot_token, slot_weight = route(ids, weights, w1.shape[0])
     starts, ends = offsets[:-1], offsets[1:]
     small = ends - starts <= (DECODE_MAX_TOKENS if fmt13 < Q8_0 else DECODE_MAX_TOKENS_BLOCK)   # (U,)
@@ -260,14 +233,11 @@ def moe_forward(x, ids, weights, w1, w3, w2, fmt13, fmt2, rt_up, rt_down, int8):
         col = np.zeros(large.sum() + 1, np.int64)                        # tiled experts' bands in ht
         for v, u in enumerate(np.nonzero(large)[0]):
             col[v + 1] = col[v] + padded_tokens(ends[u] - starts[u])
-        bf16 = (int8 and BF16 and has_int8_dot(fmt13) and has_int8_dot(fmt2) and x.shape[1] % 2 == 0 and inter % 2 == 0
-                and rt_up % 2 == 0)
-        ht = np.zeros((0 if bf16 else inter, col[-1]), np.float32)      # (I, sum of bands)
-        ht16 = np.zeros((inter // 2 if bf16 else 0, 2 * col[-1]), np.uint16)
-        gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, col, ht, rt_up, ht16)
+        ht = np.zeros((inter, col[-1]), np.float32)                      # (I, sum of bands)
+        gate_up(fmt13, w1, w3, x, active[large], starts[large], ends[large], slot_token, col, ht, rt_up)
     if small.any():
         down_decode(fmt2, w2, activations(h, int8 and has_int8_dot(fmt2)), active[small], starts[small], ends[small],
                     slot_token, slot_weight, y, DECODE_ROWS)
     if large.any():
-        down(fmt2, w2, ht, active[large], starts[large], ends[large], col, slot_token, slot_weight, y, rt_down, ht16)
+        down(fmt2, w2, ht, active[large], starts[large], ends[large], col, slot_token, slot_weight, y, rt_down)
     return y
