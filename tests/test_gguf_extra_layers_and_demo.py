@@ -3,6 +3,7 @@ block (`deepseek2.nextn_predict_layers`, blk.{L}.nextn.*) loads as the same mode
 neither the model nor a known-ignorable kind accounts for is refused, naming it (GGUF and safetensors);
 and `hetero-rt demo` end to end in a temporary cache directory."""
 import json
+import re
 
 import gguf
 import numpy as np
@@ -152,9 +153,11 @@ def test_safetensors_tensor_the_config_does_not_account_for_is_named(v3, tmp_pat
     tensors = {**load_file(src / "model.safetensors"), name: torch.zeros(4, 4)}
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0) <= 9   # layer 9 is neither
-    with pytest.raises(CheckpointError, match=rf"does not account for: {name.replace('.', r'[.]')}; check that "
-                                              rf"config\.json belongs to these weights"):
-        hetero_rt.load(copy_ckpt(src, tmp_path, tensors), dtype="float32")
+    ckpt = copy_ckpt(src, tmp_path, tensors)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt / 'model.safetensors'))}: .*does not account for: "
+                                              rf"{re.escape(name)} \(in model\.safetensors\); check that "
+                                              rf"{re.escape(str(ckpt / 'config.json'))} belongs to these weights"):
+        hetero_rt.load(ckpt, dtype="float32")
 
 
 def test_safetensors_rotary_buffer_is_ignored(v3, tmp_path):
