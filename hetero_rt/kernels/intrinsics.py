@@ -530,11 +530,10 @@ def _halves_shr(builder, v, lo, hi):
 
 
 class _Accs512:
-    """NACC <16 x float> accumulators taken in turn by fma, two <8 x float> by fma8, two scalars by
-    fma1 (as _Accs)."""
+    """NACC <16 x float> accumulators taken in turn by fma, two <8 x float> by fma8 (as _Accs)."""
 
-    def __init__(self, builder, vectors, vectors8, scalars):
-        self.builder, self.vectors, self.vectors8, self.scalars = builder, list(vectors), list(vectors8), list(scalars)
+    def __init__(self, builder, vectors, vectors8):
+        self.builder, self.vectors, self.vectors8 = builder, list(vectors), list(vectors8)
         self.turn = self.turn8 = 0
 
     def fma(self, a, b):
@@ -585,7 +584,7 @@ def _row_dot512(row, xq, xd, xs, nb, block_bytes, body):
             _prefetch_ir(builder, _byte_ptr(builder, blk, 2048))
             if block_bytes > 64:
                 _prefetch_ir(builder, _byte_ptr(builder, blk, 2048 + 64))
-            acc = _Accs512(builder, [builder.load(s) for s in slots[0]], [builder.load(s) for s in slots[1]], [])
+            acc = _Accs512(builder, [builder.load(s) for s in slots[0]], [builder.load(s) for s in slots[1]])
             body(builder, blk, loop.index, acc, act)
             for slot, v in zip(slots[0] + slots[1], acc.vectors + acc.vectors8):
                 builder.store(v, slot)
@@ -639,9 +638,13 @@ def q6_k_dot_i8(typingctx, row, xq, xd, xs, nb):
     applied as one <8 x float> per vector."""
     v16i8, v16f = ir.VectorType(_I8, 16), ir.VectorType(ir.FloatType(), 16)
 
-    def body(builder, blk, b, acc, act):
+    def scales(builder, blk):
+        """<16 x float> d sc_j."""
         d = splat(builder, _f16_at(builder, blk, 208), v16f)
-        sc = builder.fmul(builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f), d)
+        return builder.fmul(builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f), d)
+
+    def body(builder, blk, b, acc, act):
+        sc = scales(builder, blk)
         levels = []
         for h in range(2):
             a = builder.load(_byte_ptr(builder, blk, 64 * h, _V32I8), align=1)
@@ -657,8 +660,7 @@ def q6_k_dot_i8(typingctx, row, xq, xd, xs, nb):
     def body512(builder, blk, b, acc, act):
         # vector u: elements 128h + 64o .. + 63 (h = u // 2, o = u % 2): ql bytes [A | C] (64 at 64h),
         # their low nibbles (o = 0) or high (o = 1), high bits H >> 4o (low half), >> 4o + 2 (high)
-        d = splat(builder, _f16_at(builder, blk, 208), v16f)
-        sc = builder.fmul(builder.sitofp(builder.load(_byte_ptr(builder, blk, 192, v16i8), align=1), v16f), d)
+        sc = scales(builder, blk)
         scale = builder.fmul(sc, _xd16(act, b))
         for u in range(4):
             h, o = u // 2, u % 2
@@ -791,27 +793,26 @@ def _k_row_dot(row, xq, xd, xs, nb, block_bytes, levels, levels512):
     j over the eight 32-sub-blocks, scales and mins unpacked as vectors (_q4k_scales_mins), one
     vpdpbusd per sub-block; levels(builder, blk) -> the eight <32 x i8> level vectors; with AVX512,
     levels512(builder, blk) -> the four <64 x i8> (sub-blocks 2u, 2u + 1 in vector u)."""
-    def body512(builder, blk, b, acc, act):
-        i64 = ir.IntType(64)
+    def scales(builder, blk, b, act):
+        """<8 x float> d sc_j xd_j, -dmin m_j and xs_j for the eight sub-blocks of block b."""
         sc, m = _q4k_scales_mins(builder, blk)
-        b8 = builder.mul(b, ir.Constant(i64, 8))
+        b8 = builder.mul(b, ir.Constant(ir.IntType(64), 8))
         scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32)),
                              act.vec(act.xd, b8, 8))
         mins = builder.fmul(builder.uitofp(m, _V8F32), splat(builder, builder.fneg(_f16_at(builder, blk, 2)), _V8F32))
-        acc.fma8(mins, act.vec(act.xs, b8, 8))
+        return scale, mins, act.vec(act.xs, b8, 8)
+
+    def body512(builder, blk, b, acc, act):
+        scale, mins, xs8 = scales(builder, blk, b, act)
+        acc.fma8(mins, xs8)
         for u, q in enumerate(levels512(builder, blk)):
             _dot64(builder, acc, act, b, u, q, scale, 32)
     if AVX512:
         return _row_dot512(row, xq, xd, xs, nb, block_bytes, body512)
 
     def body(builder, blk, b, acc, act):
-        i64 = ir.IntType(64)
-        sc, m = _q4k_scales_mins(builder, blk)
-        b8 = builder.mul(b, ir.Constant(i64, 8))
-        scale = builder.fmul(builder.fmul(builder.uitofp(sc, _V8F32), splat(builder, _f16_at(builder, blk, 0), _V8F32)),
-                             act.vec(act.xd, b8, 8))
-        mins = builder.fmul(builder.uitofp(m, _V8F32), splat(builder, builder.fneg(_f16_at(builder, blk, 2)), _V8F32))
-        acc.fma(mins, act.vec(act.xs, b8, 8))
+        scale, mins, xs8 = scales(builder, blk, b, act)
+        acc.fma(mins, xs8)
         undef = ir.Constant(_V8F32, ir.Undefined)
         for j, q in enumerate(levels(builder, blk)):
             acc.fma(builder.sitofp(_u8s8_dot8(builder, q, _x256(act, b, j)), _V8F32),

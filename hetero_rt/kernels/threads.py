@@ -23,7 +23,6 @@ def use_threads(n: int) -> None:
         _applied.n = n
 
 
-
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's intra-op threads set to n inside the block and restored after (nothing is called when it
